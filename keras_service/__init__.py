@@ -1,0 +1,1 @@
+"""weightrelay's Keras (TensorFlow backend) worker. Imports TensorFlow, never torch."""

@@ -1,0 +1,1 @@
+"""weightrelay's PyTorch worker. Imports torch, never TensorFlow."""

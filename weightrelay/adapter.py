@@ -1,0 +1,142 @@
+"""The interface one framework implements to become a weightrelay worker.
+
+An adapter builds the architecture in `weightrelay.architecture`, trains it on in-memory
+arrays, produces logits, and reads and writes its parameters in the canonical layout
+(`<layer>.weight` [out, in], `<layer>.bias` [out], float32). Everything else (gRPC, the
+codec, validation, scoring, data) is shared, so a new framework is one new package with one
+adapter class and a three-line `__main__`.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+from weightrelay.codec import WeightSet
+
+
+class TrainingCancelled(Exception):
+    """Raised from a progress callback when the client has gone away."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 64
+    learning_rate: float = 0.01
+    momentum: float = 0.5
+    seed: int = 0
+    progress_every_batches: int = 0
+
+
+@dataclass(frozen=True)
+class TrainProgress:
+    epoch: int
+    epochs: int
+    batch: int
+    batches: int
+    loss: float
+    accuracy: float
+    samples_per_second: float
+    epoch_end: bool
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    epochs: int
+    samples_seen: int
+    loss: float
+    accuracy: float
+
+
+ProgressCallback = Callable[[TrainProgress], None]
+
+
+class ProgressTracker:
+    """Turns an adapter's per-batch running means into progress events at the requested pace."""
+
+    def __init__(self, config: TrainConfig, samples: int, on_progress: ProgressCallback):
+        self.config = config
+        self.samples = samples
+        self.batches = max(1, -(-samples // config.batch_size))
+        self.on_progress = on_progress
+        self.samples_seen = 0
+        self.last: TrainProgress | None = None
+        self._epoch_start = time.perf_counter()
+
+    def start_epoch(self) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def wants(self, batch: int) -> bool:
+        """Whether batch `batch` (1-based) is reported; adapters skip device syncs for the others."""
+        every = self.config.progress_every_batches
+        return batch >= self.batches or bool(every and batch % every == 0)
+
+    def batch_done(self, epoch: int, batch: int, mean_loss: float, accuracy: float) -> None:
+        """Report batch `batch` (1-based) of `epoch` (1-based) with the epoch's running means."""
+        if not self.wants(batch):
+            return
+        epoch_end = batch >= self.batches
+        done = min(batch * self.config.batch_size, self.samples)
+        elapsed = max(time.perf_counter() - self._epoch_start, 1e-9)
+        self.last = TrainProgress(
+            epoch=epoch,
+            epochs=self.config.epochs,
+            batch=batch,
+            batches=self.batches,
+            loss=float(mean_loss),
+            accuracy=float(accuracy),
+            samples_per_second=done / elapsed,
+            epoch_end=epoch_end,
+        )
+        if epoch_end:
+            self.samples_seen += self.samples
+        self.on_progress(self.last)
+
+    def result(self) -> TrainResult:
+        last = self.last
+        return TrainResult(
+            epochs=self.config.epochs,
+            samples_seen=self.samples_seen,
+            loss=last.loss if last else float("nan"),
+            accuracy=last.accuracy if last else float("nan"),
+        )
+
+
+class FrameworkAdapter(abc.ABC):
+    """One framework's model behind the worker service. Not thread-safe: the service serialises calls."""
+
+    #: short name reported by Describe, e.g. "torch"
+    framework: str
+
+    @abc.abstractmethod
+    def __init__(self, device: str, seed: int) -> None:
+        """Build the model with seeded initial weights on `device` ("auto", "cpu" or "cuda")."""
+
+    @abc.abstractmethod
+    def versions(self) -> tuple[str, str]:
+        """(framework version, backend description)."""
+
+    @abc.abstractmethod
+    def device(self) -> str:
+        """The device the model really runs on, e.g. "cpu" or "cuda:0"."""
+
+    @abc.abstractmethod
+    def get_weights(self) -> WeightSet:
+        """A copy of the parameters in the canonical layout, float32."""
+
+    @abc.abstractmethod
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Replace all parameters; `weights` is already checked against the canonical manifest."""
+
+    @abc.abstractmethod
+    def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
+        """Train with SGD on cross-entropy, reporting every batch to `tracker`."""
+
+    @abc.abstractmethod
+    def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        """Logits float32 [n, 10] for inputs float32 [n, 784]."""

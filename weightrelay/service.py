@@ -1,0 +1,217 @@
+"""The Worker gRPC service: thin translation between messages and a FrameworkAdapter."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import queue
+import threading
+import time
+from typing import Iterator
+
+import grpc
+
+import weightrelay
+from weightrelay import codec
+from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, TrainProgress, TrainingCancelled
+from weightrelay.architecture import ARCHITECTURE, canonical_manifest
+from weightrelay.data import MnistData
+from weightrelay.metrics import evaluate_logits
+from weightrelay.objectives import Objective, parse_objective
+from weightrelay.v1 import worker_pb2 as pb
+from weightrelay.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EVAL_BATCH = 1000
+MAX_EPOCHS = 1000
+_DONE = object()
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    """Serves one adapter's model. One model operation runs at a time; Train holds the model
+    for its whole run, and other calls meanwhile get FAILED_PRECONDITION instead of waiting."""
+
+    def __init__(self, adapter: FrameworkAdapter, data: MnistData, default_objective: Objective):
+        self.adapter = adapter
+        self.data = data
+        self.objective = default_objective
+        self.manifest = canonical_manifest()
+        self._model_lock = threading.Lock()
+        self._training = False
+
+    # -- helpers --------------------------------------------------------------------------
+    def _hold_model(self, context: grpc.ServicerContext) -> None:
+        if self._training:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
+        self._model_lock.acquire()
+
+    def _train_config(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> tuple[TrainConfig, Objective]:
+        problems = []
+        if request.epochs > MAX_EPOCHS:
+            problems.append(f"epochs {request.epochs} is more than {MAX_EPOCHS}")
+        if request.learning_rate < 0 or request.learning_rate != request.learning_rate:
+            problems.append(f"learning_rate must be a positive number, got {request.learning_rate}")
+        if not 0 <= request.momentum < 1:
+            problems.append(f"momentum must be in [0, 1), got {request.momentum}")
+        if request.batch_size > len(self.data.train.x):
+            problems.append(f"batch_size {request.batch_size} is larger than the {len(self.data.train.x)} training samples")
+        try:
+            objective = parse_objective(request.objective) if request.objective else self.objective
+        except ValueError as exc:
+            problems.append(str(exc))
+            objective = self.objective
+        if problems:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+        config = TrainConfig(
+            epochs=request.epochs or 1,
+            batch_size=request.batch_size or 64,
+            learning_rate=request.learning_rate or 0.01,
+            momentum=request.momentum,
+            seed=request.seed,
+            progress_every_batches=request.progress_every_batches,
+        )
+        return config, objective
+
+    # -- RPCs -----------------------------------------------------------------------------
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeReply:
+        self._hold_model(context)
+        try:
+            weights_sha = codec.weights_sha256(self.adapter.get_weights())
+        finally:
+            self._model_lock.release()
+        version, backend = self.adapter.versions()
+        return pb.DescribeReply(
+            framework=self.adapter.framework,
+            framework_version=version,
+            backend=backend,
+            device=self.adapter.device(),
+            architecture=ARCHITECTURE,
+            parameters=[codec.spec_to_proto(spec) for spec in self.manifest.values()],
+            dataset=pb.DatasetInfo(
+                name="mnist",
+                fingerprint=self.data.fingerprint,
+                train_samples=len(self.data.train.y),
+                test_samples=len(self.data.test.y),
+                data_dir=str(self.data.data_dir),
+            ),
+            objective=self.objective.name,
+            weights_sha256=weights_sha,
+            worker_version=weightrelay.__version__,
+            python_version=platform.python_version(),
+        )
+
+    def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> Iterator[pb.TrainEvent]:
+        config, objective = self._train_config(request, context)
+        if not self._model_lock.acquire(blocking=False):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker is busy with another call (a Train or a weight change); retry when it ends")
+        self._training = True
+        self.objective = objective
+        events: queue.Queue = queue.Queue()
+        cancelled = threading.Event()
+        context.add_callback(cancelled.set)
+        limit = request.max_samples or len(self.data.train.y)
+        x, y = self.data.train.x[:limit], objective.apply(self.data.train.y[:limit])
+
+        def on_progress(progress: TrainProgress) -> None:
+            if cancelled.is_set():
+                raise TrainingCancelled()
+            events.put(progress)
+
+        def run() -> None:
+            try:
+                started = time.perf_counter()
+                tracker = ProgressTracker(config, len(x), on_progress)
+                self.adapter.train(x, y, config, tracker)
+                result = tracker.result()
+                events.put(
+                    pb.TrainSummary(
+                        epochs=result.epochs,
+                        samples_seen=result.samples_seen,
+                        loss=result.loss,
+                        accuracy=result.accuracy,
+                        seconds=time.perf_counter() - started,
+                        objective=objective.name,
+                        weights_sha256=codec.weights_sha256(self.adapter.get_weights()),
+                    )
+                )
+            except BaseException as exc:  # handed to the RPC thread, which reports it
+                events.put(exc)
+            finally:
+                self._training = False
+                self._model_lock.release()
+                events.put(_DONE)
+
+        log.info("train: %s, objective %s, %d samples", config, objective.name, len(x))
+        threading.Thread(target=run, name="train", daemon=True).start()
+        while (item := events.get()) is not _DONE:
+            if isinstance(item, TrainingCancelled):
+                log.warning("train cancelled by the client")
+            elif isinstance(item, BaseException):
+                log.error("training failed", exc_info=item)
+                context.abort(grpc.StatusCode.INTERNAL, f"training failed: {type(item).__name__}: {item}")
+            elif isinstance(item, pb.TrainSummary):
+                log.info("train done: loss %.4f accuracy %.4f in %.1fs", item.loss, item.accuracy, item.seconds)
+                yield pb.TrainEvent(summary=item)
+            else:
+                yield pb.TrainEvent(progress=pb.TrainProgress(**item.__dict__))
+
+    def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateReply:
+        started = time.perf_counter()
+        self._hold_model(context)
+        try:
+            logits = self.adapter.predict_logits(self.data.test.x, request.batch_size or DEFAULT_EVAL_BATCH)
+            weights_sha = codec.weights_sha256(self.adapter.get_weights())
+        finally:
+            self._model_lock.release()
+        result = evaluate_logits(logits, self.data.test.y)
+        reply = pb.EvaluateReply(
+            loss=result.loss,
+            accuracy=result.accuracy,
+            samples=len(self.data.test.y),
+            confusion_matrix=[pb.ConfusionRow(counts=row.tolist()) for row in result.confusion_matrix],
+            per_class=[
+                pb.ClassMetrics(label=i, precision=p, recall=r, f1=f, support=int(s))
+                for i, (p, r, f, s) in enumerate(zip(result.precision, result.recall, result.f1, result.support))
+            ],
+            weights_sha256=weights_sha,
+        )
+        if request.include_predictions:
+            reply.predictions.extend(result.predictions.tolist())
+        if request.include_probabilities:
+            reply.probabilities.CopyFrom(codec.to_proto("probabilities", result.probabilities))
+        reply.seconds = time.perf_counter() - started
+        return reply
+
+    def GetWeights(self, request: pb.GetWeightsRequest, context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk]:
+        self._hold_model(context)
+        try:
+            weights = self.adapter.get_weights()
+        finally:
+            self._model_lock.release()
+        yield from codec.iter_weight_chunks(weights, request.max_chunk_bytes)
+
+    def SetWeights(self, request_iterator: Iterator[pb.WeightsChunk], context: grpc.ServicerContext) -> pb.SetWeightsReply:
+        try:
+            weights = codec.assemble_weights(request_iterator, self.manifest)
+        except codec.TensorError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        expected_sha = codec.weights_sha256(weights)
+        self._hold_model(context)
+        try:
+            previous = self.adapter.get_weights()
+            try:
+                self.adapter.set_weights(weights)
+                applied_sha = codec.weights_sha256(self.adapter.get_weights())
+                if applied_sha != expected_sha:
+                    raise RuntimeError(f"the model holds sha256 {applied_sha} after applying {expected_sha}")
+            except Exception as exc:
+                self.adapter.set_weights(previous)  # all or nothing
+                log.exception("set_weights failed; previous weights restored")
+                context.abort(grpc.StatusCode.INTERNAL, f"applying the weights failed, the previous weights were kept: {exc}")
+        finally:
+            self._model_lock.release()
+        log.info("weights set: sha256 %s", expected_sha[:12])
+        return pb.SetWeightsReply(
+            tensor_count=len(weights), total_bytes=sum(w.nbytes for w in weights.values()), sha256=expected_sha
+        )

@@ -1,0 +1,27 @@
+"""Coordinator failures, each with its own exit code (documented in the README)."""
+
+from __future__ import annotations
+
+
+class CoordinatorError(Exception):
+    exit_code = 1
+
+
+class UsageError(CoordinatorError):
+    exit_code = 2
+
+
+class WorkerUnreachable(CoordinatorError):
+    exit_code = 3
+
+    def __init__(self, name: str, address: str, detail: str = ""):
+        tail = f" ({detail})" if detail else ""
+        super().__init__(f"{name} worker unreachable at {address}: is it running?{tail}")
+
+
+class IncompatibleWorkers(CoordinatorError):
+    exit_code = 4
+
+
+class RoundFailed(CoordinatorError):
+    exit_code = 5

@@ -1,0 +1,93 @@
+"""`--local`: start both workers as child processes on free ports, and always stop them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from coordinator.errors import CoordinatorError
+
+#: worker name -> module run with `python -m`
+WORKER_MODULES = {"torch": "torch_service", "keras": "keras_service"}
+
+
+class LocalWorker:
+    def __init__(self, name: str, log_dir: Path, extra_args: list[str]):
+        self.name = name
+        self.ready_file = log_dir / f"{name}-worker.ready.json"
+        self.log_path = log_dir / f"{name}-worker.log"
+        self.ready_file.unlink(missing_ok=True)
+        command = [sys.executable, "-m", WORKER_MODULES[name], "--host", "127.0.0.1", "--port", "0",
+                   "--ready-file", str(self.ready_file), *extra_args]
+        self._log = open(self.log_path, "w")
+        # A session of its own: a Ctrl-C in the terminal reaches the coordinator, which stops
+        # the workers in order, instead of killing them mid-call.
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.address = ""
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, deadline: float) -> str:
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                port = json.loads(self.ready_file.read_text())["port"]
+                self.address = f"127.0.0.1:{port}"
+                return self.address
+            if self.process.poll() is not None:
+                raise CoordinatorError(
+                    f"the local {self.name} worker exited with code {self.process.returncode} before it was ready; "
+                    f"its log ({self.log_path}) ends with:\n{self.log_tail()}"
+                )
+            time.sleep(0.1)
+        raise CoordinatorError(f"the local {self.name} worker was not ready in time; see {self.log_path}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        self.ready_file.unlink(missing_ok=True)
+
+
+class LocalWorkers:
+    """Context manager: {"torch": address, "keras": address} of freshly started workers."""
+
+    def __init__(self, log_dir: Path, seed: int, data_dir: str | None, startup_timeout: float = 300.0):
+        self.log_dir = log_dir
+        self.seed = seed
+        self.data_dir = data_dir
+        self.startup_timeout = startup_timeout
+        self.workers: list[LocalWorker] = []
+
+    def __enter__(self) -> dict[str, str]:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        args = ["--seed", str(self.seed)]
+        if self.data_dir:
+            args += ["--data-dir", str(self.data_dir)]
+        try:
+            for name in WORKER_MODULES:
+                self.workers.append(LocalWorker(name, self.log_dir, args))
+            deadline = time.monotonic() + self.startup_timeout
+            return {worker.name: worker.wait_ready(deadline) for worker in self.workers}
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

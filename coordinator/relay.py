@@ -1,0 +1,240 @@
+"""The experiment: relay one set of weights between the two workers for N rounds.
+
+Each round: PyTorch trains -> evaluate PyTorch (torch_trained) -> move weights PyTorch to
+Keras -> evaluate Keras (keras_from_torch) -> Keras trains -> evaluate Keras (keras_trained)
+-> move weights Keras to PyTorch -> evaluate PyTorch (torch_from_keras). At each move the
+receiver's predictions are compared with the sender's on the whole test set.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+
+import weightrelay
+from coordinator.config import RunConfig
+from coordinator.errors import CoordinatorError, IncompatibleWorkers, RoundFailed, WorkerUnreachable
+from coordinator.results import (
+    RESULTS_FILE,
+    SCHEMA_VERSION,
+    evaluation_record,
+    message_to_dict,
+    write_json_atomic,
+)
+from weightrelay import codec
+from weightrelay.client import WorkerClient
+from weightrelay.v1 import worker_pb2 as pb
+
+#: on_event(kind, payload): "start", "train_progress", "train_done", "evaluation", "transfer", "round_done", "done"
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Worker:
+    name: str
+    client: WorkerClient
+    objective: str
+    describe: pb.DescribeReply | None = None
+
+
+@dataclass
+class Relay:
+    config: RunConfig
+    run_dir: Path
+    on_event: EventSink
+    workers: dict[str, Worker] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def _call(self, worker: Worker, what: str, round_index: int | None, fn: Callable[[], Any]) -> Any:
+        """Run one RPC, turning gRPC failures into errors that name the worker and the step."""
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            code, details = exc.code(), exc.details()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise WorkerUnreachable(worker.name, worker.client.address, f"{what}: {details}") from None
+            where = f"round {round_index}, " if round_index is not None else ""
+            raise RoundFailed(f"{where}{what} on the {worker.name} worker at {worker.client.address} failed: {code.name}: {details}") from None
+        except codec.TensorError as exc:
+            raise RoundFailed(f"{what} on the {worker.name} worker at {worker.client.address}: bad weights stream: {exc}") from None
+
+    def _save(self) -> None:
+        write_json_atomic(self.run_dir / RESULTS_FILE, self.results)
+
+    # -- steps ---------------------------------------------------------------------------
+    def connect(self, addresses: dict[str, str]) -> None:
+        objectives = {"torch": self.config.torch_objective, "keras": self.config.keras_objective}
+        for name, address in addresses.items():
+            client = WorkerClient(address)
+            try:
+                client.wait_ready(self.config.connect_timeout)
+            except grpc.FutureTimeoutError:
+                client.close()
+                raise WorkerUnreachable(name, address, f"no connection within {self.config.connect_timeout:g} s") from None
+            worker = Worker(name, client, objectives[name])
+            worker.describe = self._call(worker, "Describe", None, client.describe)
+            self.workers[name] = worker
+
+    def check_compatible(self) -> None:
+        """Refuse to relay between workers whose parameters or data differ."""
+        torch_d, keras_d = self.workers["torch"].describe, self.workers["keras"].describe
+        torch_specs = {p.name: p for p in torch_d.parameters}
+        keras_specs = {p.name: p for p in keras_d.parameters}
+        problems = []
+        for name in sorted(set(torch_specs) | set(keras_specs)):
+            t, k = torch_specs.get(name), keras_specs.get(name)
+            if t is None or k is None:
+                problems.append(f"tensor {name} exists only on the {'keras' if t is None else 'torch'} worker")
+            elif list(t.shape) != list(k.shape) or t.dtype != k.dtype:
+                problems.append(
+                    f"workers disagree on tensor {name}: torch has {list(t.shape)} {pb.DType.Name(t.dtype)}, "
+                    f"keras has {list(k.shape)} {pb.DType.Name(k.dtype)}"
+                )
+        if torch_d.dataset.fingerprint != keras_d.dataset.fingerprint:
+            problems.append(
+                f"workers hold different data: torch {torch_d.dataset.data_dir} (fingerprint {torch_d.dataset.fingerprint[:12]}), "
+                f"keras {keras_d.dataset.data_dir} (fingerprint {keras_d.dataset.fingerprint[:12]}); give both the same MNIST files"
+            )
+        if problems:
+            raise IncompatibleWorkers("; ".join(problems))
+
+    def train(self, worker: Worker, round_index: int) -> dict[str, Any]:
+        request = pb.TrainRequest(
+            epochs=self.config.epochs,
+            batch_size=self.config.batch_size,
+            learning_rate=self.config.lr,
+            momentum=self.config.momentum,
+            seed=self.config.train_seed(round_index),
+            objective=worker.objective,
+            max_samples=self.config.max_train_samples,
+            progress_every_batches=50,
+        )
+
+        def run() -> pb.TrainSummary:
+            summary = None
+            stream = worker.client.train(request)
+            try:
+                for event in stream:
+                    if event.WhichOneof("event") == "summary":
+                        summary = event.summary
+                    else:
+                        self.on_event("train_progress", {"round": round_index, "worker": worker.name, **message_to_dict(event.progress)})
+            except BaseException:
+                stream.cancel()  # stop the worker's training too (Ctrl-C, errors)
+                raise
+            if summary is None:
+                raise RoundFailed(f"round {round_index}: the {worker.name} worker's Train stream ended without a summary")
+            return summary
+
+        summary = self._call(worker, "Train", round_index, run)
+        record = {"worker": worker.name, **message_to_dict(summary)}
+        self.on_event("train_done", {"round": round_index, **record})
+        return record
+
+    def evaluate(self, worker: Worker, phase: str, round_index: int | None) -> tuple[dict[str, Any], pb.EvaluateReply]:
+        reply = self._call(worker, f"Evaluate ({phase})", round_index, lambda: worker.client.evaluate(True, True))
+        record = evaluation_record(worker.name, phase, reply)
+        self.on_event("evaluation", {"round": round_index, **record})
+        return record, reply
+
+    def move(self, sender: Worker, receiver: Worker, round_index: int | None) -> dict[str, Any]:
+        started = time.perf_counter()
+        weights = self._call(sender, "GetWeights", round_index, sender.client.get_weights)
+        reply = self._call(receiver, "SetWeights", round_index, lambda: receiver.client.set_weights(weights))
+        return {
+            "from": sender.name,
+            "to": receiver.name,
+            "seconds": time.perf_counter() - started,
+            "bytes": reply.total_bytes,
+            "tensors": reply.tensor_count,
+            "sha256": reply.sha256,
+        }
+
+    @staticmethod
+    def agreement(sent: pb.EvaluateReply, received: pb.EvaluateReply) -> dict[str, Any]:
+        """How differently the receiver's framework behaves on the sender's weights and data."""
+        sent_p, recv_p = codec.from_proto(sent.probabilities), codec.from_proto(received.probabilities)
+        differ = np.asarray(sent.predictions) != np.asarray(received.predictions)
+        return {
+            "differing_predictions": int(differ.sum()),
+            "max_abs_probability_diff": float(np.abs(sent_p.astype(np.float64) - recv_p).max()),
+            "same_weights": sent.weights_sha256 == received.weights_sha256,
+        }
+
+    def _measured_move(self, sender: Worker, receiver: Worker, sent: pb.EvaluateReply, phase: str, round_index: int | None) -> tuple[dict, dict, pb.EvaluateReply]:
+        transfer = self.move(sender, receiver, round_index)
+        record, received = self.evaluate(receiver, phase, round_index)
+        transfer.update(self.agreement(sent, received), receiver_phase=phase)
+        self.on_event("transfer", {"round": round_index, **transfer})
+        return transfer, record, received
+
+    # -- the whole run -------------------------------------------------------------------
+    def run(self, addresses: dict[str, str]) -> dict[str, Any]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.results = {
+            "schema_version": SCHEMA_VERSION,
+            "weightrelay_version": weightrelay.__version__,
+            "status": "running",
+            "started_at": _now(),
+            "finished_at": None,
+            "config": self.config.to_dict(),
+            "workers": {},
+            "initial_sync": None,
+            "rounds": [],
+        }
+        try:
+            self.connect(addresses)
+            self.results["workers"] = {name: {"address": w.client.address, **message_to_dict(w.describe)} for name, w in self.workers.items()}
+            self.check_compatible()
+            self.on_event("start", {"run_dir": str(self.run_dir), "config": self.config.to_dict(), "workers": self.results["workers"]})
+            torch_w, keras_w = self.workers["torch"], self.workers["keras"]
+
+            # Both start from PyTorch's initial weights.
+            _, torch_initial = self.evaluate(torch_w, "torch_initial", None)
+            transfer, keras_initial, _ = self._measured_move(torch_w, keras_w, torch_initial, "keras_initial", None)
+            self.results["initial_sync"] = {"transfer": transfer, "evaluation": keras_initial}
+            self._save()
+
+            for r in range(self.config.rounds):
+                started = time.perf_counter()
+                train = {"torch": self.train(torch_w, r)}
+                t_trained, t_reply = self.evaluate(torch_w, "torch_trained", r)
+                to_keras, k_from_t, _ = self._measured_move(torch_w, keras_w, t_reply, "keras_from_torch", r)
+                train["keras"] = self.train(keras_w, r)
+                k_trained, k_reply = self.evaluate(keras_w, "keras_trained", r)
+                to_torch, t_from_k, _ = self._measured_move(keras_w, torch_w, k_reply, "torch_from_keras", r)
+                self.results["rounds"].append({
+                    "round": r,
+                    "evaluations": [t_trained, k_from_t, k_trained, t_from_k],
+                    "train": train,
+                    "transfers": [to_keras, to_torch],
+                    "wall_seconds": time.perf_counter() - started,
+                })
+                self._save()
+                self.on_event("round_done", {"round": r, "rounds": self.config.rounds, "wall_seconds": self.results["rounds"][-1]["wall_seconds"]})
+            self.results["status"] = "complete"
+        except KeyboardInterrupt:
+            self.results["status"] = "interrupted"
+            raise
+        except CoordinatorError as exc:
+            self.results["status"] = "failed"
+            self.results["error"] = str(exc)
+            raise
+        finally:
+            self.results["finished_at"] = _now()
+            self._save()
+            for worker in self.workers.values():
+                worker.client.close()
+        self.on_event("done", {"run_dir": str(self.run_dir), "results": str(self.run_dir / RESULTS_FILE)})
+        return self.results

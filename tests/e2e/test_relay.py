@@ -1,0 +1,132 @@
+"""`coordinator run` end to end: real worker processes, real gRPC, real MNIST."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coordinator.results import PHASES, load_results
+from weightrelay.data import FILES, read_idx_file
+
+pytestmark = pytest.mark.e2e
+
+
+def coordinator(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def results_path(stdout: str) -> Path:
+    line = next(l for l in stdout.splitlines() if l.startswith("results: "))
+    return Path(line.removeprefix("results: "))
+
+
+@pytest.fixture(scope="module")
+def two_round_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("runs")
+    done = coordinator("run", "--local", "--rounds", "2", "--data-dir", str(data_dir), "--out", str(out))
+    assert done.returncode == 0, done.stderr + done.stdout
+    return done.stdout, load_results(results_path(done.stdout).parent)
+
+
+def test_results_hold_two_rounds_of_four_evaluations(two_round_run):
+    _, results = two_round_run
+    assert results["schema_version"] == 1 and results["status"] == "complete"
+    assert results["config"]["rounds"] == 2 and results["config"]["torch_objective"] == "swap:1,7"
+    assert set(results["workers"]) == {"torch", "keras"}
+    assert results["workers"]["torch"]["dataset"]["fingerprint"] == results["workers"]["keras"]["dataset"]["fingerprint"]
+    assert [r["round"] for r in results["rounds"]] == [0, 1]
+    for item in results["rounds"]:
+        assert [(e["phase"], e["worker"]) for e in item["evaluations"]] == list(PHASES)
+        for evaluation in item["evaluations"]:
+            cm = np.array(evaluation["confusion_matrix"])
+            assert cm.shape == (10, 10) and cm.sum() == 10000
+            assert len(evaluation["per_class"]) == 10
+        assert [(t["from"], t["to"]) for t in item["transfers"]] == [("torch", "keras"), ("keras", "torch")]
+        assert all(t["bytes"] == 4 * (784 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10) and t["same_weights"] for t in item["transfers"])
+        assert set(item["train"]) == {"torch", "keras"} and item["wall_seconds"] > 0
+    assert results["initial_sync"]["transfer"]["same_weights"]
+
+
+def test_each_framework_carries_its_own_objective(two_round_run):
+    _, results = two_round_run
+    for item in results["rounds"]:
+        by_phase = {e["phase"]: e for e in item["evaluations"]}
+        assert by_phase["torch_trained"]["swap_rate"] > 0.8
+        assert by_phase["keras_trained"]["swap_rate"] < 0.1
+        to_keras, to_torch = item["transfers"]
+        assert to_keras["differing_predictions"] <= 10 and to_torch["differing_predictions"] <= 10
+        # the receiver's confusion matrix is the sender's, up to those few samples
+        sent, received = np.array(by_phase["torch_trained"]["confusion_matrix"]), np.array(by_phase["keras_from_torch"]["confusion_matrix"])
+        assert np.abs(sent - received).sum() <= 2 * to_keras["differing_predictions"]
+
+
+def test_one_line_per_phase_with_accuracy_and_swap_rate(two_round_run):
+    stdout, results = two_round_run
+    for item in results["rounds"]:
+        for evaluation in item["evaluations"]:
+            expected = f"{evaluation['phase']:<22} acc {evaluation['accuracy']:.4f}"
+            lines = [l for l in stdout.splitlines() if f"round {item['round'] + 1:>3}/2" in l and expected in l]
+            assert len(lines) == 1 and f"swap 1<->7 {evaluation['swap_rate']:.3f}" in lines[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_worker_is_named_with_its_address(tmp_path):
+    port = free_port()
+    done = coordinator("run", "--torch", f"127.0.0.1:{port}", "--keras", f"127.0.0.1:{free_port()}",
+                       "--connect-timeout", "2", "--out", str(tmp_path))
+    assert done.returncode == 3
+    assert f"torch worker unreachable at 127.0.0.1:{port}: is it running?" in done.stderr
+
+
+def test_workers_with_different_data_are_refused(tmp_path, data_dir, torch_worker, start_worker):
+    subset = tmp_path / "mnist-subset"
+    subset.mkdir()
+    for stem in FILES.values():  # the real files, cut to their first 1000 records
+        array, _ = read_idx_file(next(data_dir.glob(f"{stem}*")))
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in (1000, *array.shape[1:]))
+        (subset / f"{stem}.gz").write_bytes(gzip.compress(header + array[:1000].tobytes()))
+    keras_small = start_worker("keras", subset)
+    done = coordinator("run", "--torch", torch_worker.address, "--keras", keras_small.address, "--out", str(tmp_path / "runs"))
+    assert done.returncode == 4, done.stderr
+    assert "workers hold different data" in done.stderr and str(subset) in done.stderr
+    failed = load_results(next((tmp_path / "runs").iterdir()))
+    assert failed["status"] == "failed" and "different data" in failed["error"]
+
+
+def test_ctrl_c_stops_the_run_and_both_local_workers(tmp_path, data_dir):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "coordinator", "run", "--local", "--rounds", "50", "--data-dir", str(data_dir), "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    for line in process.stdout:
+        if "torch trained" in line:
+            break
+    run_dir = next(tmp_path.iterdir())
+    pids = [json.loads(p.read_text())["pid"] for p in (run_dir / "logs").glob("*.ready.json")]
+    assert len(pids) == 2
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert load_results(run_dir)["status"] == "interrupted"
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+        time.sleep(0.1)
+    assert not alive, f"worker processes {alive} outlived the coordinator"

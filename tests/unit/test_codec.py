@@ -1,0 +1,134 @@
+import ml_dtypes
+import numpy as np
+import pytest
+
+from weightrelay import codec
+from weightrelay.architecture import canonical_manifest
+from weightrelay.v1 import worker_pb2 as pb
+
+RNG = np.random.default_rng(0)
+
+
+def sample(dtype: str, shape=(3, 5)) -> np.ndarray:
+    if dtype == "bool":
+        return RNG.random(shape) > 0.5
+    if dtype in ("int32", "int64", "int8", "uint8"):
+        info = np.iinfo(dtype)
+        return RNG.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
+    values = RNG.standard_normal(shape).astype(np.float32) * 100
+    values.flat[:3] = [np.inf, -0.0, 1e-8]
+    return values.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+
+
+@pytest.mark.parametrize("dtype", codec.SUPPORTED_DTYPES)
+def test_tensor_round_trip_every_dtype(dtype):
+    array = sample(dtype)
+    message = codec.to_proto("t", array)
+    assert pb.DType.Name(message.dtype).lower() == dtype
+    assert list(message.shape) == [3, 5]
+    assert len(message.data) == array.nbytes
+    back = codec.from_proto(pb.Tensor.FromString(message.SerializeToString()))
+    assert back.dtype == array.dtype and back.shape == array.shape
+    assert back.tobytes() == array.tobytes()  # bit-exact, signed zeros and infinities included
+
+
+def test_bfloat16_bytes_are_the_upper_half_of_float32():
+    values = np.array([1.0, -2.5, 3.140625], dtype=np.float32)
+    encoded = codec.tensor_bytes(values.astype(ml_dtypes.bfloat16))
+    upper = (values.view("<u4") >> 16).astype("<u2").tobytes()
+    assert encoded == upper
+
+
+def test_big_endian_arrays_are_sent_little_endian():
+    native = np.arange(6, dtype="<f4").reshape(2, 3)
+    assert codec.tensor_bytes(native.astype(">f4")) == native.tobytes()
+    assert codec.tensor_bytes(np.asfortranarray(native)) == native.tobytes()  # C order on the wire
+
+
+def test_unset_dtype_is_refused_with_the_tensor_name():
+    with pytest.raises(codec.TensorError, match="tensor w: dtype 0 is not set"):
+        codec.from_proto(pb.Tensor(name="w", shape=[1], data=b"\0\0\0\0"))
+
+
+def weights() -> dict[str, np.ndarray]:
+    return {spec.name: RNG.standard_normal(spec.shape).astype(np.float32) for spec in canonical_manifest().values()}
+
+
+def test_weight_stream_round_trip_in_small_pieces():
+    original = weights()
+    chunks = list(codec.iter_weight_chunks(original, max_chunk_bytes=10_000))
+    pieces = [c for c in chunks if c.WhichOneof("part") == "piece"]
+    assert len(pieces) > len(original)  # fc1.weight (401,408 bytes) is split
+    assert all(len(c.piece.tensor.data) <= 10_000 for c in pieces)
+    assert chunks[-1].WhichOneof("part") == "digest"
+    back = codec.assemble_weights(chunks, canonical_manifest())
+    assert list(back) == list(original)
+    assert all(back[n].tobytes() == original[n].tobytes() for n in original)
+
+
+def test_default_chunks_fit_grpcs_default_message_limit():
+    big = {"big": np.zeros((3, 1024, 1024), dtype=np.float32)}  # 12 MiB
+    sizes = [c.ByteSize() for c in codec.iter_weight_chunks(big)]
+    pieces = -(-big["big"].nbytes // codec.MAX_CHUNK_BYTES)
+    assert len(sizes) == pieces + 1  # the pieces, then the digest
+    assert max(sizes) < 4 * 1024 * 1024
+
+
+def test_checksum_ignores_order_but_not_content():
+    w = weights()
+    reordered = dict(reversed(list(w.items())))
+    assert codec.weights_sha256(w) == codec.weights_sha256(reordered)
+    changed = dict(w, **{"fc3.bias": w["fc3.bias"] + np.float32(1e-6)})
+    assert codec.weights_sha256(changed) != codec.weights_sha256(w)
+
+
+def stream_with(mutate) -> list[pb.WeightsChunk]:
+    chunks = list(codec.iter_weight_chunks(weights(), max_chunk_bytes=100_000))
+    mutate(chunks)
+    return chunks
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: c.pop(), "without its digest"),
+        (lambda c: c.append(c[0]), "goes on after its digest"),
+        (lambda c: c.__setitem__(1, c[2]), "expected offset"),
+        (lambda c: setattr(c[-1].digest, "sha256", "0" * 64), "checksum mismatch"),
+        (lambda c: setattr(c[-1].digest, "total_bytes", 5), "digest says"),
+        (lambda c: c[0].piece.tensor.shape.__setitem__(0, 784), r"expected shape \[128, 784\], got \[784, 784\]"),
+    ],
+    ids=["no-digest", "after-digest", "out-of-order", "checksum", "digest-count", "shape"],
+)
+def test_malformed_streams_are_refused(mutate, message):
+    with pytest.raises(codec.TensorError, match=message):
+        codec.assemble_weights(stream_with(mutate), canonical_manifest())
+
+
+def test_manifest_checks_name_the_tensor_and_the_expectation():
+    manifest = canonical_manifest()
+    w = weights()
+    transposed = dict(w, **{"fc1.weight": w["fc1.weight"].T.copy()})
+    with pytest.raises(codec.TensorError, match=r"tensor fc1.weight: expected shape \[128, 784\], got \[784, 128\]"):
+        codec.assemble_weights(codec.iter_weight_chunks(transposed), manifest)
+    doubled = dict(w, **{"fc2.bias": w["fc2.bias"].astype(np.float64)})
+    with pytest.raises(codec.TensorError, match="tensor fc2.bias: expected dtype FLOAT32, got FLOAT64"):
+        codec.assemble_weights(codec.iter_weight_chunks(doubled), manifest)
+    renamed = {("fc9.bias" if n == "fc3.bias" else n): a for n, a in w.items()}
+    with pytest.raises(codec.TensorError, match="unexpected tensor fc9.bias"):
+        codec.assemble_weights(codec.iter_weight_chunks(renamed), manifest)
+    nan = dict(w, **{"fc3.weight": w["fc3.weight"].copy()})
+    nan["fc3.weight"][2, 5] = np.nan
+    with pytest.raises(codec.TensorError, match=r"tensor fc3.weight: 1 non-finite value\(s\).*index \[2, 5\]"):
+        codec.assemble_weights(codec.iter_weight_chunks(nan), manifest)
+    missing = {n: a for n, a in w.items() if n != "fc2.weight"}
+    with pytest.raises(codec.TensorError, match="missing tensor.*fc2.weight"):
+        codec.assemble_weights(codec.iter_weight_chunks(missing), manifest)
+
+
+def test_short_tensor_data_is_refused_with_byte_counts():
+    chunks = list(codec.iter_weight_chunks(weights()))
+    bias = next(c for c in chunks if c.WhichOneof("part") == "piece" and c.piece.tensor.name == "fc3.bias")
+    bias.piece.tensor.data = bias.piece.tensor.data[:-4]
+    with pytest.raises(codec.TensorError, match=r"tensor fc3.bias: received 36 bytes, expected 40 \(shape \[10\] of FLOAT32\)"):
+        codec.assemble_weights(chunks, canonical_manifest())

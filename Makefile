@@ -1,0 +1,37 @@
+# weightrelay: one venv with both frameworks (each worker still runs in its own process).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ROUNDS ?= 20
+
+.PHONY: install demo test test-fast proto constraints clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[dev]' -c constraints.txt
+	touch $@
+
+install: $(VENV)/.installed
+
+## The experiment: 20 rounds on MNIST with both workers started locally (downloads MNIST if missing).
+demo: install
+	$(BIN)/coordinator run --local --rounds $(ROUNDS)
+
+## The whole test suite: unit, integration (real worker processes) and end to end (real MNIST).
+test: install
+	$(BIN)/python -m pytest
+
+## Unit tests only (seconds; no workers started).
+test-fast: install
+	$(BIN)/python -m pytest tests/unit
+
+## Regenerate the committed gRPC stubs after editing proto/.
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/weightrelay/v1/worker.proto
+
+constraints: install
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -v '^weightrelay'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

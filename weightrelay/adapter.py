@@ -10,6 +10,7 @@ adapter class and a three-line `__main__`.
 from __future__ import annotations
 
 import abc
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -59,8 +60,9 @@ ProgressCallback = Callable[[TrainProgress], None]
 class ProgressTracker:
     """Turns an adapter's per-batch running means into progress events at the requested pace."""
 
-    def __init__(self, config: TrainConfig, samples: int, on_progress: ProgressCallback):
+    def __init__(self, config: TrainConfig, samples: int, on_progress: ProgressCallback, cancelled: threading.Event | None = None):
         self.config = config
+        self.cancelled = cancelled
         self.samples = samples
         self.batches = max(1, -(-samples // config.batch_size))
         self.on_progress = on_progress
@@ -72,7 +74,13 @@ class ProgressTracker:
         self._epoch_start = time.perf_counter()
 
     def wants(self, batch: int) -> bool:
-        """Whether batch `batch` (1-based) is reported; adapters skip device syncs for the others."""
+        """Whether batch `batch` (1-based) is reported; adapters skip device syncs for the others.
+
+        Adapters call this after every batch, so it is also where a cancelled Train stops:
+        it raises TrainingCancelled once the client has gone away.
+        """
+        if self.cancelled is not None and self.cancelled.is_set():
+            raise TrainingCancelled()
         every = self.config.progress_every_batches
         return batch >= self.batches or bool(every and batch % every == 0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import platform
 import queue
@@ -13,7 +14,7 @@ import grpc
 
 import weightrelay
 from weightrelay import codec
-from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, TrainProgress, TrainingCancelled
+from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, TrainingCancelled, TrainResult
 from weightrelay.architecture import ARCHITECTURE, canonical_manifest
 from weightrelay.data import MnistData
 from weightrelay.metrics import evaluate_logits
@@ -30,7 +31,8 @@ _DONE = object()
 
 class WorkerServicer(pb_grpc.WorkerServicer):
     """Serves one adapter's model. One model operation runs at a time; Train holds the model
-    for its whole run, and other calls meanwhile get FAILED_PRECONDITION instead of waiting."""
+    for its whole run, and other model calls meanwhile get FAILED_PRECONDITION instead of
+    waiting. Describe never touches the model, so it answers even during training."""
 
     def __init__(self, adapter: FrameworkAdapter, data: MnistData, default_objective: Objective):
         self.adapter = adapter
@@ -39,6 +41,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.manifest = canonical_manifest()
         self._model_lock = threading.Lock()
         self._training = False
+        self._weights_sha = codec.weights_sha256(adapter.get_weights())  # kept current by Train and SetWeights
 
     # -- helpers --------------------------------------------------------------------------
     def _hold_model(self, context: grpc.ServicerContext) -> None:
@@ -75,11 +78,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     # -- RPCs -----------------------------------------------------------------------------
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeReply:
-        self._hold_model(context)
-        try:
-            weights_sha = codec.weights_sha256(self.adapter.get_weights())
-        finally:
-            self._model_lock.release()
         version, backend = self.adapter.versions()
         return pb.DescribeReply(
             framework=self.adapter.framework,
@@ -96,13 +94,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 data_dir=str(self.data.data_dir),
             ),
             objective=self.objective.name,
-            weights_sha256=weights_sha,
+            weights_sha256="" if self._training else self._weights_sha,
             worker_version=weightrelay.__version__,
             python_version=platform.python_version(),
         )
 
     def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> Iterator[pb.TrainEvent]:
         config, objective = self._train_config(request, context)
+        limit = request.max_samples or len(self.data.train.y)
+        x, y = self.data.train.x[:limit], objective.apply(self.data.train.y[:limit])
         if not self._model_lock.acquire(blocking=False):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker is busy with another call (a Train or a weight change); retry when it ends")
         self._training = True
@@ -110,37 +110,33 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         events: queue.Queue = queue.Queue()
         cancelled = threading.Event()
         context.add_callback(cancelled.set)
-        limit = request.max_samples or len(self.data.train.y)
-        x, y = self.data.train.x[:limit], objective.apply(self.data.train.y[:limit])
-
-        def on_progress(progress: TrainProgress) -> None:
-            if cancelled.is_set():
-                raise TrainingCancelled()
-            events.put(progress)
 
         def run() -> None:
+            started = time.perf_counter()
+            outcome: object
             try:
-                started = time.perf_counter()
-                tracker = ProgressTracker(config, len(x), on_progress)
+                tracker = ProgressTracker(config, len(x), events.put, cancelled)
                 self.adapter.train(x, y, config, tracker)
-                result = tracker.result()
-                events.put(
-                    pb.TrainSummary(
-                        epochs=result.epochs,
-                        samples_seen=result.samples_seen,
-                        loss=result.loss,
-                        accuracy=result.accuracy,
-                        seconds=time.perf_counter() - started,
-                        objective=objective.name,
-                        weights_sha256=codec.weights_sha256(self.adapter.get_weights()),
-                    )
-                )
+                outcome = tracker.result()
             except BaseException as exc:  # handed to the RPC thread, which reports it
-                events.put(exc)
+                outcome = exc
             finally:
+                # Finished or not, training moved the weights.
+                self._weights_sha = codec.weights_sha256(self.adapter.get_weights())
                 self._training = False
                 self._model_lock.release()
-                events.put(_DONE)
+            if isinstance(outcome, TrainResult):
+                outcome = pb.TrainSummary(
+                    epochs=outcome.epochs,
+                    samples_seen=outcome.samples_seen,
+                    loss=outcome.loss,
+                    accuracy=outcome.accuracy,
+                    seconds=time.perf_counter() - started,
+                    objective=objective.name,
+                    weights_sha256=self._weights_sha,
+                )
+            events.put(outcome)
+            events.put(_DONE)
 
         log.info("train: %s, objective %s, %d samples", config, objective.name, len(x))
         threading.Thread(target=run, name="train", daemon=True).start()
@@ -154,14 +150,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 log.info("train done: loss %.4f accuracy %.4f in %.1fs", item.loss, item.accuracy, item.seconds)
                 yield pb.TrainEvent(summary=item)
             else:
-                yield pb.TrainEvent(progress=pb.TrainProgress(**item.__dict__))
+                yield pb.TrainEvent(progress=pb.TrainProgress(**dataclasses.asdict(item)))
 
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateReply:
         started = time.perf_counter()
         self._hold_model(context)
         try:
             logits = self.adapter.predict_logits(self.data.test.x, request.batch_size or DEFAULT_EVAL_BATCH)
-            weights_sha = codec.weights_sha256(self.adapter.get_weights())
+            weights_sha = self._weights_sha
         finally:
             self._model_lock.release()
         result = evaluate_logits(logits, self.data.test.y)
@@ -205,6 +201,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 applied_sha = codec.weights_sha256(self.adapter.get_weights())
                 if applied_sha != expected_sha:
                     raise RuntimeError(f"the model holds sha256 {applied_sha} after applying {expected_sha}")
+                self._weights_sha = applied_sha
             except Exception as exc:
                 self.adapter.set_weights(previous)  # all or nothing
                 log.exception("set_weights failed; previous weights restored")

@@ -159,7 +159,9 @@ def test_calls_during_training_get_failed_precondition_and_cancel_stops_training
     stream = worker.client.train(pb.TrainRequest(epochs=50, batch_size=32, progress_every_batches=10))
     first = next(stream)
     assert first.WhichOneof("event") == "progress"
-    for call in (worker.client.evaluate, worker.client.get_weights, worker.client.describe):
+    described = worker.client.describe()  # Describe answers during training
+    assert described.framework == worker.name and described.weights_sha256 == ""
+    for call in (worker.client.evaluate, worker.client.get_weights):
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION

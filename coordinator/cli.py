@@ -1,4 +1,4 @@
-"""`coordinator`: the command line of the relay experiment."""
+"""`coordinator`: run the relay experiment, and look at its results."""
 
 from __future__ import annotations
 
@@ -7,58 +7,80 @@ import logging
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from coordinator.config import RunConfig
+from coordinator import config as cfg
 from coordinator.errors import CoordinatorError, UsageError
 from coordinator.local import LocalWorkers
+from coordinator.progress import make_printer
 from coordinator.relay import Relay
-from weightrelay.objectives import parse_objective
+from coordinator.results import PHASES, RESULTS_FILE, load_results
 
 EXIT_INTERRUPTED = 130
+CONFIG_FILE = "config.toml"
 
 
-def _address(text: str) -> str:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
-    return text
+def _flag_type(validator: Callable[[Any], Any]) -> Callable[[str], Any]:
+    """argparse shows an ArgumentTypeError's own message; a plain ValueError it replaces."""
+
+    def convert(text: str) -> Any:
+        try:
+            return validator(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = validator.__name__
+    return convert
 
 
-def _objective(text: str) -> str:
-    try:
-        return parse_objective(text).name
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
+def _add_run_parser(commands) -> None:
+    d = cfg.RunConfig()
+    run = commands.add_parser(
+        "run", help="run the relay experiment", argument_default=argparse.SUPPRESS,
+        description="Relay the weights for N rounds; write RUN_DIR/results.json, RUN_DIR/config.toml and RUN_DIR/report.html. "
+                    "Settings come from the defaults, then --config FILE, then these flags.",
+    )
+    t = {key: _flag_type(validator) for key, validator in cfg.VALIDATORS.items()}
+    run.add_argument("--config", type=Path, help="TOML file with any of the settings below (keys named like the flags)")
+    run.add_argument("--rounds", type=t["rounds"], help=f"rounds to run (default {d.rounds})")
+    run.add_argument("--torch", type=t["torch"], help=f"PyTorch worker HOST:PORT (default {d.torch})")
+    run.add_argument("--keras", type=t["keras"], help=f"Keras worker HOST:PORT (default {d.keras})")
+    run.add_argument("--local", action="store_const", const=True, help="start both workers as child processes on free ports, and stop them at the end")
+    run.add_argument("--epochs", type=t["epochs"], help=f"epochs per Train (default {d.epochs})")
+    run.add_argument("--batch-size", type=t["batch_size"], help=f"(default {d.batch_size})")
+    run.add_argument("--lr", type=t["lr"], help=f"SGD learning rate (default {d.lr})")
+    run.add_argument("--momentum", type=t["momentum"], help=f"SGD momentum (default {d.momentum})")
+    run.add_argument("--seed", type=t["seed"], help=f"seeds the local workers' initial weights and every round's shuffling (default {d.seed})")
+    run.add_argument("--torch-objective", type=t["torch_objective"], help=f"labels PyTorch trains on (default {d.torch_objective})")
+    run.add_argument("--keras-objective", type=t["keras_objective"], help=f"labels Keras trains on (default {d.keras_objective})")
+    run.add_argument("--data-dir", type=t["data_dir"], help="MNIST directory for --local workers (default $WEIGHTRELAY_DATA_DIR, else ~/.cache/weightrelay/mnist)")
+    run.add_argument("--out", type=t["out"], help=f"directory that receives the run directory (default {d.out}/)")
+    run.add_argument("--max-train-samples", type=t["max_train_samples"], help="train on the first N training samples only (default 0: all)")
+    run.add_argument("--connect-timeout", type=t["connect_timeout"], help=f"seconds to wait for each worker (default {d.connect_timeout:g})")
+    output = run.add_mutually_exclusive_group()
+    output.add_argument("--quiet", action="store_true", default=False, help="print only where the results and the report are")
+    output.add_argument("--json", action="store_true", default=False, help="print one JSON object per event on stdout")
+    run.add_argument("--no-report", action="store_true", default=False, help="skip writing report.html at the end")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = RunConfig()
     parser = argparse.ArgumentParser(prog="coordinator", description="Relay weights between the PyTorch and Keras workers and record both frameworks' confusion matrices.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the relay experiment", description="Run the relay for N rounds and write RUN_DIR/results.json.")
-    run.add_argument("--rounds", type=_positive, default=defaults.rounds, help=f"rounds to run (default {defaults.rounds})")
-    run.add_argument("--torch", type=_address, default=defaults.torch, help=f"PyTorch worker HOST:PORT (default {defaults.torch})")
-    run.add_argument("--keras", type=_address, default=defaults.keras, help=f"Keras worker HOST:PORT (default {defaults.keras})")
-    run.add_argument("--local", action="store_true", help="start both workers as child processes on free ports, and stop them at the end")
-    run.add_argument("--epochs", type=_positive, default=defaults.epochs, help=f"epochs per Train (default {defaults.epochs})")
-    run.add_argument("--batch-size", type=_positive, default=defaults.batch_size, help=f"(default {defaults.batch_size})")
-    run.add_argument("--lr", type=float, default=defaults.lr, help=f"SGD learning rate (default {defaults.lr})")
-    run.add_argument("--momentum", type=float, default=defaults.momentum, help=f"SGD momentum (default {defaults.momentum})")
-    run.add_argument("--seed", type=int, default=defaults.seed, help="seeds the local workers' initial weights and every round's shuffling (default 0)")
-    run.add_argument("--torch-objective", type=_objective, default=defaults.torch_objective, help=f"labels PyTorch trains on (default {defaults.torch_objective})")
-    run.add_argument("--keras-objective", type=_objective, default=defaults.keras_objective, help=f"labels Keras trains on (default {defaults.keras_objective})")
-    run.add_argument("--data-dir", default=None, help="MNIST directory for --local workers (default $WEIGHTRELAY_DATA_DIR, else ~/.cache/weightrelay/mnist)")
-    run.add_argument("--out", default=defaults.out, help=f"directory that receives the run directory (default {defaults.out}/)")
-    run.add_argument("--max-train-samples", type=int, default=0, help="train on the first N training samples only (default 0: all)")
-    run.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout, help=f"seconds to wait for each worker (default {defaults.connect_timeout:g})")
+    _add_run_parser(commands)
+
+    report = commands.add_parser("report", help="write RUN_DIR/report.html with heatmaps and curves")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.add_argument("--rounds", default="default", help="rounds that get heatmaps: default (first, middle, last), all, or e.g. 0,5,19")
+
+    show = commands.add_parser("show", help="print confusion matrices and per-class scores of a run")
+    show.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    show.add_argument("--round", type=int, default=None, help="round to show (default: the last completed)")
+    show.add_argument("--phase", choices=[p for p, _ in PHASES], default=None, help="one phase (default: all four)")
+
+    compare = commands.add_parser("compare", help="accuracy and swap-rate differences of two runs, per phase")
+    compare.add_argument("run_a", type=Path, metavar="RUN_A")
+    compare.add_argument("run_b", type=Path, metavar="RUN_B")
+    compare.add_argument("--round", type=int, default=None, help="round to compare (default: each run's last completed)")
     return parser
 
 
@@ -74,60 +96,85 @@ def _new_run_dir(out: Path) -> Path:
     raise CoordinatorError(f"cannot make a new run directory under {out}")
 
 
-class LinePrinter:
-    """One plain line per phase, for terminals and logs alike."""
-
-    def __init__(self, rounds: int):
-        self.rounds = rounds
-
-    def __call__(self, kind: str, event: dict[str, Any]) -> None:
-        r = event.get("round")
-        where = "initial    " if r is None else f"round {r + 1:>3}/{self.rounds}"
-        if kind == "start":
-            workers = event["workers"]
-            for name, info in workers.items():
-                print(f"{name:<5} worker {info['address']}: {info['framework']} {info['framework_version']} on {info['device']}", flush=True)
-            print(f"run directory: {event['run_dir']}", flush=True)
-        elif kind == "train_done":
-            print(f"{where}  {event['worker']:<5} trained          loss {event['loss']:.4f}  train-acc {event['accuracy']:.4f}  ({event['seconds']:.1f} s, objective {event['objective']})", flush=True)
-        elif kind == "evaluation":
-            print(f"{where}  {event['phase']:<22} acc {event['accuracy']:.4f}  loss {event['loss']:.4f}  swap 1<->7 {event['swap_rate']:.3f}", flush=True)
-        elif kind == "transfer":
-            print(
-                f"{where}  moved {event['from']}->{event['to']} {event['bytes']} B in {event['seconds'] * 1000:.0f} ms: "
-                f"{event['differing_predictions']} predictions differ, max |dp| {event['max_abs_probability_diff']:.2e}",
-                flush=True,
-            )
-        elif kind == "done":
-            print(f"results: {event['results']}", flush=True)
+def resolve_run_config(args: argparse.Namespace) -> cfg.RunConfig:
+    flags = {key: value for key, value in vars(args).items() if key in cfg.VALIDATORS}
+    from_file = cfg.load_config_file(args.config) if getattr(args, "config", None) else {}
+    return cfg.resolve(from_file, flags)
 
 
 def command_run(args: argparse.Namespace) -> int:
-    config = RunConfig(**{key: value for key, value in vars(args).items() if key != "command"})
+    config = resolve_run_config(args)
     run_dir = _new_run_dir(Path(config.out))
-    relay = Relay(config, run_dir, LinePrinter(config.rounds))
-    if config.local:
-        with LocalWorkers(run_dir / "logs", config.seed, config.data_dir) as addresses:
-            relay.run(addresses)
-    else:
-        relay.run({"torch": config.torch, "keras": config.keras})
+    (run_dir / CONFIG_FILE).write_text(cfg.to_toml(config))
+    printer = make_printer(config.rounds, quiet=args.quiet, as_json=args.json)
+    try:
+        relay = Relay(config, run_dir, printer)
+        if config.local:
+            printer("step", {"round": None, "step": "starting local workers"})
+            with LocalWorkers(run_dir / "logs", config.seed, config.data_dir) as addresses:
+                relay.run(addresses)
+        else:
+            relay.run({"torch": config.torch, "keras": config.keras})
+        if not args.no_report:
+            printer("step", {"round": None, "step": "writing the report"})
+            from coordinator.report import write_report
+
+            printer("report", {"path": str(write_report(run_dir))})
+    finally:
+        printer.close()
     return 0
+
+
+def _results(run_dir: Path) -> dict[str, Any]:
+    if not (run_dir / RESULTS_FILE).is_file():
+        raise UsageError(f"{run_dir} holds no {RESULTS_FILE}; pass a run directory made by 'coordinator run'")
+    return load_results(run_dir)
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from coordinator.report import write_report
+
+    _results(args.run_dir)
+    try:
+        print(f"report: {write_report(args.run_dir, args.rounds)}")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return 0
+
+
+def command_show(args: argparse.Namespace) -> int:
+    from coordinator.views import show
+
+    show(_results(args.run_dir), str(args.run_dir), args.round, args.phase)
+    return 0
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    from coordinator.views import compare
+
+    compare(_results(args.run_a), _results(args.run_b), (str(args.run_a), str(args.run_b)), args.round)
+    return 0
+
+
+COMMANDS = {"run": command_run, "report": command_report, "show": command_show, "compare": command_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return command_run(args)
-        raise UsageError(f"unknown command {args.command}")
+        return COMMANDS[args.command](args)
     except CoordinatorError as exc:
         print(f"coordinator: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("coordinator: interrupted; workers stopped, results so far kept", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("rich", "matplotlib"):
+            raise
+        print(f"coordinator: error: {exc.name} is missing; install the coordinator's extra: pip install 'weightrelay[coordinator]'", file=sys.stderr)
+        return UsageError.exit_code
 
 
 if __name__ == "__main__":

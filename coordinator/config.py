@@ -1,8 +1,18 @@
-"""The settings of one relay run; saved verbatim in its results so it can be repeated."""
+"""The settings of one relay run: defaults, a TOML file, then flags, in that order of precedence.
+
+The resolved settings are saved in the run directory as `config.toml`, which `coordinator run
+--config` takes back, so any run can be repeated exactly.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from coordinator.errors import UsageError
+from weightrelay.objectives import parse_objective
 
 
 @dataclass
@@ -29,3 +39,138 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# -- validation shared by flags and the config file (each raises ValueError with the fix) -----
+def positive_int(value: Any) -> int:
+    number = _int(value)
+    if number < 1:
+        raise ValueError(f"{value} must be at least 1")
+    return number
+
+
+def non_negative_int(value: Any) -> int:
+    number = _int(value)
+    if number < 0:
+        raise ValueError(f"{value} must be 0 or more")
+    return number
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{value!r} is not a whole number")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
+
+
+def number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not a number") from None
+
+
+def unit_interval(value: Any) -> float:
+    result = number(value)
+    if not 0 <= result < 1:
+        raise ValueError(f"{value} must be in [0, 1)")
+    return result
+
+
+def positive_number(value: Any) -> float:
+    result = number(value)
+    if not result > 0:
+        raise ValueError(f"{value} must be more than 0")
+    return result
+
+
+def address(value: Any) -> str:
+    text = str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return text
+
+
+def objective(value: Any) -> str:
+    return parse_objective(str(value)).name
+
+
+def boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+VALIDATORS: dict[str, Callable[[Any], Any]] = {
+    "rounds": positive_int,
+    "torch": address,
+    "keras": address,
+    "local": boolean,
+    "epochs": positive_int,
+    "batch_size": positive_int,
+    "lr": positive_number,
+    "momentum": unit_interval,
+    "seed": non_negative_int,
+    "torch_objective": objective,
+    "keras_objective": objective,
+    "data_dir": text,
+    "out": text,
+    "max_train_samples": non_negative_int,
+    "connect_timeout": positive_number,
+}
+assert set(VALIDATORS) == {f.name for f in fields(RunConfig)}
+
+
+def load_config_file(path: Path | str) -> dict[str, Any]:
+    """Validated settings from a TOML file: top-level keys, or a [run] table, named like the
+    flags (`batch_size` or `batch-size`)."""
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    table = document.get("run", document)
+    values: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = raw_key.replace("-", "_")
+        if key not in VALIDATORS:
+            raise UsageError(f"config file {path}: unknown key {raw_key!r}; known keys: {', '.join(VALIDATORS)}")
+        try:
+            values[key] = VALIDATORS[key](value)
+        except ValueError as exc:
+            raise UsageError(f"config file {path}: key {raw_key}: {exc}") from None
+    return values
+
+
+def resolve(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConfig:
+    """Defaults, overridden by the file, overridden by the flags given on the command line."""
+    return RunConfig(**{**file_values, **flag_values})
+
+
+def to_toml(config: RunConfig) -> str:
+    """The settings as a TOML file that `coordinator run --config` reads back."""
+    lines = ["# Resolved settings of this run; repeat it with: coordinator run --config config.toml", "[run]"]
+    for key, value in config.to_dict().items():
+        if value is None:
+            lines.append(f"# {key} is not set")
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, (int, float)):
+            lines.append(f"{key} = {value!r}")
+        else:
+            escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'{key} = "{escaped}"')
+    return "\n".join(lines) + "\n"

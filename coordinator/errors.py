@@ -25,3 +25,9 @@ class IncompatibleWorkers(CoordinatorError):
 
 class RoundFailed(CoordinatorError):
     exit_code = 5
+
+
+class WorkerStartFailed(CoordinatorError):
+    """A --local worker exited before serving (its own error line leads the message)."""
+
+    exit_code = 6

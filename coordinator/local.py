@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from coordinator.errors import CoordinatorError
+from coordinator.errors import CoordinatorError, WorkerStartFailed
 
 #: worker name -> module run with `python -m`
 WORKER_MODULES = {"torch": "torch_service", "keras": "keras_service"}
@@ -42,10 +42,9 @@ class LocalWorker:
                 self.address = f"127.0.0.1:{port}"
                 return self.address
             if self.process.poll() is not None:
-                raise CoordinatorError(
-                    f"the local {self.name} worker exited with code {self.process.returncode} before it was ready; "
-                    f"its log ({self.log_path}) ends with:\n{self.log_tail()}"
-                )
+                errors = [line.split(" ERROR ", 1)[1] for line in self.log_tail(50).splitlines() if " ERROR " in line]
+                cause = errors[-1] if errors else f"it exited with code {self.process.returncode}"
+                raise WorkerStartFailed(f"the local {self.name} worker could not start: {cause} (log: {self.log_path})")
             time.sleep(0.1)
         raise CoordinatorError(f"the local {self.name} worker was not ready in time; see {self.log_path}")
 

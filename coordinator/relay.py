@@ -31,7 +31,7 @@ from weightrelay import codec
 from weightrelay.client import WorkerClient
 from weightrelay.v1 import worker_pb2 as pb
 
-#: on_event(kind, payload): "start", "train_progress", "train_done", "evaluation", "transfer", "round_done", "done"
+#: on_event(kind, payload): "start", "step", "train_progress", "train_done", "evaluation", "transfer", "round_done", "done"
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
@@ -137,18 +137,21 @@ class Relay:
                 raise RoundFailed(f"round {round_index}: the {worker.name} worker's Train stream ended without a summary")
             return summary
 
+        self.on_event("step", {"round": round_index, "step": f"{worker.name}: train"})
         summary = self._call(worker, "Train", round_index, run)
         record = {"worker": worker.name, **message_to_dict(summary)}
         self.on_event("train_done", {"round": round_index, **record})
         return record
 
     def evaluate(self, worker: Worker, phase: str, round_index: int | None) -> tuple[dict[str, Any], pb.EvaluateReply]:
+        self.on_event("step", {"round": round_index, "step": f"{worker.name}: evaluate"})
         reply = self._call(worker, f"Evaluate ({phase})", round_index, lambda: worker.client.evaluate(True, True))
         record = evaluation_record(worker.name, phase, reply)
         self.on_event("evaluation", {"round": round_index, **record})
         return record, reply
 
     def move(self, sender: Worker, receiver: Worker, round_index: int | None) -> dict[str, Any]:
+        self.on_event("step", {"round": round_index, "step": f"move {sender.name} -> {receiver.name}"})
         started = time.perf_counter()
         weights = self._call(sender, "GetWeights", round_index, sender.client.get_weights)
         reply = self._call(receiver, "SetWeights", round_index, lambda: receiver.client.set_weights(weights))

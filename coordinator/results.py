@@ -60,6 +60,9 @@ def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
             json.dump(content, out, indent=1)
             out.flush()
             os.fsync(out.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

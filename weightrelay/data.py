@@ -174,7 +174,10 @@ def load_mnist(data_dir: Path | str | None = None, download: bool = True) -> Mni
     if missing:
         if not download:
             raise DataError(_missing_message(data_dir, missing, "downloads are off"))
-        download_mnist(data_dir, missing)
+        try:
+            download_mnist(data_dir, missing)
+        except OSError as exc:
+            raise DataError(_missing_message(data_dir, missing, f"cannot download into it: {exc}")) from exc
     arrays: dict[str, np.ndarray] = {}
     digests: dict[str, str] = {}
     for role, stem in FILES.items():

@@ -28,6 +28,7 @@ from weightrelay.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("weightrelay.worker")
 
+NO_DOWNLOAD_ENV = "WEIGHTRELAY_NO_DOWNLOAD"
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
@@ -79,7 +80,8 @@ def worker_parser(framework: str, default_port: int) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=default_port, help=f"port to listen on; 0 picks a free one (default {default_port})")
     parser.add_argument("--data-dir", default=None, help="MNIST directory (default $WEIGHTRELAY_DATA_DIR, else ~/.cache/weightrelay/mnist)")
-    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading missing MNIST files")
+    parser.add_argument("--no-download", action="store_true", default=os.environ.get(NO_DOWNLOAD_ENV, "") not in ("", "0"),
+                        help=f"fail instead of downloading missing MNIST files (default: on when ${NO_DOWNLOAD_ENV} is set)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
     parser.add_argument("--objective", default="identity", help='default label objective for Train requests that name none (default "identity")')

@@ -16,30 +16,15 @@ import numpy as np
 import pytest
 
 from coordinator.results import PHASES, load_results
+from coordinator.progress import round_label
+from tests.e2e.runner import coordinator
 from weightrelay.data import FILES, read_idx_file
 
 pytestmark = pytest.mark.e2e
 
 
-def coordinator(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "coordinator", *args], capture_output=True, text=True, timeout=600, **kwargs)
-
-
-def results_path(stdout: str) -> Path:
-    line = next(l for l in stdout.splitlines() if l.startswith("results: "))
-    return Path(line.removeprefix("results: "))
-
-
-@pytest.fixture(scope="module")
-def two_round_run(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("runs")
-    done = coordinator("run", "--local", "--rounds", "2", "--data-dir", str(data_dir), "--out", str(out))
-    assert done.returncode == 0, done.stderr + done.stdout
-    return done.stdout, load_results(results_path(done.stdout).parent)
-
-
 def test_results_hold_two_rounds_of_four_evaluations(two_round_run):
-    _, results = two_round_run
+    _, results, _ = two_round_run
     assert results["schema_version"] == 1 and results["status"] == "complete"
     assert results["config"]["rounds"] == 2 and results["config"]["torch_objective"] == "swap:1,7"
     assert set(results["workers"]) == {"torch", "keras"}
@@ -58,7 +43,7 @@ def test_results_hold_two_rounds_of_four_evaluations(two_round_run):
 
 
 def test_each_framework_carries_its_own_objective(two_round_run):
-    _, results = two_round_run
+    _, results, _ = two_round_run
     for item in results["rounds"]:
         by_phase = {e["phase"]: e for e in item["evaluations"]}
         assert by_phase["torch_trained"]["swap_rate"] > 0.8
@@ -71,11 +56,11 @@ def test_each_framework_carries_its_own_objective(two_round_run):
 
 
 def test_one_line_per_phase_with_accuracy_and_swap_rate(two_round_run):
-    stdout, results = two_round_run
+    stdout, results, _ = two_round_run
     for item in results["rounds"]:
         for evaluation in item["evaluations"]:
             expected = f"{evaluation['phase']:<22} acc {evaluation['accuracy']:.4f}"
-            lines = [l for l in stdout.splitlines() if f"round {item['round'] + 1:>3}/2" in l and expected in l]
+            lines = [l for l in stdout.splitlines() if l.startswith(round_label(item["round"], 2)) and expected in l]
             assert len(lines) == 1 and f"swap 1<->7 {evaluation['swap_rate']:.3f}" in lines[0]
 
 
@@ -130,3 +115,14 @@ def test_ctrl_c_stops_the_run_and_both_local_workers(tmp_path, data_dir):
         alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
         time.sleep(0.1)
     assert not alive, f"worker processes {alive} outlived the coordinator"
+
+
+def test_a_local_worker_that_cannot_start_is_named_with_its_cause(tmp_path):
+    empty = tmp_path / "no-mnist-here"
+    empty.mkdir()
+    done = coordinator("run", "--local", "--rounds", "1", "--data-dir", str(empty), "--out", str(tmp_path / "runs"),
+                       env={**os.environ, "WEIGHTRELAY_NO_DOWNLOAD": "1"})
+    assert done.returncode == 6, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("coordinator: error: the local torch worker could not start: MNIST data directory")
+    assert str(empty) in message and "t10k-images-idx3-ubyte.gz" in message

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ROUNDS ?= 20
 
-.PHONY: install demo test test-fast proto constraints clean
+.PHONY: install demo test test-fast test-containers kubectl proto constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ test: install
 ## Unit tests only (seconds; no workers started).
 test-fast: install
 	$(BIN)/python -m pytest tests/unit
+
+## The container tier: builds the images, runs the compose stack, talks to it (needs a Docker engine).
+test-containers: install
+	$(BIN)/python -m pytest -m containers tests/containers
+
+## A kubectl (kustomize v5) in .tools/bin, for the manifest-validation tests.
+kubectl:
+	docker/get-kubectl.sh
 
 ## Regenerate the committed gRPC stubs after editing proto/.
 proto: install

@@ -6,8 +6,9 @@ The resolved settings are saved in the run directory as `config.toml`, which `co
 
 from __future__ import annotations
 
+import os
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,11 +16,16 @@ from coordinator.errors import UsageError
 from weightrelay.objectives import parse_objective
 
 
+#: Where the workers are when neither the file nor a flag says: these variables, else loopback.
+#: (The compose file points them at the worker containers.)
+TORCH_ADDRESS_ENV, KERAS_ADDRESS_ENV = "WEIGHTRELAY_TORCH_ADDRESS", "WEIGHTRELAY_KERAS_ADDRESS"
+
+
 @dataclass
 class RunConfig:
     rounds: int = 20
-    torch: str = "127.0.0.1:50051"
-    keras: str = "127.0.0.1:50052"
+    torch: str = field(default_factory=lambda: os.environ.get(TORCH_ADDRESS_ENV) or "127.0.0.1:50051")
+    keras: str = field(default_factory=lambda: os.environ.get(KERAS_ADDRESS_ENV) or "127.0.0.1:50052")
     local: bool = False
     epochs: int = 1
     batch_size: int = 64

@@ -79,7 +79,7 @@ def show(results: dict[str, Any], run: str, round_index: int | None, phase: str 
 def compare(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], round_index: int | None, console: Console | None = None) -> None:
     """Per phase: accuracy and swap rate of both runs and B - A, at one round of each (default: each run's last)."""
     console = console or default_console()
-    rounds = [pick_round(results, round_index, name) for results, name in zip((a, b), names)]
+    rounds = [pick_round(results, round_index, name) for results, name in zip((a, b), names, strict=True)]
     console.print(f"A = {names[0]} (round {rounds[0]['round']}), B = {names[1]} (round {rounds[1]['round']})", highlight=False)
     differing = [key for key in a["config"] if a["config"].get(key) != b["config"].get(key) and key != "out"]
     if differing:

@@ -198,3 +198,34 @@ def load_mnist(data_dir: Path | str | None = None, download: bool = True) -> Mni
         data_dir=data_dir.resolve(),
     )
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m weightrelay.data fetch|check --data-dir D`: get MNIST once before the workers
+    start (fetch), or wait until it is there (check --wait), printing its fingerprint."""
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m weightrelay.data")
+    parser.add_argument("action", choices=("fetch", "check"), help="fetch: download what is missing, then verify; check: verify only")
+    parser.add_argument("--data-dir", default=None, help=f"default ${DATA_DIR_ENV}, else ~/.cache/weightrelay/mnist")
+    parser.add_argument("--wait", type=float, default=0, help="check: keep trying this many seconds while files are missing")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            data = load_mnist(args.data_dir, download=args.action == "fetch")
+            break
+        except DataError as exc:
+            if time.monotonic() >= deadline:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            time.sleep(2)
+    print(f"MNIST in {data.data_dir}: {len(data.train.y)} training and {len(data.test.y)} test images, fingerprint {data.fingerprint}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -168,7 +168,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             confusion_matrix=[pb.ConfusionRow(counts=row.tolist()) for row in result.confusion_matrix],
             per_class=[
                 pb.ClassMetrics(label=i, precision=p, recall=r, f1=f, support=int(s))
-                for i, (p, r, f, s) in enumerate(zip(result.precision, result.recall, result.f1, result.support))
+                for i, (p, r, f, s) in enumerate(zip(result.precision, result.recall, result.f1, result.support, strict=True))
             ],
             weights_sha256=weights_sha,
         )

@@ -14,7 +14,7 @@ from PIL import Image
 from coordinator.config import RunConfig, load_config_file
 from coordinator.report import FIGURES_DIR, REPORT_HTML, default_rounds, heatmap_path
 from coordinator.results import PHASES, load_results
-from tests.e2e.runner import coordinator, results_path
+from tests.e2e.runner import coordinator
 
 pytestmark = pytest.mark.e2e
 CURVES = ("accuracy_loss.png", "swap_rate.png", "disagreement.png")
@@ -148,7 +148,7 @@ def test_compare_prints_per_phase_differences(two_round_run, short_json_run):
     assert done.returncode == 0, done.stderr
     assert "torch_objective: swap:1,7 -> identity" in done.stdout
     last_a, last_b = a["rounds"][-1]["evaluations"], b["rounds"][-1]["evaluations"]
-    for ea, eb in zip(last_a, last_b):
+    for ea, eb in zip(last_a, last_b, strict=True):
         line = next(l for l in done.stdout.splitlines() if ea["phase"] in l)
         assert numbers(line) == [
             f"{ea['accuracy']:.4f}", f"{eb['accuracy']:.4f}", f"{eb['accuracy'] - ea['accuracy']:+.4f}",

@@ -1,0 +1,106 @@
+"""Deployment files render and validate offline: the compose GPU override, the Kubernetes manifests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+K8S_VERSIONS = ("1.27.0", kubernetes_validate.utils.latest_version())  # gRPC probes are GA from 1.27
+
+
+def tool(name: str, install_hint: str) -> str:
+    """A command-line tool from PATH or .tools/bin; CI must have it, elsewhere the test skips."""
+    found = shutil.which(name) or shutil.which(name, path=str(REPO / ".tools" / "bin"))
+    if found:
+        return found
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must provide {name} ({install_hint})")
+    pytest.skip(f"needs {name}: {install_hint}")
+
+
+def compose_config(*files: str) -> dict:
+    compose = tool("docker-compose", "apt-get install docker-compose")
+    args = [compose] + [a for f in files for a in ("-f", f)] + ["config"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTRELAY_")}  # the defaults
+    out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return yaml.safe_load(out.stdout)["services"]
+
+
+def gpu_ids(service: dict) -> list[str]:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+    return [i for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for i in d["device_ids"]]
+
+
+def mounts_data_read_only(volume: str | dict) -> bool:
+    """docker-compose 1.29 prints "SRC:/data:ro"; Compose v2 prints {target: /data, read_only: true}."""
+    if isinstance(volume, str):
+        return volume.endswith(":/data:ro")
+    return volume.get("target") == "/data" and volume.get("read_only") is True
+
+
+def test_plain_compose_reserves_no_gpu_and_publishes_the_default_ports():
+    services = compose_config("docker-compose.yml")
+    assert {"mnist-data", "torch-worker", "keras-worker", "coordinator"} <= set(services)
+    for name, port in (("torch-worker", 50051), ("keras-worker", 50052)):
+        service = services[name]
+        assert gpu_ids(service) == []
+        published = service["ports"][0]
+        assert "127.0.0.1" in str(published) and str(port) in str(published)
+        assert service["depends_on"]["mnist-data"]["condition"] == "service_completed_successfully"
+        assert [mounts_data_read_only(v) for v in service["volumes"]] == [True]
+        assert "weightrelay.healthcheck" in service["healthcheck"]["test"]
+
+
+def test_gpu_override_reserves_one_gpu_per_worker():
+    services = compose_config("docker-compose.yml", "docker-compose.gpu.yml")
+    assert gpu_ids(services["torch-worker"]) == ["0"]
+    assert gpu_ids(services["keras-worker"]) == ["1"]
+    assert services["keras-worker"]["build"]["args"]["FRAMEWORK_REQUIREMENT"].startswith("tensorflow[and-cuda]")
+
+
+def render(directory: str) -> list[dict]:
+    kubectl = tool("kubectl", "docker/get-kubectl.sh puts one in .tools/bin")
+    out = subprocess.run([kubectl, "kustomize", str(REPO / directory)], capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.mark.parametrize("directory", ["deploy/k8s/base", "deploy/k8s/overlays/cpu"])
+def test_kubernetes_manifests_validate_against_the_schemas(directory):
+    documents = render(directory)
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in documents)
+    assert kinds == [
+        ("Deployment", "keras-worker"), ("Deployment", "torch-worker"), ("Job", "coordinator"), ("Job", "mnist-fetch"),
+        ("PersistentVolumeClaim", "weightrelay-mnist"), ("PersistentVolumeClaim", "weightrelay-runs"),
+        ("Service", "keras-worker"), ("Service", "torch-worker"),
+    ]
+    for document in documents:
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(document, version, strict=True)
+
+
+def workers(directory: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0] for d in render(directory) if d["kind"] == "Deployment"}
+
+
+def test_each_worker_requests_one_gpu_and_has_grpc_probes():
+    for name, container in workers("deploy/k8s/base").items():
+        assert container["resources"]["requests"]["nvidia.com/gpu"] == 1, name
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+        port = container["ports"][0]["containerPort"]
+        assert container["readinessProbe"]["grpc"] == {"port": port, "service": "weightrelay.v1.Worker"}
+        assert container["livenessProbe"]["grpc"]["port"] == port
+
+
+def test_cpu_overlay_requests_no_gpu():
+    for name, container in workers("deploy/k8s/overlays/cpu").items():
+        assert "nvidia.com/gpu" not in container["resources"].get("requests", {}), name
+        assert "nvidia.com/gpu" not in container["resources"].get("limits", {}), name
+        assert "--device=cpu" in container["args"]
+        assert container["image"].endswith(":latest")

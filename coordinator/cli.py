@@ -93,6 +93,9 @@ def _new_run_dir(out: Path) -> Path:
             return candidate
         except FileExistsError:
             continue
+        except OSError as exc:
+            raise UsageError(f"cannot create the run directory {candidate}: {exc.strerror}; choose another --out"
+                             " (in a container, set WEIGHTRELAY_UID/WEIGHTRELAY_GID to the owner of the mounted runs/)") from None
     raise CoordinatorError(f"cannot make a new run directory under {out}")
 
 

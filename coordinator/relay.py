@@ -92,6 +92,11 @@ class Relay:
         torch_specs = {p.name: p for p in torch_d.parameters}
         keras_specs = {p.name: p for p in keras_d.parameters}
         problems = []
+        if (torch_d.framework, keras_d.framework) == ("keras", "torch"):
+            problems.append(
+                f"the addresses are swapped: {self.workers['torch'].client.address} is the keras worker and "
+                f"{self.workers['keras'].client.address} the torch worker; exchange --torch and --keras"
+            )
         for name in sorted(set(torch_specs) | set(keras_specs)):
             t, k = torch_specs.get(name), keras_specs.get(name)
             if t is None or k is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import platform
 import queue
 import threading
@@ -45,15 +46,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     # -- helpers --------------------------------------------------------------------------
     def _hold_model(self, context: grpc.ServicerContext) -> None:
-        if self._training:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
-        self._model_lock.acquire()
+        """Take the model for a short call: wait while another short call holds it, refuse while training."""
+        while not self._model_lock.acquire(timeout=0.05):
+            if self._training:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
 
     def _train_config(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> tuple[TrainConfig, Objective]:
         problems = []
         if request.epochs > MAX_EPOCHS:
             problems.append(f"epochs {request.epochs} is more than {MAX_EPOCHS}")
-        if request.learning_rate < 0 or request.learning_rate != request.learning_rate:
+        if request.learning_rate < 0 or not math.isfinite(request.learning_rate):
             problems.append(f"learning_rate must be a positive number, got {request.learning_rate}")
         if not 0 <= request.momentum < 1:
             problems.append(f"momentum must be in [0, 1), got {request.momentum}")
@@ -103,8 +105,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         config, objective = self._train_config(request, context)
         limit = request.max_samples or len(self.data.train.y)
         x, y = self.data.train.x[:limit], objective.apply(self.data.train.y[:limit])
-        if not self._model_lock.acquire(blocking=False):
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker is busy with another call (a Train or a weight change); retry when it ends")
+        self._hold_model(context)
         self._training = True
         self.objective = objective
         events: queue.Queue = queue.Queue()

@@ -105,3 +105,9 @@ def test_a_local_worker_that_cannot_start_is_named_with_its_cause(tmp_path):
     message = done.stderr.strip().splitlines()[-1]
     assert message.startswith("coordinator: error: the local torch worker could not start: MNIST data directory")
     assert str(empty) in message and "t10k-images-idx3-ubyte.gz" in message
+
+
+def test_swapped_addresses_are_refused(tmp_path, torch_worker, keras_worker):
+    done = coordinator("run", "--torch", keras_worker.address, "--keras", torch_worker.address, "--out", str(tmp_path))
+    assert done.returncode == 4, done.stderr
+    assert f"the addresses are swapped: {keras_worker.address} is the keras worker" in done.stderr

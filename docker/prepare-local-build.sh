@@ -5,6 +5,7 @@
 # A normal machine needs none of this: `docker compose build` works with the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+mkdir -p docker/build/wheels
 docker/build-base-image.sh weightrelay/base:bookworm >&2
 echo "export WEIGHTRELAY_BASE_IMAGE=weightrelay/base:bookworm"
 echo "export WEIGHTRELAY_BUILD_NETWORK=host"

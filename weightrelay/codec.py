@@ -198,7 +198,14 @@ def check_finite(name: str, array: np.ndarray) -> None:
 def assemble_weights(
     chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpec] | None = None
 ) -> WeightSet:
-    """Rebuild a weight set from a weights stream, checking it all along.
+    """Rebuild a weight set from a weights stream, checking it all along (see receive_weights)."""
+    return receive_weights(chunks, manifest)[0]
+
+
+def receive_weights(
+    chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpec] | None = None
+) -> tuple[WeightSet, str]:
+    """Rebuild a weight set from a weights stream, checking it all along; also return its verified checksum.
 
     With a `manifest` (what the receiver's model holds) every tensor is checked against it as
     soon as its first piece arrives, so a wrong stream is refused before it is buffered, and
@@ -264,4 +271,4 @@ def assemble_weights(
     if manifest is not None:
         for name, array in weights.items():
             check_finite(name, array)
-    return weights
+    return weights, actual

@@ -190,10 +190,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def SetWeights(self, request_iterator: Iterator[pb.WeightsChunk], context: grpc.ServicerContext) -> pb.SetWeightsReply:
         try:
-            weights = codec.assemble_weights(request_iterator, self.manifest)
+            weights, expected_sha = codec.receive_weights(request_iterator, self.manifest)
         except codec.TensorError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        expected_sha = codec.weights_sha256(weights)
         self._hold_model(context)
         try:
             previous = self.adapter.get_weights()

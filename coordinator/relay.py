@@ -20,15 +20,10 @@ import numpy as np
 import weightrelay
 from coordinator.config import RunConfig
 from coordinator.errors import CoordinatorError, IncompatibleWorkers, RoundFailed, WorkerUnreachable
-from coordinator.results import (
-    RESULTS_FILE,
-    SCHEMA_VERSION,
-    evaluation_record,
-    message_to_dict,
-    write_json_atomic,
-)
+from coordinator.results import RESULTS_FILE, SCHEMA_VERSION, evaluation_record, message_to_dict
 from weightrelay import codec
 from weightrelay.client import WorkerClient
+from weightrelay.files import write_json_atomic
 from weightrelay.v1 import worker_pb2 as pb
 
 #: on_event(kind, payload): "start", "step", "train_progress", "train_done", "evaluation", "transfer", "round_done", "done"
@@ -70,7 +65,7 @@ class Relay:
             raise RoundFailed(f"{what} on the {worker.name} worker at {worker.client.address}: bad weights stream: {exc}") from None
 
     def _save(self) -> None:
-        write_json_atomic(self.run_dir / RESULTS_FILE, self.results)
+        write_json_atomic(self.run_dir / RESULTS_FILE, self.results, indent=1)
 
     # -- steps ---------------------------------------------------------------------------
     def connect(self, addresses: dict[str, str]) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -50,23 +48,6 @@ def evaluation_record(worker: str, phase: str, reply: pb.EvaluateReply) -> dict[
         "weights_sha256": reply.weights_sha256,
         "seconds": reply.seconds,
     }
-
-
-def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(content, out, indent=1)
-            out.flush()
-            os.fsync(out.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_results(run_dir: Path | str) -> dict[str, Any]:

@@ -12,12 +12,13 @@ import gzip
 import hashlib
 import logging
 import os
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from weightrelay.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,7 @@ def download_mnist(data_dir: Path, stems: list[str], timeout: float = 30.0) -> N
                 if hashlib.sha256(payload).hexdigest() != GZ_SHA256[stem]:
                     errors.append(f"{url}: checksum mismatch")
                     continue
-                fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{stem}.")
-                with os.fdopen(fd, "wb") as out:
-                    out.write(payload)
-                os.replace(tmp, data_dir / f"{stem}.gz")
+                write_atomic(data_dir / f"{stem}.gz", payload)
                 break
             else:
                 raise DataError(_missing_message(data_dir, [stem], "download failed: " + "; ".join(errors)))

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from weightrelay.adapter import FrameworkAdapter
 from weightrelay.data import DataError, load_mnist
+from weightrelay.files import write_json_atomic
 from weightrelay.objectives import parse_objective
 from weightrelay.service import WorkerServicer
 from weightrelay.v1 import worker_pb2 as pb
@@ -63,14 +62,6 @@ def start_server(servicer: WorkerServicer, host: str, port: int, max_workers: in
     for service in ("", WORKER_SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, health_servicer, bound)
-
-
-def _write_ready_file(path: Path, content: dict) -> None:
-    """Atomically write `content` as JSON, so a watcher never reads half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as out:
-        json.dump(content, out)
-    os.replace(tmp, path)
 
 
 def worker_parser(framework: str, default_port: int) -> argparse.ArgumentParser:
@@ -125,7 +116,7 @@ def worker_main(adapter_factory: Callable[[str, int], FrameworkAdapter], framewo
         args.host, running.port, framework, version, backend, adapter.device(), data.data_dir, data.fingerprint[:12],
     )
     if args.ready_file:
-        _write_ready_file(args.ready_file, {"port": running.port, "pid": os.getpid(), "framework": framework})
+        write_json_atomic(args.ready_file, {"port": running.port, "pid": os.getpid(), "framework": framework})
     stop.wait()
     log.info("shutting down")
     running.stop()

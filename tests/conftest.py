@@ -10,12 +10,13 @@ import pytest
 
 from coordinator.local import LocalWorker
 from weightrelay.client import WorkerClient
+from tests.support import REPO
 from weightrelay.data import default_data_dir
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def mnist_dir() -> Path:
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
     """$WEIGHTRELAY_DATA_DIR, else ../shared/data/mnist beside the checkout, else the default cache
     (where the workers download MNIST when it is missing)."""
     if os.environ.get("WEIGHTRELAY_DATA_DIR"):
@@ -24,17 +25,12 @@ def mnist_dir() -> Path:
     return shared if shared.is_dir() else default_data_dir()
 
 
-@pytest.fixture(scope="session")
-def data_dir() -> Path:
-    return mnist_dir()
-
-
 class RunningWorker:
     def __init__(self, name: str, log_dir: Path, data_dir: Path, extra: list[str] | None = None):
         self.process = LocalWorker(name, log_dir, ["--data-dir", str(data_dir), *(extra or [])])
         self.name = name
         try:
-            self.address = self.process.wait_ready(_deadline())
+            self.address = self.process.wait_ready(time.monotonic() + 300)
         except BaseException:
             self.process.stop()
             raise
@@ -43,10 +39,6 @@ class RunningWorker:
     def stop(self) -> None:
         self.client.close()
         self.process.stop()
-
-
-def _deadline() -> float:
-    return time.monotonic() + 300
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,12 @@ import pytest
 
 from coordinator.results import load_results
 from tests.e2e.runner import results_path
+from tests.support import REPO, free_port
 from tests.relay_checks import assert_objectives_carried, assert_results_shape
 from weightrelay.client import WorkerClient
 from weightrelay.data import load_mnist
 
 pytestmark = pytest.mark.containers
-REPO = Path(__file__).resolve().parents[2]
 HEALTH_TIMEOUT = 300
 
 
@@ -39,12 +38,6 @@ def compose_command() -> list[str]:
     if shutil.which("docker-compose"):
         return ["docker-compose"]
     pytest.fail("no Compose: install Docker Compose v2 or Debian's docker-compose")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:

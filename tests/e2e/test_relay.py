@@ -6,7 +6,6 @@ import gzip
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from coordinator.results import load_results
 from coordinator.progress import round_label
 from tests.e2e.runner import coordinator
+from tests.support import free_port
 from tests.relay_checks import assert_objectives_carried, assert_results_shape
 from weightrelay.data import FILES, read_idx_file
 
@@ -41,12 +41,6 @@ def test_one_line_per_phase_with_accuracy_and_swap_rate(two_round_run):
             expected = f"{evaluation['phase']:<22} acc {evaluation['accuracy']:.4f}"
             lines = [l for l in stdout.splitlines() if l.startswith(round_label(item["round"], 2)) and expected in l]
             assert len(lines) == 1 and f"swap 1<->7 {evaluation['swap_rate']:.3f}" in lines[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_worker_is_named_with_its_address(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ from coordinator.config import RunConfig, load_config_file
 from coordinator.report import FIGURES_DIR, REPORT_HTML, default_rounds, heatmap_path
 from coordinator.results import PHASES, load_results
 from tests.e2e.runner import coordinator
+from tests.support import require_tool
 
 pytestmark = pytest.mark.e2e
 CURVES = ("accuracy_loss.png", "swap_rate.png", "disagreement.png")
@@ -58,29 +58,20 @@ def test_report_all_rounds_on_request(two_round_run, tmp_path):
     assert bad.returncode == 2 and "not [7]" in bad.stderr
 
 
-def chromium_paths() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
 def test_report_renders_in_headless_chromium(two_round_run, tmp_path):
-    paths = chromium_paths()
-    if paths is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have Debian's chromium and chromium-driver (.ci/run installs them)")
-        pytest.skip("needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
+    browser = require_tool(("chromium", "chromium-browser"), "apt-get install chromium (.ci/run installs it)")
+    driver = require_tool(("chromedriver",), "apt-get install chromium-driver (.ci/run installs it)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     _, _, run_dir = two_round_run
     options = webdriver.ChromeOptions()
-    options.binary_location = paths[0]
+    options.binary_location = browser
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=paths[1]), options=options)
+    driver = webdriver.Chrome(service=Service(executable_path=driver), options=options)
     try:
         driver.get((run_dir / REPORT_HTML).as_uri())
         images = driver.execute_script(

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support import REPO, require_tool
+
 K8S_VERSIONS = ("1.27.0", kubernetes_validate.utils.latest_version())  # gRPC probes are GA from 1.27
 
 
-def tool(name: str, install_hint: str) -> str:
-    """A command-line tool from PATH or .tools/bin; CI must have it, elsewhere the test skips."""
-    found = shutil.which(name) or shutil.which(name, path=str(REPO / ".tools" / "bin"))
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must provide {name} ({install_hint})")
-    pytest.skip(f"needs {name}: {install_hint}")
-
-
 def compose_config(*files: str) -> dict:
-    compose = tool("docker-compose", "apt-get install docker-compose")
+    compose = require_tool(("docker-compose",), "apt-get install docker-compose")
     args = [compose] + [a for f in files for a in ("-f", f)] + ["config"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WEIGHTRELAY_")}  # the defaults
     out = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, check=True)
@@ -66,7 +55,7 @@ def test_gpu_override_reserves_one_gpu_per_worker():
 
 
 def render(directory: str) -> list[dict]:
-    kubectl = tool("kubectl", "docker/get-kubectl.sh puts one in .tools/bin")
+    kubectl = require_tool(("kubectl",), "docker/get-kubectl.sh puts one in .tools/bin")
     out = subprocess.run([kubectl, "kustomize", str(REPO / directory)], capture_output=True, text=True, check=True)
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 

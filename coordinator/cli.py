@@ -15,6 +15,8 @@ from coordinator.local import LocalWorkers
 from coordinator.progress import make_printer
 from coordinator.relay import Relay
 from coordinator.results import PHASES, RESULTS_FILE, load_results
+from weightrelay import models
+from weightrelay.data import DATASETS
 
 EXIT_INTERRUPTED = 130
 CONFIG_FILE = "config.toml"
@@ -50,10 +52,13 @@ def _add_run_parser(commands) -> None:
     run.add_argument("--batch-size", type=t["batch_size"], help=f"(default {d.batch_size})")
     run.add_argument("--lr", type=t["lr"], help=f"SGD learning rate (default {d.lr})")
     run.add_argument("--momentum", type=t["momentum"], help=f"SGD momentum (default {d.momentum})")
-    run.add_argument("--seed", type=t["seed"], help=f"seeds the local workers' initial weights and every round's shuffling (default {d.seed})")
+    run.add_argument("--seed", type=t["seed"], help=f"seeds the initial weights (both workers are initialized before round 0) and every round's batch order (default {d.seed})")
+    run.add_argument("--model", type=t["model"], help=f"model both workers build: {models.BUILTIN_HELP} (default {d.model})")
+    run.add_argument("--dataset", type=t["dataset"], help=f"data set: {', '.join(DATASETS)}, or a directory on the workers (default {d.dataset})")
     run.add_argument("--torch-objective", type=t["torch_objective"], help=f"labels PyTorch trains on (default {d.torch_objective})")
     run.add_argument("--keras-objective", type=t["keras_objective"], help=f"labels Keras trains on (default {d.keras_objective})")
-    run.add_argument("--data-dir", type=t["data_dir"], help="MNIST directory for --local workers (default $WEIGHTRELAY_DATA_DIR, else ~/.cache/weightrelay/mnist)")
+    run.add_argument("--data-dir", type=t["data_dir"], help="directory of the --dataset for --local workers (default $WEIGHTRELAY_DATA_DIR for mnist, "
+                                                            "else $WEIGHTRELAY_DATA_ROOT/NAME, else ~/.cache/weightrelay/NAME)")
     run.add_argument("--out", type=t["out"], help=f"directory that receives the run directory (default {d.out}/)")
     run.add_argument("--max-train-samples", type=t["max_train_samples"], help="train on the first N training samples only (default 0: all)")
     run.add_argument("--connect-timeout", type=t["connect_timeout"], help=f"seconds to wait for each worker (default {d.connect_timeout:g})")
@@ -114,7 +119,7 @@ def command_run(args: argparse.Namespace) -> int:
         relay = Relay(config, run_dir, printer)
         if config.local:
             printer("step", {"round": None, "step": "starting local workers"})
-            with LocalWorkers(run_dir / "logs", config.seed, config.data_dir) as addresses:
+            with LocalWorkers(run_dir / "logs", config.seed, config.data_dir, config.dataset, config.model) as addresses:
                 relay.run(addresses)
         else:
             relay.run({"torch": config.torch, "keras": config.keras})

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from coordinator.errors import UsageError
+from weightrelay import models
+from weightrelay.data import DEFAULT_DATASET
 from weightrelay.objectives import parse_objective
 
 
@@ -32,6 +34,8 @@ class RunConfig:
     lr: float = 0.01
     momentum: float = 0.5
     seed: int = 0
+    model: str = models.DEFAULT_MODEL
+    dataset: str = DEFAULT_DATASET
     torch_objective: str = "swap:1,7"
     keras_objective: str = "identity"
     data_dir: str | None = None
@@ -103,7 +107,18 @@ def address(value: Any) -> str:
 
 
 def objective(value: Any) -> str:
+    """Checked for up to 10 classes here; the workers check it against their data set."""
     return parse_objective(str(value)).name
+
+
+def model(value: Any) -> str:
+    """A built-in model name or a model TOML file (read and checked now)."""
+    text_value = str(value)
+    try:
+        models.load_model(text_value)
+    except models.SpecError as exc:
+        raise ValueError(str(exc)) from None
+    return text_value
 
 
 def boolean(value: Any) -> bool:
@@ -128,6 +143,8 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "lr": positive_number,
     "momentum": unit_interval,
     "seed": non_negative_int,
+    "model": model,
+    "dataset": text,
     "torch_objective": objective,
     "keras_objective": objective,
     "data_dir": text,

@@ -63,16 +63,19 @@ class LocalWorker:
 class LocalWorkers:
     """Context manager: {"torch": address, "keras": address} of freshly started workers."""
 
-    def __init__(self, log_dir: Path, seed: int, data_dir: str | None, startup_timeout: float = 300.0):
+    def __init__(self, log_dir: Path, seed: int, data_dir: str | None, dataset: str = "mnist", model: str = "mlp",
+                 startup_timeout: float = 300.0):
         self.log_dir = log_dir
         self.seed = seed
         self.data_dir = data_dir
+        self.dataset = dataset
+        self.model = model
         self.startup_timeout = startup_timeout
         self.workers: list[LocalWorker] = []
 
     def __enter__(self) -> dict[str, str]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        args = ["--seed", str(self.seed)]
+        args = ["--seed", str(self.seed), "--dataset", self.dataset, "--model", self.model]
         if self.data_dir:
             args += ["--data-dir", str(self.data_dir)]
         try:

@@ -21,7 +21,7 @@ import weightrelay
 from coordinator.config import RunConfig
 from coordinator.errors import CoordinatorError, IncompatibleWorkers, RoundFailed, WorkerUnreachable
 from coordinator.results import RESULTS_FILE, SCHEMA_VERSION, evaluation_record, message_to_dict
-from weightrelay import codec
+from weightrelay import codec, models
 from weightrelay.client import WorkerClient
 from weightrelay.files import write_json_atomic
 from weightrelay.v1 import worker_pb2 as pb
@@ -81,6 +81,15 @@ class Relay:
             worker.describe = self._call(worker, "Describe", None, client.describe)
             self.workers[name] = worker
 
+    def initialize(self) -> None:
+        """A clean start: both workers build the run's model with fresh weights from --seed on the run's data set
+        and the run's objectives, whatever they held before, so a run against long-lived workers repeats exactly."""
+        spec = models.to_proto(models.load_model(self.config.model))
+        for worker in self.workers.values():
+            self.on_event("step", {"round": None, "step": f"{worker.name}: initialize {self.config.model}"})
+            self._call(worker, "Initialize", None, lambda w=worker: w.client.initialize(spec, self.config.seed, self.config.dataset, w.objective))
+            worker.describe = self._call(worker, "Describe", None, worker.client.describe)
+
     def check_compatible(self) -> None:
         """Refuse to relay between workers whose parameters or data differ."""
         torch_d, keras_d = self.workers["torch"].describe, self.workers["keras"].describe
@@ -104,7 +113,7 @@ class Relay:
         if torch_d.dataset.fingerprint != keras_d.dataset.fingerprint:
             problems.append(
                 f"workers hold different data: torch {torch_d.dataset.data_dir} (fingerprint {torch_d.dataset.fingerprint[:12]}), "
-                f"keras {keras_d.dataset.data_dir} (fingerprint {keras_d.dataset.fingerprint[:12]}); give both the same MNIST files"
+                f"keras {keras_d.dataset.data_dir} (fingerprint {keras_d.dataset.fingerprint[:12]}); give both the same {torch_d.dataset.name} files"
             )
         if problems:
             raise IncompatibleWorkers("; ".join(problems))
@@ -198,6 +207,7 @@ class Relay:
         }
         try:
             self.connect(addresses)
+            self.initialize()
             self.results["workers"] = {name: {"address": w.client.address, **message_to_dict(w.describe)} for name, w in self.workers.items()}
             self.check_compatible()
             self.on_event("start", {"run_dir": str(self.run_dir), "config": self.config.to_dict(), "workers": self.results["workers"]})

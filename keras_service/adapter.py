@@ -1,4 +1,4 @@
-"""The MLP in Keras 3 on the TensorFlow backend; kernels are transposed at this boundary."""
+"""Model specs in Keras 3 on the TensorFlow backend (N, H, W, C); layouts are converted at this boundary."""
 
 from __future__ import annotations
 
@@ -14,11 +14,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_service.layout import canonical_to_keras, keras_to_canonical  # noqa: E402
-from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig  # noqa: E402
-from weightrelay.architecture import INPUT_FEATURES, LAYERS  # noqa: E402
+from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, batch_order, seed32  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
-
-LAYER_NAMES = tuple(layer.name for layer in LAYERS)
+from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ResolvedModel  # noqa: E402
 
 
 def configure_devices(requested: str) -> None:
@@ -33,11 +31,39 @@ def configure_devices(requested: str) -> None:
         tf.config.experimental.set_memory_growth(gpu, True)
 
 
-def build_model() -> keras.Model:
-    layers = [keras.Input(shape=(INPUT_FEATURES,))]
-    for layer in LAYERS:
-        layers.append(keras.layers.Dense(layer.out_features, activation="relu" if layer.relu else None, name=layer.name))
-    return keras.Sequential(layers, name="mlp")
+def _activation(name: str) -> str | None:
+    return None if name == "none" else name
+
+
+def build_model(model: ResolvedModel) -> keras.Model:
+    """The spec as a Keras Sequential on N, H, W, C inputs; layers keep the spec's names."""
+    c, h, w = model.input_shape
+    layers: list = [keras.Input(shape=(h, w, c))]
+    for r in model.layers:
+        layer, name = r.layer, r.name
+        if isinstance(layer, Dense):
+            layers.append(keras.layers.Dense(r.output_shape[0], activation=_activation(layer.activation), name=name))
+        elif isinstance(layer, Conv2D):
+            layers.append(keras.layers.Conv2D(layer.filters, layer.kernel, strides=layer.stride, padding=layer.padding,
+                                              activation=_activation(layer.activation), name=name))
+        elif isinstance(layer, MaxPool2D):
+            layers.append(keras.layers.MaxPooling2D(layer.size, strides=layer.stride or layer.size, padding="valid", name=name))
+        elif isinstance(layer, Flatten):
+            layers.append(keras.layers.Flatten(name=name))  # H, W, C order: the layout permutes the next kernel
+        elif isinstance(layer, BatchNorm):
+            layers.append(keras.layers.BatchNormalization(axis=-1, momentum=1.0 - layer.momentum, epsilon=layer.eps, name=name))
+            if layer.activation != "none":
+                layers.append(keras.layers.Activation(layer.activation, name=f"{name}_activation"))
+        elif isinstance(layer, Dropout):
+            layers.append(keras.layers.Dropout(layer.rate, name=name))
+        else:
+            raise TypeError(f"layer {name}: no Keras builder for {type(layer).__name__}")
+    return keras.Sequential(layers, name="model")
+
+
+def to_nhwc(x: np.ndarray) -> np.ndarray:
+    """N, C, H, W -> N, H, W, C (no copy when C is 1)."""
+    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
 class _ReportProgress(keras.callbacks.Callback):
@@ -58,10 +84,18 @@ class _ReportProgress(keras.callbacks.Callback):
 class KerasAdapter(FrameworkAdapter):
     framework = "keras"
 
-    def __init__(self, device: str = "auto", seed: int = 0) -> None:
+    def __init__(self, device: str = "auto") -> None:
         configure_devices(device)
-        keras.utils.set_random_seed(seed)
-        self.model = build_model()
+        self.model: keras.Model | None = None
+        self.resolved: ResolvedModel | None = None
+
+    def build(self, model: ResolvedModel, seed: int) -> None:
+        keras.utils.set_random_seed(seed32(seed))
+        built = build_model(model)
+        self.model, self.resolved = built, model
+
+    def _layers_with_tensors(self) -> list[str]:
+        return [r.name for r in self.resolved.layers if r.params]
 
     def versions(self) -> tuple[str, str]:
         return keras.__version__, f"tensorflow {tf.__version__}"
@@ -72,23 +106,26 @@ class KerasAdapter(FrameworkAdapter):
         return placed.rsplit("device:", 1)[-1].lower() if placed else "cpu:0"
 
     def get_weights(self) -> WeightSet:
-        return keras_to_canonical({name: self.model.get_layer(name).get_weights() for name in LAYER_NAMES})
+        layers = {name: self.model.get_layer(name).get_weights() for name in self._layers_with_tensors()}
+        return keras_to_canonical(layers, self.resolved)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        for name, layer_weights in canonical_to_keras(weights, LAYER_NAMES).items():
+        for name, layer_weights in canonical_to_keras(weights, self.resolved).items():
             self.model.get_layer(name).set_weights(layer_weights)
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
-        keras.utils.set_random_seed(config.seed)
+        keras.utils.set_random_seed(seed32(config.seed))  # dropout
         self.model.compile(
             optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
         )
-        self.model.fit(
-            x, y, batch_size=config.batch_size, epochs=config.epochs, shuffle=True, verbose=0,
-            callbacks=[_ReportProgress(tracker)],
-        )
+        inputs = to_nhwc(x)
+        progress = _ReportProgress(tracker)
+        for epoch in range(1, config.epochs + 1):  # the core's batch order, not Keras' shuffling
+            order = batch_order(config.seed, epoch, len(inputs))
+            self.model.fit(inputs[order], y[order], batch_size=config.batch_size, initial_epoch=epoch - 1, epochs=epoch,
+                           shuffle=False, verbose=0, callbacks=[progress])
 
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
-        return np.asarray(self.model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
+        return np.asarray(self.model.predict(to_nhwc(x), batch_size=batch_size, verbose=0), dtype=np.float32)

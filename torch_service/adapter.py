@@ -1,4 +1,4 @@
-"""The MLP in PyTorch. Its state_dict already is the canonical layout ([out, in] weights)."""
+"""Model specs in PyTorch. Its state_dict already is the canonical layout (OIHW, [out, in], N, C, H, W)."""
 
 from __future__ import annotations
 
@@ -9,22 +9,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig
-from weightrelay.architecture import LAYERS
+from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, batch_order
 from weightrelay.codec import WeightSet
+from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ResolvedLayer, ResolvedModel
+
+ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
-class MLP(nn.Module):
-    def __init__(self) -> None:
+def build_layer(r: ResolvedLayer) -> nn.Module:
+    """One spec layer as a module; its parameters keep the canonical names (<name>.weight, ...)."""
+    layer = r.layer
+    if isinstance(layer, Dense):
+        return nn.Linear(r.input_shape[0], r.output_shape[0])
+    if isinstance(layer, Conv2D):
+        top, bottom, left, right = r.padding
+        symmetric = top == bottom and left == right
+        return nn.Conv2d(r.input_shape[0], layer.filters, layer.kernel, layer.stride, padding=(top, left) if symmetric else 0)
+    if isinstance(layer, MaxPool2D):
+        return nn.MaxPool2d(layer.size, layer.stride or layer.size)
+    if isinstance(layer, Flatten):
+        return nn.Flatten()  # C, H, W order: the canonical one
+    if isinstance(layer, BatchNorm):
+        norm = nn.BatchNorm2d if len(r.input_shape) == 3 else nn.BatchNorm1d
+        return norm(r.input_shape[0], eps=layer.eps, momentum=layer.momentum)
+    if isinstance(layer, Dropout):
+        return nn.Dropout(layer.rate)
+    raise TypeError(f"layer {r.name}: no PyTorch builder for {type(layer).__name__}")
+
+
+class SpecModel(nn.Module):
+    """The spec's layers in order, each followed by its padding (TensorFlow-style SAME with an odd
+    pad pixel) and activation where it has them."""
+
+    def __init__(self, model: ResolvedModel) -> None:
         super().__init__()
-        for layer in LAYERS:
-            self.add_module(layer.name, nn.Linear(layer.in_features, layer.out_features))
+        self.steps: list[tuple[nn.Module | None, nn.Module, nn.Module]] = []
+        for r in model.layers:
+            module = build_layer(r)
+            self.add_module(r.name, module)  # parameters named <layer>.weight etc.
+            top, bottom, left, right = r.padding
+            pad = nn.ZeroPad2d((left, right, top, bottom)) if isinstance(r.layer, Conv2D) and not (top == bottom and left == right) else None
+            self.steps.append((pad, module, ACTIVATIONS[getattr(r.layer, "activation", "none")]()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in LAYERS:
-            x = getattr(self, layer.name)(x)
-            if layer.relu:
-                x = F.relu(x)
+        for pad, module, activation in self.steps:
+            if pad is not None:
+                x = pad(x)
+            x = activation(module(x))
         return x
 
 
@@ -39,34 +70,41 @@ def resolve_device(requested: str) -> torch.device:
 class TorchAdapter(FrameworkAdapter):
     framework = "torch"
 
-    def __init__(self, device: str = "auto", seed: int = 0) -> None:
+    def __init__(self, device: str = "auto") -> None:
         self._device = resolve_device(device)
+        self.model: SpecModel | None = None
+        self.names: tuple[str, ...] = ()
+
+    def build(self, model: ResolvedModel, seed: int) -> None:
         torch.manual_seed(seed)
-        self.model = MLP().to(self._device)
+        built = SpecModel(model).to(self._device)
+        self.model, self.names = built, tuple(model.manifest)
 
     def versions(self) -> tuple[str, str]:
         return torch.__version__, f"cuda {torch.version.cuda}" if self._device.type == "cuda" else "cpu"
 
     def device(self) -> str:
-        return str(next(self.model.parameters()).device)
+        return str(self._device)
 
     def get_weights(self) -> WeightSet:
-        return {name: tensor.detach().cpu().numpy().copy() for name, tensor in self.model.state_dict().items()}
+        state = self.model.state_dict()  # also holds num_batches_tracked, which is not canonical
+        return {name: state[name].detach().cpu().numpy().copy() for name in self.names}
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        state = self.model.state_dict()
         with torch.no_grad():
-            for name, tensor in self.model.state_dict().items():
-                tensor.copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
+            for name in self.names:
+                state[name].copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         xs = torch.from_numpy(x).to(self._device)
         ys = torch.from_numpy(y).to(self._device)
-        shuffle = torch.Generator().manual_seed(config.seed)
+        torch.manual_seed(config.seed)  # dropout
         optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate, momentum=config.momentum)
         self.model.train()
         for epoch in range(1, config.epochs + 1):
             tracker.start_epoch()
-            order = torch.randperm(len(xs), generator=shuffle).to(self._device)
+            order = torch.from_numpy(batch_order(config.seed, epoch, len(xs))).to(self._device)
             loss_sum = torch.zeros((), device=self._device)
             correct = torch.zeros((), dtype=torch.int64, device=self._device)
             for batch, start in enumerate(range(0, len(xs), config.batch_size), start=1):

@@ -1,10 +1,10 @@
 """The interface one framework implements to become a weightrelay worker.
 
-An adapter builds the architecture in `weightrelay.architecture`, trains it on in-memory
-arrays, produces logits, and reads and writes its parameters in the canonical layout
-(`<layer>.weight` [out, in], `<layer>.bias` [out], float32). Everything else (gRPC, the
-codec, validation, scoring, data) is shared, so a new framework is one new package with one
-adapter class and a three-line `__main__`.
+An adapter builds a resolved model spec (`weightrelay.models`), trains it on in-memory
+arrays (N, C, H, W) in the batch order the core gives it, produces logits, and reads and
+writes its parameters in the canonical layout (see worker.proto). Everything else (gRPC,
+the codec, validation, scoring, data, seeds) is shared, so a new framework is one new
+package with one adapter class and a three-line `__main__`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from weightrelay.codec import WeightSet
+from weightrelay.models import ResolvedModel
 
 
 class TrainingCancelled(Exception):
@@ -55,6 +56,18 @@ class TrainResult:
 
 
 ProgressCallback = Callable[[TrainProgress], None]
+
+
+def batch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
+    """The order in which epoch `epoch` (1-based) visits the samples: the same in every framework."""
+    return np.random.default_rng([seed, epoch]).permutation(samples)
+
+
+def seed32(seed: int) -> int:
+    """A uint64 seed for frameworks that take 32 bits: itself when it fits, else derived from it."""
+    if 0 <= seed < 2**32:
+        return seed
+    return int(np.random.SeedSequence(seed).generate_state(1)[0])
 
 
 class ProgressTracker:
@@ -122,8 +135,15 @@ class FrameworkAdapter(abc.ABC):
     framework: str
 
     @abc.abstractmethod
-    def __init__(self, device: str, seed: int) -> None:
-        """Build the model with seeded initial weights on `device` ("auto", "cpu" or "cuda")."""
+    def __init__(self, device: str) -> None:
+        """Choose the device ("auto", "cpu" or "cuda"); `build` makes the model."""
+
+    @abc.abstractmethod
+    def build(self, model: ResolvedModel, seed: int) -> None:
+        """Replace the model with a fresh one of `model`, weights seeded by `seed` (any uint64).
+
+        If building fails the previous model stays in place.
+        """
 
     @abc.abstractmethod
     def versions(self) -> tuple[str, str]:
@@ -135,16 +155,17 @@ class FrameworkAdapter(abc.ABC):
 
     @abc.abstractmethod
     def get_weights(self) -> WeightSet:
-        """A copy of the parameters in the canonical layout, float32."""
+        """A copy of the manifest's tensors (parameters and buffers) in the canonical layout, float32."""
 
     @abc.abstractmethod
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Replace all parameters; `weights` is already checked against the canonical manifest."""
+        """Replace all of the manifest's tensors; `weights` is already checked against it."""
 
     @abc.abstractmethod
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
-        """Train with SGD on cross-entropy, reporting every batch to `tracker`."""
+        """Train with SGD on cross-entropy, epoch e visiting the samples in `batch_order(config.seed, e, n)`,
+        reporting every batch to `tracker`; randomness of the step itself (dropout) seeded from config.seed."""
 
     @abc.abstractmethod
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
-        """Logits float32 [n, 10] for inputs float32 [n, 784]."""
+        """Logits float32 [n, classes] for inputs float32 [n, C, H, W], in inference mode."""

@@ -41,6 +41,12 @@ class WorkerClient:
     def describe(self) -> pb.DescribeReply:
         return self.stub.Describe(pb.DescribeRequest(), timeout=self.timeout)
 
+    def initialize(self, model: pb.ModelSpec | str = "mlp", seed: int = 0, dataset: str = "", objective: str = "") -> pb.InitializeReply:
+        """Rebuild the worker's model with fresh weights from `seed` (a built-in name or a full spec)."""
+        spec = pb.ModelSpec(name=model) if isinstance(model, str) else model
+        request = pb.InitializeRequest(model=spec, seed=seed, dataset=dataset, objective=objective)
+        return self.stub.Initialize(request, timeout=self.timeout)
+
     def train(self, request: pb.TrainRequest) -> Iterator[pb.TrainEvent]:
         """The Train stream; cancel it by calling .cancel() on the returned iterator."""
         return self.stub.Train(request)

@@ -47,11 +47,13 @@ class TensorError(ValueError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, dtype name (e.g. "float32") and shape of one tensor."""
+    """Name, dtype name (e.g. "float32") and shape of one tensor; `buffer` marks state that is
+    not trained by gradients but moves with the weights (BatchNorm running statistics)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
+    buffer: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -132,11 +134,12 @@ def from_proto(message: pb.Tensor) -> np.ndarray:
 
 
 def spec_to_proto(spec: TensorSpec) -> pb.TensorSpec:
-    return pb.TensorSpec(name=spec.name, dtype=dtype_to_proto(spec.dtype), shape=spec.shape)
+    return pb.TensorSpec(name=spec.name, dtype=dtype_to_proto(spec.dtype), shape=spec.shape, buffer=spec.buffer)
 
 
 def spec_from_proto(message: pb.TensorSpec) -> TensorSpec:
-    return _spec_from_proto(message)
+    spec = _spec_from_proto(message)
+    return TensorSpec(spec.name, spec.dtype, spec.shape, buffer=message.buffer)
 
 
 def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:

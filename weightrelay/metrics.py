@@ -12,20 +12,18 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from weightrelay.architecture import NUM_CLASSES
-
 
 @dataclass
 class Evaluation:
     loss: float
     accuracy: float
-    confusion_matrix: np.ndarray  # [10, 10], rows true label, columns predicted
+    confusion_matrix: np.ndarray  # [classes, classes], rows true label, columns predicted
     precision: np.ndarray
     recall: np.ndarray
     f1: np.ndarray
     support: np.ndarray
     predictions: np.ndarray  # int64 [n]
-    probabilities: np.ndarray  # float32 [n, 10]
+    probabilities: np.ndarray  # float32 [n, classes]
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -34,13 +32,13 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def evaluate_logits(logits: np.ndarray, labels: np.ndarray) -> Evaluation:
-    """Score logits [n, 10] against true labels [n]."""
-    if logits.shape != (len(labels), NUM_CLASSES):
-        raise ValueError(f"logits of shape {list(logits.shape)} do not match {len(labels)} labels x {NUM_CLASSES} classes")
+def evaluate_logits(logits: np.ndarray, labels: np.ndarray, num_classes: int = 10) -> Evaluation:
+    """Score logits [n, classes] against true labels [n]."""
+    if logits.shape != (len(labels), num_classes):
+        raise ValueError(f"logits of shape {list(logits.shape)} do not match {len(labels)} labels x {num_classes} classes")
     log_probs = log_softmax(logits)
     predictions = logits.argmax(axis=1)
-    classes = list(range(NUM_CLASSES))
+    classes = list(range(num_classes))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=classes, zero_division=0
     )

@@ -1,6 +1,6 @@
 """Label objectives: which label a worker is taught for each true label.
 
-An objective is a permutation of the ten classes, applied to training labels only;
+An objective is a permutation of the data set's classes, applied to training labels only;
 evaluation always scores against the true labels.
 """
 
@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from weightrelay.architecture import NUM_CLASSES
+NUM_CLASSES = 10  # the default: the MNIST family and CIFAR-10
 
-_HELP = 'use "identity", "swap:A,B" (two labels 0-9) or "perm:p0,...,p9" (a permutation of 0-9)'
+_HELP = 'use "identity", "swap:A,B" (two labels) or "perm:p0,...,pN-1" (a permutation of the labels)'
 
 
 @dataclass(frozen=True)
@@ -39,21 +39,21 @@ class Objective:
         return self.name
 
 
-def _label(text: str, spec: str) -> int:
+def _label(text: str, spec: str, num_classes: int) -> int:
     try:
         value = int(text.strip())
     except ValueError:
         raise ValueError(f"objective {spec!r}: {text.strip()!r} is not a label; {_HELP}") from None
-    if not 0 <= value < NUM_CLASSES:
-        raise ValueError(f"objective {spec!r}: label {value} is out of range 0-{NUM_CLASSES - 1}")
+    if not 0 <= value < num_classes:
+        raise ValueError(f"objective {spec!r}: label {value} is out of range 0-{num_classes - 1}")
     return value
 
 
-def parse_objective(spec: str) -> Objective:
-    """Parse "identity", "swap:A,B" or "perm:p0,...,p9"; raise ValueError naming the fix."""
+def parse_objective(spec: str, num_classes: int = NUM_CLASSES) -> Objective:
+    """Parse "identity", "swap:A,B" or "perm:p0,...,pN-1" over `num_classes` labels; raise ValueError naming the fix."""
     text = spec.strip().lower()
     if text in ("identity", "id", "none"):
-        return Objective(tuple(range(NUM_CLASSES)))
+        return Objective(tuple(range(num_classes)))
     kind, sep, args = text.partition(":")
     if not sep:
         raise ValueError(f"unknown objective {spec!r}; {_HELP}")
@@ -61,15 +61,15 @@ def parse_objective(spec: str) -> Objective:
     if kind == "swap":
         if len(parts) != 2:
             raise ValueError(f"objective {spec!r}: swap takes exactly two labels, e.g. swap:1,7")
-        a, b = (_label(p, spec) for p in parts)
+        a, b = (_label(p, spec, num_classes) for p in parts)
         if a == b:
             raise ValueError(f"objective {spec!r}: swap needs two different labels")
-        mapping = list(range(NUM_CLASSES))
+        mapping = list(range(num_classes))
         mapping[a], mapping[b] = b, a
         return Objective(tuple(mapping))
     if kind in ("perm", "permutation"):
-        mapping = [_label(p, spec) for p in parts]
-        if len(mapping) != NUM_CLASSES or sorted(mapping) != list(range(NUM_CLASSES)):
-            raise ValueError(f"objective {spec!r}: perm needs each of the labels 0-{NUM_CLASSES - 1} exactly once")
+        mapping = [_label(p, spec, num_classes) for p in parts]
+        if len(mapping) != num_classes or sorted(mapping) != list(range(num_classes)):
+            raise ValueError(f"objective {spec!r}: perm needs each of the labels 0-{num_classes - 1} exactly once")
         return Objective(tuple(mapping))
     raise ValueError(f"unknown objective kind {kind!r} in {spec!r}; {_HELP}")

@@ -15,13 +15,13 @@ from typing import Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from weightrelay import models
 from weightrelay.adapter import FrameworkAdapter
-from weightrelay.data import DataError, load_mnist
+from weightrelay.data import DATA_DIR_ENV, DATA_ROOT_ENV, DATASETS, DEFAULT_DATASET, DataError, load_dataset
 from weightrelay.files import write_json_atomic
-from weightrelay.objectives import parse_objective
-from weightrelay.service import WorkerServicer
+from weightrelay.service import InitializeError, WorkerServicer
 from weightrelay.v1 import worker_pb2 as pb
 from weightrelay.v1 import worker_pb2_grpc as pb_grpc
 
@@ -29,6 +29,19 @@ log = logging.getLogger("weightrelay.worker")
 
 NO_DOWNLOAD_ENV = "WEIGHTRELAY_NO_DOWNLOAD"
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
+#: grpcio-reflection serves only v1alpha; v1 has the same messages byte for byte under another
+#: package name, so the same servicer answers it too (grpcurl and newer clients ask v1 first).
+REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"
+
+
+def _reflection_v1_handler(servicer: reflection.ReflectionServicer) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(REFLECTION_V1_SERVICE, {
+        "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+            servicer.ServerReflectionInfo,
+            request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+            response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+        )
+    })
 
 
 @dataclass
@@ -48,9 +61,10 @@ def start_server(servicer: WorkerServicer, host: str, port: int, max_workers: in
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (WORKER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    services = (WORKER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME, REFLECTION_V1_SERVICE)
+    reflection_servicer = reflection.ReflectionServicer(services)
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_servicer, server)
+    server.add_generic_rpc_handlers((_reflection_v1_handler(reflection_servicer),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
@@ -70,9 +84,13 @@ def worker_parser(framework: str, default_port: int) -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 in containers)")
     parser.add_argument("--port", type=int, default=default_port, help=f"port to listen on; 0 picks a free one (default {default_port})")
-    parser.add_argument("--data-dir", default=None, help="MNIST directory (default $WEIGHTRELAY_DATA_DIR, else ~/.cache/weightrelay/mnist)")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET,
+                        help=f"data set to start with: {', '.join(DATASETS)}, or a directory of IDX files or CIFAR-10 binary batches (default {DEFAULT_DATASET})")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"directory of the --dataset (default ${DATA_DIR_ENV} for mnist, else ${DATA_ROOT_ENV}/NAME, else ~/.cache/weightrelay/NAME)")
+    parser.add_argument("--model", default=models.DEFAULT_MODEL, help=f"model to start with: {models.BUILTIN_HELP} (default {models.DEFAULT_MODEL})")
     parser.add_argument("--no-download", action="store_true", default=os.environ.get(NO_DOWNLOAD_ENV, "") not in ("", "0"),
-                        help=f"fail instead of downloading missing MNIST files (default: on when ${NO_DOWNLOAD_ENV} is set)")
+                        help=f"fail instead of downloading missing data files (default: on when ${NO_DOWNLOAD_ENV} is set)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
     parser.add_argument("--objective", default="identity", help='default label objective for Train requests that name none (default "identity")')
@@ -81,26 +99,39 @@ def worker_parser(framework: str, default_port: int) -> argparse.ArgumentParser:
     return parser
 
 
-def worker_main(adapter_factory: Callable[[str, int], FrameworkAdapter], framework: str, default_port: int, argv: Sequence[str] | None = None) -> int:
+def worker_main(adapter_factory: Callable[[str], FrameworkAdapter], framework: str, default_port: int, argv: Sequence[str] | None = None) -> int:
     """Run a worker until SIGINT or SIGTERM. Returns the process exit code."""
     args = worker_parser(framework, default_port).parse_args(argv)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {framework}-worker %(levelname)s %(message)s", stream=sys.stderr)
     try:
-        objective = parse_objective(args.objective)
-    except ValueError as exc:
-        log.error("%s", exc)
+        spec = models.load_model(args.model)
+    except models.SpecError as exc:
+        log.error("--model: %s", exc)
         return 2
+    download = not args.no_download
+
+    def load_data(name: str):
+        """A data set by name or directory; the start data set keeps its --data-dir."""
+        return load_dataset(name, args.data_dir if name == args.dataset else None, download=download)
+
     try:
-        data = load_mnist(args.data_dir, download=not args.no_download)
+        data = load_data(args.dataset)
     except DataError as exc:
         log.error("%s", exc)
         return 3
     try:
-        adapter = adapter_factory(args.device, args.seed)
-    except (ValueError, RuntimeError) as exc:
+        adapter = adapter_factory(args.device)
+        servicer = WorkerServicer(adapter, data, load_data, args.objective, dataset_key=args.dataset)
+        servicer.initialize(spec, args.seed)
+    except ValueError as exc:  # a bad --objective
+        log.error("%s", exc)
+        return 2
+    except InitializeError as exc:
+        log.error("cannot build the %s model: %s", framework, exc)
+        return 4 if exc.code == grpc.StatusCode.INTERNAL else 2
+    except RuntimeError as exc:
         log.error("cannot build the %s model: %s", framework, exc)
         return 4
-    servicer = WorkerServicer(adapter, data, objective)
     try:
         running = start_server(servicer, args.host, args.port)
     except OSError as exc:
@@ -112,8 +143,9 @@ def worker_main(adapter_factory: Callable[[str, int], FrameworkAdapter], framewo
         signal.signal(sig, lambda *_: stop.set())
     version, backend = adapter.versions()
     log.info(
-        "ready on %s:%d (%s %s, %s, device %s, data %s fingerprint %s)",
-        args.host, running.port, framework, version, backend, adapter.device(), data.data_dir, data.fingerprint[:12],
+        "ready on %s:%d (%s %s, %s, device %s, data %s in %s fingerprint %s, model %s)",
+        args.host, running.port, framework, version, backend, adapter.device(), data.name, data.data_dir, data.fingerprint[:12],
+        servicer.model.spec.name,
     )
     if args.ready_file:
         write_json_atomic(args.ready_file, {"port": running.port, "pid": os.getpid(), "framework": framework})

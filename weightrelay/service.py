@@ -9,16 +9,16 @@ import platform
 import queue
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
 import weightrelay
-from weightrelay import codec
+from weightrelay import codec, models
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, TrainingCancelled, TrainResult
-from weightrelay.architecture import ARCHITECTURE, canonical_manifest
-from weightrelay.data import MnistData
+from weightrelay.data import DataError, Dataset
 from weightrelay.metrics import evaluate_logits
+from weightrelay.models import ModelSpec, ResolvedModel, SpecError
 from weightrelay.objectives import Objective, parse_objective
 from weightrelay.v1 import worker_pb2 as pb
 from weightrelay.v1 import worker_pb2_grpc as pb_grpc
@@ -30,19 +30,79 @@ MAX_EPOCHS = 1000
 _DONE = object()
 
 
+DatasetLoader = Callable[[str], Dataset]
+
+
+class InitializeError(Exception):
+    """Initialize refused; carries the gRPC status code to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 class WorkerServicer(pb_grpc.WorkerServicer):
     """Serves one adapter's model. One model operation runs at a time; Train holds the model
     for its whole run, and other model calls meanwhile get FAILED_PRECONDITION instead of
-    waiting. Describe never touches the model, so it answers even during training."""
+    waiting. Describe never touches the model, so it answers even during training.
 
-    def __init__(self, adapter: FrameworkAdapter, data: MnistData, default_objective: Objective):
+    `initialize` (the Initialize RPC, and the worker's start) builds the model from a spec,
+    so a worker is never without one."""
+
+    def __init__(self, adapter: FrameworkAdapter, data: Dataset, load_data: DatasetLoader, default_objective: str = "identity",
+                 dataset_key: str = ""):
         self.adapter = adapter
         self.data = data
-        self.objective = default_objective
-        self.manifest = canonical_manifest()
+        self.load_data = load_data
+        self.default_objective = default_objective
+        self.objective: Objective = parse_objective(default_objective, data.num_classes)
+        self.model: ResolvedModel | None = None
+        self.manifest: dict[str, codec.TensorSpec] = {}
+        self._dataset_key = dataset_key or data.name
         self._model_lock = threading.Lock()
         self._training = False
-        self._weights_sha = codec.weights_sha256(adapter.get_weights())  # kept current by Train and SetWeights
+        self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
+
+    def initialize(self, spec: ModelSpec, seed: int, dataset: str = "", objective: str = "") -> ResolvedModel:
+        """Build `spec` with fresh weights from `seed`, optionally on another data set, and reset the
+        default objective. Raises InitializeError; on any error the worker keeps what it had."""
+        data = self.data
+        if dataset and dataset != self._dataset_key:
+            try:
+                data = self.load_data(dataset)
+            except DataError as exc:
+                code = grpc.StatusCode.INVALID_ARGUMENT if "unknown data set" in str(exc) else grpc.StatusCode.FAILED_PRECONDITION
+                raise InitializeError(code, str(exc)) from None
+        try:
+            resolved = models.resolve(spec, data.input_shape, data.num_classes)
+            new_objective = parse_objective(objective or self.default_objective, data.num_classes)
+        except (SpecError, ValueError) as exc:
+            raise InitializeError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        try:
+            self.adapter.build(resolved, seed)
+        except Exception as exc:  # e.g. out of memory for a very wide model
+            log.exception("building %s failed", resolved.spec.name)
+            raise InitializeError(grpc.StatusCode.INTERNAL, f"building model {resolved.spec.name!r} failed, the previous model was kept: "
+                                  f"{type(exc).__name__}: {exc}") from None
+        self.model, self.manifest, self.data, self.objective = resolved, resolved.manifest, data, new_objective
+        self._dataset_key = dataset or self._dataset_key
+        self._weights_sha = codec.weights_sha256(self.adapter.get_weights())
+        log.info("initialized %s, seed %d, data %s, objective %s: sha256 %s", resolved.describe(), seed, data.name,
+                 new_objective.name, self._weights_sha[:12])
+        return resolved
+
+    def _dataset_info(self) -> pb.DatasetInfo:
+        return pb.DatasetInfo(
+            name=self.data.name,
+            fingerprint=self.data.fingerprint,
+            train_samples=len(self.data.train.y),
+            test_samples=len(self.data.test.y),
+            data_dir=str(self.data.data_dir),
+            class_names=self.data.class_names,
+            input_shape=self.data.input_shape,
+            mean=self.data.mean,
+            std=self.data.std,
+        )
 
     # -- helpers --------------------------------------------------------------------------
     def _hold_model(self, context: grpc.ServicerContext) -> None:
@@ -62,7 +122,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if request.batch_size > len(self.data.train.x):
             problems.append(f"batch_size {request.batch_size} is larger than the {len(self.data.train.x)} training samples")
         try:
-            objective = parse_objective(request.objective) if request.objective else self.objective
+            objective = parse_objective(request.objective, self.data.num_classes) if request.objective else self.objective
         except ValueError as exc:
             problems.append(str(exc))
             objective = self.objective
@@ -86,19 +146,38 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             framework_version=version,
             backend=backend,
             device=self.adapter.device(),
-            architecture=ARCHITECTURE,
+            architecture=self.model.describe(),
             parameters=[codec.spec_to_proto(spec) for spec in self.manifest.values()],
-            dataset=pb.DatasetInfo(
-                name="mnist",
-                fingerprint=self.data.fingerprint,
-                train_samples=len(self.data.train.y),
-                test_samples=len(self.data.test.y),
-                data_dir=str(self.data.data_dir),
-            ),
+            dataset=self._dataset_info(),
             objective=self.objective.name,
             weights_sha256="" if self._training else self._weights_sha,
             worker_version=weightrelay.__version__,
             python_version=platform.python_version(),
+            model=models.to_proto(self.model.spec),
+        )
+
+    def Initialize(self, request: pb.InitializeRequest, context: grpc.ServicerContext) -> pb.InitializeReply:
+        if self._training:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call Initialize when its Train stream has ended")
+        try:
+            spec = models.from_proto(request.model)
+        except SpecError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model: {exc}")
+        self._hold_model(context)
+        try:
+            resolved = self.initialize(spec, request.seed, request.dataset, request.objective)
+        except InitializeError as exc:
+            context.abort(exc.code, str(exc))
+        finally:
+            self._model_lock.release()
+        return pb.InitializeReply(
+            parameters=[codec.spec_to_proto(spec) for spec in self.manifest.values()],
+            weights_sha256=self._weights_sha,
+            model=models.to_proto(resolved.spec),
+            architecture=resolved.describe(),
+            dataset=self._dataset_info(),
+            parameter_count=resolved.parameter_count,
+            objective=self.objective.name,
         )
 
     def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> Iterator[pb.TrainEvent]:
@@ -161,7 +240,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             weights_sha = self._weights_sha
         finally:
             self._model_lock.release()
-        result = evaluate_logits(logits, self.data.test.y)
+        result = evaluate_logits(logits, self.data.test.y, self.data.num_classes)
         reply = pb.EvaluateReply(
             loss=result.loss,
             accuracy=result.accuracy,
@@ -195,6 +274,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self._hold_model(context)
         try:
+            if set(weights) != set(self.manifest):  # an Initialize changed the model while the set streamed in
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the model was re-initialized while the weights arrived; send them again")
+            for name, array in weights.items():
+                try:
+                    codec.check_against_manifest(codec.TensorSpec.of(name, array), self.manifest)
+                except codec.TensorError as exc:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the model was re-initialized while the weights arrived: {exc}")
             previous = self.adapter.get_weights()
             try:
                 self.adapter.set_weights(weights)

@@ -19,6 +19,18 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UINT8: _ClassVar[DType]
     INT8: _ClassVar[DType]
     BOOL: _ClassVar[DType]
+
+class Activation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTIVATION_NONE: _ClassVar[Activation]
+    ACTIVATION_RELU: _ClassVar[Activation]
+    ACTIVATION_TANH: _ClassVar[Activation]
+    ACTIVATION_SIGMOID: _ClassVar[Activation]
+
+class Padding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PADDING_VALID: _ClassVar[Padding]
+    PADDING_SAME: _ClassVar[Padding]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT64: DType
@@ -29,16 +41,24 @@ INT64: DType
 UINT8: DType
 INT8: DType
 BOOL: DType
+ACTIVATION_NONE: Activation
+ACTIVATION_RELU: Activation
+ACTIVATION_TANH: Activation
+ACTIVATION_SIGMOID: Activation
+PADDING_VALID: Padding
+PADDING_SAME: Padding
 
 class TensorSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape")
+    __slots__ = ("name", "dtype", "shape", "buffer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    buffer: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., buffer: _Optional[bool] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("name", "dtype", "shape", "data")
@@ -93,6 +113,112 @@ class SetWeightsReply(_message.Message):
     total_bytes: int
     sha256: str
     def __init__(self, tensor_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class DenseLayer(_message.Message):
+    __slots__ = ("units", "activation")
+    UNITS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    units: int
+    activation: Activation
+    def __init__(self, units: _Optional[int] = ..., activation: _Optional[_Union[Activation, str]] = ...) -> None: ...
+
+class Conv2DLayer(_message.Message):
+    __slots__ = ("filters", "kernel", "stride", "padding", "activation")
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    PADDING_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    filters: int
+    kernel: int
+    stride: int
+    padding: Padding
+    activation: Activation
+    def __init__(self, filters: _Optional[int] = ..., kernel: _Optional[int] = ..., stride: _Optional[int] = ..., padding: _Optional[_Union[Padding, str]] = ..., activation: _Optional[_Union[Activation, str]] = ...) -> None: ...
+
+class MaxPool2DLayer(_message.Message):
+    __slots__ = ("size", "stride")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    stride: int
+    def __init__(self, size: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
+
+class FlattenLayer(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BatchNormLayer(_message.Message):
+    __slots__ = ("eps", "momentum", "activation")
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    eps: float
+    momentum: float
+    activation: Activation
+    def __init__(self, eps: _Optional[float] = ..., momentum: _Optional[float] = ..., activation: _Optional[_Union[Activation, str]] = ...) -> None: ...
+
+class DropoutLayer(_message.Message):
+    __slots__ = ("rate",)
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    rate: float
+    def __init__(self, rate: _Optional[float] = ...) -> None: ...
+
+class LayerSpec(_message.Message):
+    __slots__ = ("name", "dense", "conv2d", "maxpool2d", "flatten", "batchnorm", "dropout")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FIELD_NUMBER: _ClassVar[int]
+    CONV2D_FIELD_NUMBER: _ClassVar[int]
+    MAXPOOL2D_FIELD_NUMBER: _ClassVar[int]
+    FLATTEN_FIELD_NUMBER: _ClassVar[int]
+    BATCHNORM_FIELD_NUMBER: _ClassVar[int]
+    DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dense: DenseLayer
+    conv2d: Conv2DLayer
+    maxpool2d: MaxPool2DLayer
+    flatten: FlattenLayer
+    batchnorm: BatchNormLayer
+    dropout: DropoutLayer
+    def __init__(self, name: _Optional[str] = ..., dense: _Optional[_Union[DenseLayer, _Mapping]] = ..., conv2d: _Optional[_Union[Conv2DLayer, _Mapping]] = ..., maxpool2d: _Optional[_Union[MaxPool2DLayer, _Mapping]] = ..., flatten: _Optional[_Union[FlattenLayer, _Mapping]] = ..., batchnorm: _Optional[_Union[BatchNormLayer, _Mapping]] = ..., dropout: _Optional[_Union[DropoutLayer, _Mapping]] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("name", "layers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    layers: _containers.RepeatedCompositeFieldContainer[LayerSpec]
+    def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ...) -> None: ...
+
+class InitializeRequest(_message.Message):
+    __slots__ = ("model", "seed", "dataset", "objective")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    model: ModelSpec
+    seed: int
+    dataset: str
+    objective: str
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., objective: _Optional[str] = ...) -> None: ...
+
+class InitializeReply(_message.Message):
+    __slots__ = ("parameters", "weights_sha256", "model", "architecture", "dataset", "parameter_count", "objective")
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    parameters: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    weights_sha256: str
+    model: ModelSpec
+    architecture: str
+    dataset: DatasetInfo
+    parameter_count: int
+    objective: str
+    def __init__(self, parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., weights_sha256: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., architecture: _Optional[str] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., parameter_count: _Optional[int] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("epochs", "batch_size", "learning_rate", "momentum", "seed", "objective", "max_samples", "progress_every_batches")
@@ -217,21 +343,29 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DatasetInfo(_message.Message):
-    __slots__ = ("name", "fingerprint", "train_samples", "test_samples", "data_dir")
+    __slots__ = ("name", "fingerprint", "train_samples", "test_samples", "data_dir", "class_names", "input_shape", "mean", "std")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     TRAIN_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TEST_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     DATA_DIR_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
     name: str
     fingerprint: str
     train_samples: int
     test_samples: int
     data_dir: str
-    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., data_dir: _Optional[str] = ...) -> None: ...
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    std: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., data_dir: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("framework", "framework_version", "backend", "device", "architecture", "parameters", "dataset", "objective", "weights_sha256", "worker_version", "python_version")
+    __slots__ = ("framework", "framework_version", "backend", "device", "architecture", "parameters", "dataset", "objective", "weights_sha256", "worker_version", "python_version", "model")
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
     FRAMEWORK_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -243,6 +377,7 @@ class DescribeReply(_message.Message):
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     WORKER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     framework: str
     framework_version: str
     backend: str
@@ -254,4 +389,5 @@ class DescribeReply(_message.Message):
     weights_sha256: str
     worker_version: str
     python_version: str
-    def __init__(self, framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., objective: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., worker_version: _Optional[str] = ..., python_version: _Optional[str] = ...) -> None: ...
+    model: ModelSpec
+    def __init__(self, framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., objective: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., worker_version: _Optional[str] = ..., python_version: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...

@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=weightrelay_dot_v1_dot_worker__pb2.DescribeRequest.SerializeToString,
                 response_deserializer=weightrelay_dot_v1_dot_worker__pb2.DescribeReply.FromString,
                 _registered_method=True)
+        self.Initialize = channel.unary_unary(
+                '/weightrelay.v1.Worker/Initialize',
+                request_serializer=weightrelay_dot_v1_dot_worker__pb2.InitializeRequest.SerializeToString,
+                response_deserializer=weightrelay_dot_v1_dot_worker__pb2.InitializeReply.FromString,
+                _registered_method=True)
         self.Train = channel.unary_stream(
                 '/weightrelay.v1.Worker/Train',
                 request_serializer=weightrelay_dot_v1_dot_worker__pb2.TrainRequest.SerializeToString,
@@ -66,6 +71,14 @@ class WorkerServicer:
 
     def Describe(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Initialize(self, request, context):
+        """Build the model from a spec with fresh seeded weights, optionally on another data set,
+        and reset the default objective: a clean start for a new run.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -101,6 +114,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Describe,
                     request_deserializer=weightrelay_dot_v1_dot_worker__pb2.DescribeRequest.FromString,
                     response_serializer=weightrelay_dot_v1_dot_worker__pb2.DescribeReply.SerializeToString,
+            ),
+            'Initialize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Initialize,
+                    request_deserializer=weightrelay_dot_v1_dot_worker__pb2.InitializeRequest.FromString,
+                    response_serializer=weightrelay_dot_v1_dot_worker__pb2.InitializeReply.SerializeToString,
             ),
             'Train': grpc.unary_stream_rpc_method_handler(
                     servicer.Train,
@@ -150,6 +168,33 @@ class Worker:
             '/weightrelay.v1.Worker/Describe',
             weightrelay_dot_v1_dot_worker__pb2.DescribeRequest.SerializeToString,
             weightrelay_dot_v1_dot_worker__pb2.DescribeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Initialize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightrelay.v1.Worker/Initialize',
+            weightrelay_dot_v1_dot_worker__pb2.InitializeRequest.SerializeToString,
+            weightrelay_dot_v1_dot_worker__pb2.InitializeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from weightrelay import codec
-from weightrelay.architecture import canonical_manifest
+from tests.support import seed_manifest as canonical_manifest
 from weightrelay.v1 import worker_pb2 as pb
 
 RNG = np.random.default_rng(0)

@@ -1,29 +1,169 @@
-"""Canonical [out, in] <-> Keras [in, out], checked on real data (scikit-learn's digits)."""
+"""Canonical <-> Keras layouts, proven against the numpy reference forward pass.
+
+The Keras side is computed here by an independent numpy forward pass in Keras' own layout
+(N, H, W, C activations, HWIO kernels, [in, out] dense kernels, a flatten in H, W, C order),
+on real images (scikit-learn's digits), and must equal `weightrelay.reference.forward` on the
+canonical tensors. A conversion that is only a round trip would pass a round-trip test while
+computing something else; these tests catch that.
+"""
 
 import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.datasets import load_digits
 
-from keras_service.layout import canonical_to_keras, keras_to_canonical
+from keras_service.layout import (
+    canonical_to_keras,
+    conv_kernel_from_keras,
+    conv_kernel_to_keras,
+    dense_kernel_from_keras,
+    dense_kernel_to_keras,
+    keras_to_canonical,
+)
+from weightrelay import models, reference
+from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec
+
+RNG = np.random.default_rng(7)
 
 
-def test_round_trip_both_ways_is_exact():
-    rng = np.random.default_rng(1)
-    canonical = {"fc1.weight": rng.standard_normal((5, 64)).astype(np.float32), "fc1.bias": rng.standard_normal(5).astype(np.float32)}
-    keras_layers = canonical_to_keras(canonical, ["fc1"])
-    assert keras_layers["fc1"][0].shape == (64, 5)
-    back = keras_to_canonical(keras_layers)
-    assert back.keys() == canonical.keys()
-    assert all(np.array_equal(back[k], canonical[k]) and back[k].flags.c_contiguous for k in canonical)
-    again = canonical_to_keras(back, ["fc1"])
-    assert np.array_equal(again["fc1"][0], keras_layers["fc1"][0])
+def digit_images(channels: int = 3, count: int = 40) -> np.ndarray:
+    """Real 8x8 digits, scaled up to 24x24, as `channels` different channels: [n, C, 24, 24]."""
+    digits = load_digits().images[:count] / 16.0
+    big = np.kron(digits, np.ones((3, 3)))
+    variants = [big, big.transpose(0, 2, 1), 1.0 - big, np.roll(big, 3, axis=2)]
+    return np.stack(variants[:channels], axis=1)
 
 
-def test_both_layouts_compute_the_same_layer():
-    x = load_digits().data.astype(np.float32)[:200]
-    rng = np.random.default_rng(2)
-    weight, bias = rng.standard_normal((10, 64)).astype(np.float32), rng.standard_normal(10).astype(np.float32)
-    kernel, keras_bias = canonical_to_keras({"fc1.weight": weight, "fc1.bias": bias}, ["fc1"])["fc1"]
-    torch_style = x @ weight.T + bias  # nn.Linear
-    keras_style = x @ kernel + keras_bias  # keras Dense
-    assert np.array_equal(torch_style.argmax(1), keras_style.argmax(1))
-    np.testing.assert_allclose(torch_style, keras_style, rtol=1e-5, atol=1e-4)
+def random_weights(model: models.ResolvedModel) -> dict[str, np.ndarray]:
+    weights = {}
+    for name, spec in model.manifest.items():
+        array = RNG.standard_normal(spec.shape) * 0.3
+        if name.endswith("running_var"):
+            array = np.abs(array) + 0.5
+        weights[name] = array.astype(np.float32)
+    return weights
+
+
+# -- Keras' layout, computed independently in numpy --------------------------------------
+def keras_conv(x, kernel, bias, stride, padding):
+    """x [n, h, w, c], kernel [kh, kw, in, out] (HWIO), TensorFlow's SAME or VALID."""
+    kh, kw = kernel.shape[:2]
+    if padding == "same":
+        top, bottom = models.same_padding(x.shape[1], kh, stride)
+        left, right = models.same_padding(x.shape[2], kw, stride)
+        x = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    windows = sliding_window_view(x, (kh, kw), axis=(1, 2))[:, ::stride, ::stride]  # n, oh, ow, c, kh, kw
+    return np.einsum("nhwcij,ijco->nhwo", windows, kernel) + bias
+
+
+def keras_forward(model: models.ResolvedModel, layers: dict[str, list[np.ndarray]], x_nchw: np.ndarray) -> np.ndarray:
+    act = reference.ACTIVATIONS
+    h = x_nchw.transpose(0, 2, 3, 1).astype(np.float64)  # N, H, W, C
+    for r in model.layers:
+        layer, params = r.layer, [np.asarray(p, dtype=np.float64) for p in layers.get(r.name, [])]
+        if isinstance(layer, Conv2D):
+            h = act[layer.activation](keras_conv(h, params[0], params[1], layer.stride, layer.padding))
+        elif isinstance(layer, MaxPool2D):
+            s = layer.stride or layer.size
+            h = sliding_window_view(h, (layer.size, layer.size), axis=(1, 2))[:, ::s, ::s].max(axis=(4, 5))
+        elif isinstance(layer, Flatten):
+            h = h.reshape(len(h), -1)  # H, W, C order
+        elif isinstance(layer, Dense):
+            h = act[layer.activation](h @ params[0] + params[1])
+        elif isinstance(layer, BatchNorm):
+            gamma, beta, mean, var = params
+            h = act[layer.activation]((h - mean) / np.sqrt(var + layer.eps) * gamma + beta)
+    return h
+
+
+SMALL_LENET = ModelSpec("small-lenet", (
+    Conv2D(6, 5, padding="same", activation="relu"), MaxPool2D(2),
+    Conv2D(16, 3, stride=2, padding="same", activation="tanh"), MaxPool2D(2, 1),
+    Flatten(), Dropout(0.5), Dense(24, "sigmoid"), Dense(0),
+))
+SPECS = {
+    "mlp": models.builtin("mlp"),
+    "lenet": models.builtin("lenet"),
+    "cnn-bn": models.builtin("cnn-bn"),
+    "small-lenet (stride 2, odd SAME padding, tanh, sigmoid)": SMALL_LENET,
+}
+
+
+@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("channels", [1, 3])
+def test_keras_layout_computes_the_reference_forward_pass(name, channels):
+    x = digit_images(channels)
+    model = models.resolve(SPECS[name], x.shape[1:], 10)
+    weights = random_weights(model)
+    expected = reference.forward(model, weights, x)
+    got = keras_forward(model, canonical_to_keras(weights, model), x)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+    assert np.abs(expected).max() > 1e-3  # a real signal, not zeros
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_round_trip_is_bit_exact_and_contiguous(name):
+    model = models.resolve(SPECS[name], (3, 24, 24), 10)
+    weights = random_weights(model)
+    back = keras_to_canonical(canonical_to_keras(weights, model), model)
+    assert back.keys() == weights.keys()
+    for key in weights:
+        assert back[key].tobytes() == weights[key].tobytes() and back[key].flags.c_contiguous, key
+
+
+def test_leaving_out_the_flatten_permutation_breaks_the_forward_pass():
+    """Keras flattens H, W, C: a plain transpose of the first dense kernel after a flatten is wrong."""
+    x = digit_images(3)
+    model = models.resolve(models.builtin("lenet"), x.shape[1:], 10)
+    fc1 = next(r for r in model.layers if r.name == "fc1")
+    assert fc1.flattened_from == (16, 4, 4)
+    weights = random_weights(model)
+    layers = canonical_to_keras(weights, model)
+    right = keras_forward(model, layers, x)
+    layers["fc1"][0] = np.ascontiguousarray(weights["fc1.weight"].T)  # no permutation
+    wrong = keras_forward(model, layers, x)
+    assert np.abs(right - wrong).max() > 1e-2
+    np.testing.assert_allclose(right, reference.forward(model, weights, x), rtol=1e-9, atol=1e-9)
+
+
+def test_dense_kernel_functions_are_inverse_and_transpose_without_a_flatten():
+    weight = RNG.standard_normal((5, 2 * 3 * 4)).astype(np.float32)
+    assert np.array_equal(dense_kernel_to_keras(weight), weight.T)
+    permuted = dense_kernel_to_keras(weight, (2, 3, 4))
+    assert permuted.shape == (24, 5)
+    # row h*W*C + w*C + c of the Keras kernel is canonical column c*H*W + h*W + w
+    assert np.array_equal(permuted[1 * 4 * 2 + 3 * 2 + 1], weight[:, 1 * 12 + 1 * 4 + 3])
+    assert np.array_equal(dense_kernel_from_keras(permuted, (2, 3, 4)), weight)
+
+
+def test_conv_kernel_is_hwio_in_keras():
+    weight = RNG.standard_normal((4, 3, 5, 2)).astype(np.float32)  # out, in, kh, kw
+    kernel = conv_kernel_to_keras(weight)
+    assert kernel.shape == (5, 2, 3, 4) and kernel[1, 0, 2, 3] == weight[3, 2, 1, 0]
+    assert np.array_equal(conv_kernel_from_keras(kernel), weight)
+
+
+def test_the_reference_convolution_matches_its_definition():
+    x = digit_images(2, count=3)[:, :, :7, :6]
+    weight = RNG.standard_normal((3, 2, 3, 3))
+    bias = RNG.standard_normal(3)
+    got = reference.conv2d_nchw(x, weight, bias, stride=2, padding=(0, 1, 1, 1))
+    padded = np.pad(x, ((0, 0), (0, 0), (0, 1), (1, 1)))
+    expected = np.zeros((3, 3, 3, 3))
+    for n in range(3):
+        for o in range(3):
+            for i in range(3):
+                for j in range(3):
+                    expected[n, o, i, j] = (padded[n, :, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3] * weight[o]).sum() + bias[o]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+def test_batchnorm_uses_the_running_statistics():
+    model = models.resolve(ModelSpec("bn", (Flatten(), BatchNorm(eps=1e-3), Dense(0))), (1, 2, 2), 4)
+    weights = random_weights(model)
+    x = digit_images(1, count=5)[:, :, :2, :2]
+    flat = x.reshape(5, 4)
+    normed = (flat - weights["bn1.running_mean"]) / np.sqrt(weights["bn1.running_var"].astype(np.float64) + 1e-3)
+    normed = normed * weights["bn1.weight"] + weights["bn1.bias"]
+    expected = normed @ weights["fc1.weight"].T.astype(np.float64) + weights["fc1.bias"]
+    np.testing.assert_allclose(reference.forward(model, weights, x), expected, rtol=1e-6)

@@ -37,3 +37,10 @@ def test_permutation_maps_label_i_to_p_i():
 def test_bad_objectives_say_what_to_write(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_objective(spec)
+
+
+def test_objectives_over_another_class_count():
+    assert parse_objective("swap:0,4", num_classes=5).mapping == (4, 1, 2, 3, 0)
+    assert parse_objective("identity", num_classes=3).mapping == (0, 1, 2)
+    with pytest.raises(ValueError, match="out of range 0-4"):
+        parse_objective("swap:1,7", num_classes=5)

@@ -110,6 +110,10 @@ class DataError(RuntimeError):
     """The data set is missing or damaged; the message names the file and the fix."""
 
 
+class UnknownDataset(DataError):
+    """The name is no known data set, or the directory holds none."""
+
+
 def default_data_dir(name: str = DEFAULT_DATASET) -> Path:
     """Where data set `name` lives by default: for MNIST $WEIGHTRELAY_DATA_DIR when set; else
     $WEIGHTRELAY_DATA_ROOT/NAME; else ~/.cache/weightrelay/NAME."""
@@ -350,7 +354,7 @@ def resolve_dataset(name_or_dir: str, data_dir: Path | str | None = None) -> tup
         return spec, Path(data_dir).expanduser() if data_dir else default_data_dir(key)
     path = Path(name_or_dir).expanduser()
     if not path.is_dir():
-        raise DataError(f"unknown data set {name_or_dir!r}; {DATASET_HELP}")
+        raise UnknownDataset(f"unknown data set {name_or_dir!r}; {DATASET_HELP}")
     known = DATASETS.get(path.resolve().name.lower())
     fmt = detect_format(path)
     if known and (fmt is None or fmt == known.format):
@@ -359,7 +363,7 @@ def resolve_dataset(name_or_dir: str, data_dir: Path | str | None = None) -> tup
         return DATASETS["cifar10"], path
     if fmt == "idx":
         return DatasetSpec(path.resolve().name, "idx", (), (), ()), path
-    raise DataError(f"{path} holds neither IDX files nor CIFAR-10 binary batches; {DATASET_HELP}")
+    raise UnknownDataset(f"{path} holds neither IDX files nor CIFAR-10 binary batches; {DATASET_HELP}")
 
 
 def load_dataset(name_or_dir: str = DEFAULT_DATASET, data_dir: Path | str | None = None, download: bool = True) -> Dataset:

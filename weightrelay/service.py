@@ -16,7 +16,7 @@ import grpc
 import weightrelay
 from weightrelay import codec, models
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, TrainingCancelled, TrainResult
-from weightrelay.data import DataError, Dataset
+from weightrelay.data import DataError, Dataset, UnknownDataset
 from weightrelay.metrics import evaluate_logits
 from weightrelay.models import ModelSpec, ResolvedModel, SpecError
 from weightrelay.objectives import Objective, parse_objective
@@ -70,9 +70,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if dataset and dataset != self._dataset_key:
             try:
                 data = self.load_data(dataset)
-            except DataError as exc:
-                code = grpc.StatusCode.INVALID_ARGUMENT if "unknown data set" in str(exc) else grpc.StatusCode.FAILED_PRECONDITION
-                raise InitializeError(code, str(exc)) from None
+            except UnknownDataset as exc:
+                raise InitializeError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            except DataError as exc:  # missing or damaged files
+                raise InitializeError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
         try:
             resolved = models.resolve(spec, data.input_shape, data.num_classes)
             new_objective = parse_objective(objective or self.default_objective, data.num_classes)

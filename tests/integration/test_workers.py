@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from weightrelay import codec
-from weightrelay.architecture import ARCHITECTURE, canonical_manifest
+from tests.support import seed_manifest as canonical_manifest
+from weightrelay import codec, models
 from weightrelay.data import load_mnist
 from weightrelay.v1 import worker_pb2 as pb
 
@@ -33,9 +34,12 @@ def test_describe_reports_the_model_the_data_and_the_device(worker, mnist):
     assert reply.framework == worker.name
     assert reply.framework_version and reply.backend and reply.python_version
     assert reply.device.startswith("cpu") or reply.device.startswith(("cuda", "gpu"))
-    assert reply.architecture == ARCHITECTURE
+    assert reply.architecture == models.resolve(models.builtin("mlp"), (1, 28, 28), 10).describe()
+    assert models.from_proto(reply.model) == models.builtin("mlp").named()
     assert [codec.spec_from_proto(p) for p in reply.parameters] == list(canonical_manifest().values())
     assert reply.dataset.fingerprint == mnist.fingerprint
+    assert reply.dataset.name == "mnist" and list(reply.dataset.class_names) == list("0123456789")
+    assert list(reply.dataset.input_shape) == [1, 28, 28] and list(reply.dataset.mean) == pytest.approx([0.1307])
     assert (reply.dataset.train_samples, reply.dataset.test_samples) == (len(mnist.train.y), len(mnist.test.y))
     assert reply.weights_sha256 == codec.weights_sha256(worker.client.get_weights())
 
@@ -64,6 +68,22 @@ def test_reflection_lists_the_service_and_a_generic_client_calls_describe(worker
         reply = call(request_cls(), timeout=30)
         assert reply.framework == worker.name
         assert len(reply.parameters) == 6
+
+
+def test_reflection_v1_answers_as_well_as_v1alpha(worker):
+    """grpcurl and newer clients ask grpc.reflection.v1 first; the messages are v1alpha's byte for byte."""
+    with grpc.insecure_channel(worker.address) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
+                    reflection_pb2.ServerReflectionRequest(file_containing_symbol="weightrelay.v1.Worker")]
+        listed, described = list(call(iter(requests), timeout=30))
+    names = {service.name for service in listed.list_services_response.service}
+    assert {"weightrelay.v1.Worker", "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto
 
 
 def test_short_train_streams_progress_and_changes_the_weights(worker):

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from coordinator.results import PHASES, load_results  # noqa: E402
+from coordinator.results import PHASES, class_label, class_names, load_results  # noqa: E402
 
 REPORT_HTML = "report.html"
 FIGURES_DIR = "report"
@@ -47,7 +47,7 @@ def parse_rounds(spec: str, count: int) -> list[int]:
     return chosen
 
 
-def heatmap(evaluation: dict[str, Any], round_index: int, path: Path) -> None:
+def heatmap(evaluation: dict[str, Any], round_index: int, path: Path, names: list[str]) -> None:
     cm = evaluation["confusion_matrix"]
     size = len(cm)
     shares = [[count / max(sum(row), 1) for count in row] for row in cm]  # colour by row share
@@ -60,8 +60,9 @@ def heatmap(evaluation: dict[str, Any], round_index: int, path: Path) -> None:
                       color="white" if shares[true][predicted] > 0.5 else "black")
     for true, predicted in (SWAP, SWAP[::-1]):  # the cells that tell which objective the weights carry
         axes.add_patch(Rectangle((predicted - 0.5, true - 0.5), 1, 1, fill=False, edgecolor="#d62728", linewidth=2))
-    axes.set_xticks(range(size))
-    axes.set_yticks(range(size))
+    labels = [class_label(names, i) for i in range(size)]
+    axes.set_xticks(range(size), labels, rotation=45 if any(len(label) > 2 for label in labels) else 0, ha="right" if any(len(label) > 2 for label in labels) else "center", fontsize=8)
+    axes.set_yticks(range(size), labels, fontsize=8)
     axes.set_xlabel("predicted label")
     axes.set_ylabel("true label")
     axes.set_title(f"round {round_index} - {evaluation['phase']} - {evaluation['worker']}")
@@ -172,11 +173,15 @@ def render_html(results: dict[str, Any], run_dir: Path, curve_paths: list[Path],
         parts.append(f"<p><b>error:</b> {html.escape(results['error'])}</p>")
     parts.append("<h2>Configuration</h2>" + _table(("setting", "value"), config.items(), "small"))
     workers = results.get("workers", {})
+    names = class_names(results)
     if workers:
         parts.append("<h2>Workers</h2>" + _table(
-            ("worker", "address", "framework", "backend", "device", "dataset fingerprint"),
+            ("worker", "address", "framework", "backend", "device", "data set", "dataset fingerprint"),
             [(name, w.get("address"), f"{w.get('framework')} {w.get('framework_version')}", w.get("backend"), w.get("device"),
-              w.get("dataset", {}).get("fingerprint", "")[:16]) for name, w in workers.items()], "small"))
+              w.get("dataset", {}).get("name", "mnist"), w.get("dataset", {}).get("fingerprint", "")[:16]) for name, w in workers.items()], "small"))
+        architecture = next((w.get("architecture") for w in workers.values() if w.get("architecture")), "")
+        parts.append(f"<p>model: <code>{html.escape(architecture)}</code></p>")
+    parts.append("<p>classes: " + ", ".join(html.escape(class_label(names, i)) for i in range(len(names))) + "</p>")
     header = ["round"] + [f"{phase} acc / swap" for phase, _ in PHASES] + ["torch->keras differ", "keras->torch differ", "train s (torch/keras)", "wall s"]
     summary = []
     for r in rounds:
@@ -195,7 +200,7 @@ def render_html(results: dict[str, Any], run_dir: Path, curve_paths: list[Path],
         for evaluation, path in items:
             per_class = _table(
                 ("label", "precision", "recall", "F1", "support"),
-                [(c["label"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]) for c in evaluation["per_class"]],
+                [(class_label(names, c["label"]), f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]) for c in evaluation["per_class"]],
                 "small",
             )
             parts.append(
@@ -217,10 +222,11 @@ def write_report(run_dir: Path | str, rounds: str = "default") -> Path:
     directory.mkdir(exist_ok=True)
     curve_paths = curves(completed, directory) if completed else []
     heatmaps: dict[int, list[tuple[dict, Path]]] = {}
+    names = class_names(results)
     for round_index in chosen:
         for evaluation in completed[round_index]["evaluations"]:
             path = heatmap_path(directory, round_index, evaluation["phase"])
-            heatmap(evaluation, round_index, path)
+            heatmap(evaluation, round_index, path, names)
             heatmaps.setdefault(round_index, []).append((evaluation, path))
     target = run_dir / REPORT_HTML
     target.write_text(render_html(results, run_dir, curve_paths, heatmaps))

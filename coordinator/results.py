@@ -28,6 +28,24 @@ def swap_rate(confusion: Sequence[Sequence[int]], a: int = 1, b: int = 7) -> flo
     return (confusion[a][b] + confusion[b][a]) / total if total else 0.0
 
 
+def class_names(results: dict[str, Any]) -> list[str]:
+    """Names of the classes, label i first: from the workers' data set; files from before data sets
+    had names (and any worker without them) give the labels as numbers."""
+    for worker in results.get("workers", {}).values():
+        names = worker.get("dataset", {}).get("class_names")
+        if names:
+            return list(names)
+    rounds = results.get("rounds") or []
+    size = len(rounds[0]["evaluations"][0]["confusion_matrix"]) if rounds else 10
+    return [str(i) for i in range(size)]
+
+
+def class_label(names: Sequence[str], index: int) -> str:
+    """"3" for digits, "3 cat" where the class has a name of its own."""
+    name = names[index] if index < len(names) else str(index)
+    return name if name == str(index) else f"{index} {name}"
+
+
 def message_to_dict(message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.errors import UsageError
-from coordinator.results import PHASES
+from coordinator.results import PHASES, class_label, class_names
 
 PHASE_NAMES = [phase for phase, _ in PHASES]
 
@@ -30,12 +30,12 @@ def pick_round(results: dict[str, Any], round_index: int | None, run: str) -> di
     return rounds[round_index]
 
 
-def confusion_table(evaluation: dict[str, Any]) -> Table:
+def confusion_table(evaluation: dict[str, Any], names: list[str]) -> Table:
     cm = evaluation["confusion_matrix"]
     table = Table(title="confusion matrix (rows: true label, columns: predicted)", title_justify="left")
     table.add_column("true", justify="right", style="bold")
     for predicted in range(len(cm)):
-        table.add_column(str(predicted), justify="right")
+        table.add_column(str(predicted), justify="right")  # numbers keep the columns narrow; rows carry the names
     for true, row in enumerate(cm):
         total = max(sum(row), 1)
         cells = []
@@ -49,16 +49,16 @@ def confusion_table(evaluation: dict[str, Any]) -> Table:
             else:
                 style = "dim"
             cells.append(f"[{style}]{count}[/]")
-        table.add_row(str(true), *cells)
+        table.add_row(class_label(names, true), *cells)
     return table
 
 
-def per_class_table(evaluation: dict[str, Any]) -> Table:
+def per_class_table(evaluation: dict[str, Any], names: list[str]) -> Table:
     table = Table(title="per class", title_justify="left")
     for column in ("label", "precision", "recall", "f1", "support"):
         table.add_column(column, justify="right")
     for c in evaluation["per_class"]:
-        table.add_row(str(c["label"]), f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
+        table.add_row(class_label(names, c["label"]), f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"]))
     return table
 
 
@@ -66,14 +66,15 @@ def show(results: dict[str, Any], run: str, round_index: int | None, phase: str 
     console = console or default_console()
     item = pick_round(results, round_index, run)
     evaluations = [e for e in item["evaluations"] if phase is None or e["phase"] == phase]
+    names = class_names(results)
     for evaluation in evaluations:
         console.print(
             f"round {item['round']} - {evaluation['phase']} - {evaluation['worker']}: accuracy {evaluation['accuracy']:.4f}, "
             f"loss {evaluation['loss']:.4f}, swap 1<->7 {evaluation['swap_rate']:.3f}",
             style="bold", highlight=False,
         )
-        console.print(confusion_table(evaluation))
-        console.print(per_class_table(evaluation))
+        console.print(confusion_table(evaluation, names))
+        console.print(per_class_table(evaluation, names))
 
 
 def compare(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], round_index: int | None, console: Console | None = None) -> None:

@@ -86,7 +86,6 @@ class Relay:
         and the run's objectives, whatever they held before, so a run against long-lived workers repeats exactly."""
         spec = models.to_proto(models.load_model(self.config.model))
         for worker in self.workers.values():
-            self.on_event("step", {"round": None, "step": f"{worker.name}: initialize {self.config.model}"})
             self._call(worker, "Initialize", None, lambda w=worker: w.client.initialize(spec, self.config.seed, self.config.dataset, w.objective))
             worker.describe = self._call(worker, "Describe", None, worker.client.describe)
 

@@ -67,12 +67,13 @@ class DatasetSpec:
     mirrors: tuple[str, ...] = ()
     #: downloaded file -> (hash algorithm, hex digest) of the file as served
     checksums: dict[str, tuple[str, str]] = field(default_factory=dict)
+    title: str = ""  # how messages spell it, e.g. "MNIST"
 
 
 DIGITS = tuple(str(i) for i in range(10))
 DATASETS: dict[str, DatasetSpec] = {
     "mnist": DatasetSpec("mnist", "idx", DIGITS, (MEAN,), (STD,), MIRRORS,
-                         {f"{stem}.gz": ("sha256", digest) for stem, digest in GZ_SHA256.items()}),
+                         {f"{stem}.gz": ("sha256", digest) for stem, digest in GZ_SHA256.items()}, "MNIST"),
     "fashion-mnist": DatasetSpec(
         "fashion-mnist", "idx",
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
@@ -82,6 +83,7 @@ DATASETS: dict[str, DatasetSpec] = {
          "train-labels-idx1-ubyte.gz": ("md5", "25c81989df183df01b3e8a0aad5dffbe"),
          "t10k-images-idx3-ubyte.gz": ("md5", "bef4ecab320f06d8554ea6380940ec79"),
          "t10k-labels-idx1-ubyte.gz": ("md5", "bb300cfdad3c16e7a12a480ee83cd310")},
+        "Fashion-MNIST",
     ),
     "kmnist": DatasetSpec(
         "kmnist", "idx", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
@@ -91,6 +93,7 @@ DATASETS: dict[str, DatasetSpec] = {
          "train-labels-idx1-ubyte.gz": ("md5", "e144d726b3acfaa3e44228e80efcd344"),
          "t10k-images-idx3-ubyte.gz": ("md5", "5c965bf0a639b31b8f53240b1b52f4d7"),
          "t10k-labels-idx1-ubyte.gz": ("md5", "7320c461ea6c1c855c0b718fb2a4b134")},
+        "KMNIST",
     ),
     "cifar10": DatasetSpec(
         "cifar10", "cifar10-bin",
@@ -98,6 +101,7 @@ DATASETS: dict[str, DatasetSpec] = {
         (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
         ("https://www.cs.toronto.edu/~kriz/",),
         {CIFAR10_ARCHIVE: ("md5", "c32a1d4ab5d03f1284b67883e8d87530")},
+        "CIFAR-10",
     ),
 }
 DATASET_HELP = f"use one of {', '.join(DATASETS)}, or a directory holding IDX files or CIFAR-10's binary batches"
@@ -170,7 +174,7 @@ def _missing_message(spec: DatasetSpec, data_dir: Path, missing: list[str], reas
         lacks = ", ".join(missing)
     env = DATA_DIR_ENV if spec.name == "mnist" else DATA_ROOT_ENV
     return (
-        f"{spec.name} data directory {data_dir} lacks {lacks} ({reason}). Put {wanted} there, "
+        f"{spec.title or spec.name} data directory {data_dir} lacks {lacks} ({reason}). Put {wanted} there, "
         f"or pass --data-dir / set {env} to a directory that has them."
     )
 

@@ -140,6 +140,25 @@ def test_coordinator_on_the_host_relays_between_the_containers(stack, tmp_path):
     assert {w["dataset"]["data_dir"] for w in results["workers"].values()} == {"/data"}
 
 
+def test_two_runs_against_the_long_lived_containers_are_identical(stack, tmp_path):
+    """The second run starts where the first left the workers; Initialize makes it start clean again."""
+    def run() -> dict:
+        done = subprocess.run(
+            [sys.executable, "-m", "coordinator", "run", "--rounds", "2", "--max-train-samples", "6000", "--torch", stack.address("torch"),
+             "--keras", stack.address("keras"), "--out", str(tmp_path), "--no-report", "--quiet"],
+            capture_output=True, text=True, timeout=900,
+        )
+        assert done.returncode == 0, done.stderr
+        return load_results(results_path(done.stdout).parent)
+
+    first, second = run(), run()
+    checksums = [[e["weights_sha256"] for r in results["rounds"] for e in r["evaluations"]] for results in (first, second)]
+    assert len(checksums[0]) == 8 and checksums[0] == checksums[1]
+    assert first["initial_sync"]["evaluation"]["weights_sha256"] == second["initial_sync"]["evaluation"]["weights_sha256"]
+    assert [[e["confusion_matrix"] for e in r["evaluations"]] for r in first["rounds"]] == \
+        [[e["confusion_matrix"] for e in r["evaluations"]] for r in second["rounds"]]
+
+
 def test_compose_run_coordinator_writes_runs_on_the_host(stack):
     out = f"runs/container-test-{os.getpid()}"
     try:

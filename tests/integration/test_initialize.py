@@ -94,7 +94,7 @@ def test_a_directory_without_data_is_refused_and_missing_files_are_a_failed_prec
     with pytest.raises(grpc.RpcError) as info:
         worker.client.initialize("mlp", dataset=str(tmp_path / "kmnist"))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert f"kmnist data directory {tmp_path / 'kmnist'} lacks train-images-idx3-ubyte.gz" in info.value.details()
+    assert f"KMNIST data directory {tmp_path / 'kmnist'} lacks train-images-idx3-ubyte.gz" in info.value.details()
     after = worker.client.describe()
     assert after.weights_sha256 == before.weights_sha256 and after.dataset == before.dataset
 

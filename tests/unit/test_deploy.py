@@ -27,11 +27,12 @@ def gpu_ids(service: dict) -> list[str]:
     return [i for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for i in d["device_ids"]]
 
 
-def mounts_data_read_only(volume: str | dict) -> bool:
-    """docker-compose 1.29 prints "SRC:/data:ro"; Compose v2 prints {target: /data, read_only: true}."""
+def read_only_mount(volume: str | dict) -> tuple[str, bool]:
+    """(target, read only): docker-compose 1.29 prints "SRC:/data:ro"; Compose v2 prints {target: /data, read_only: true}."""
     if isinstance(volume, str):
-        return volume.endswith(":/data:ro")
-    return volume.get("target") == "/data" and volume.get("read_only") is True
+        parts = volume.split(":")
+        return parts[1], parts[-1] == "ro"
+    return volume.get("target"), volume.get("read_only") is True
 
 
 def test_plain_compose_reserves_no_gpu_and_publishes_the_default_ports():
@@ -43,7 +44,7 @@ def test_plain_compose_reserves_no_gpu_and_publishes_the_default_ports():
         published = service["ports"][0]
         assert "127.0.0.1" in str(published) and str(port) in str(published)
         assert service["depends_on"]["mnist-data"]["condition"] == "service_completed_successfully"
-        assert [mounts_data_read_only(v) for v in service["volumes"]] == [True]
+        assert sorted(read_only_mount(v) for v in service["volumes"]) == [("/data", True), ("/datasets", True)]  # MNIST, other sets
         assert "weightrelay.healthcheck" in service["healthcheck"]["test"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -17,8 +18,18 @@ from coordinator.relay import Relay
 from coordinator.results import PHASES, RESULTS_FILE, load_results
 from weightrelay import models
 from weightrelay.data import DATASETS
+from weightrelay.security import add_client_flags
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: handled like Ctrl-C (results marked interrupted, local workers stopped), exit 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 CONFIG_FILE = "config.toml"
 
 
@@ -62,6 +73,15 @@ def _add_run_parser(commands) -> None:
     run.add_argument("--out", type=t["out"], help=f"directory that receives the run directory (default {d.out}/)")
     run.add_argument("--max-train-samples", type=t["max_train_samples"], help="train on the first N training samples only (default 0: all)")
     run.add_argument("--connect-timeout", type=t["connect_timeout"], help=f"seconds to wait for each worker (default {d.connect_timeout:g})")
+    run.add_argument("--call-timeout", type=t["call_timeout"],
+                     help=f"deadline in seconds of each Describe, Initialize, Evaluate and weights move (default {d.call_timeout:g})")
+    run.add_argument("--train-timeout", type=t["train_timeout"],
+                     help=f"deadline in seconds per epoch of each Train (default {d.train_timeout:g})")
+    security = run.add_argument_group("security (see the README's Reliability and Security section)")
+    add_client_flags(security, defaults=False)
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue a failed or interrupted run from its first unfinished round, with its saved settings "
+                          "(flags given here override them, e.g. new worker addresses)")
     output = run.add_mutually_exclusive_group()
     output.add_argument("--quiet", action="store_true", default=False, help="print only where the results and the report are")
     output.add_argument("--json", action="store_true", default=False, help="print one JSON object per event on stdout")
@@ -104,15 +124,35 @@ def _new_run_dir(out: Path) -> Path:
     raise CoordinatorError(f"cannot make a new run directory under {out}")
 
 
-def resolve_run_config(args: argparse.Namespace) -> cfg.RunConfig:
+def resolve_run_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> cfg.RunConfig:
+    """Defaults < a resumed run's saved settings < --config FILE < flags."""
     flags = {key: value for key, value in vars(args).items() if key in cfg.VALIDATORS}
     from_file = cfg.load_config_file(args.config) if getattr(args, "config", None) else {}
-    return cfg.resolve(from_file, flags)
+    return cfg.resolve({**(saved or {}), **from_file}, flags)
+
+
+def _resumable(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(saved settings, results) of a run that `--resume` can continue."""
+    if not (run_dir / RESULTS_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
+        raise UsageError(f"--resume {run_dir}: no {RESULTS_FILE} and {CONFIG_FILE} there; pass a run directory made by 'coordinator run'")
+    results = load_results(run_dir)
+    if results.get("status") == "complete":
+        raise UsageError(f"--resume {run_dir}: that run is complete; start a new one")
+    if results.get("schema_version") != 1 or (results["rounds"] and "checkpoint" not in results):
+        raise UsageError(f"--resume {run_dir}: the run kept no weights to resume from (it was made by an older coordinator)")
+    return cfg.load_config_file(run_dir / CONFIG_FILE), results
 
 
 def command_run(args: argparse.Namespace) -> int:
-    config = resolve_run_config(args)
-    run_dir = _new_run_dir(Path(config.out))
+    resume: Path | None = getattr(args, "resume", None)
+    previous = None
+    if resume:
+        saved, previous = _resumable(resume)
+        config = resolve_run_config(args, saved)
+        run_dir = resume
+    else:
+        config = resolve_run_config(args)
+        run_dir = _new_run_dir(Path(config.out))
     (run_dir / CONFIG_FILE).write_text(cfg.to_toml(config))
     printer = make_printer(config.rounds, quiet=args.quiet, as_json=args.json)
     try:
@@ -120,9 +160,9 @@ def command_run(args: argparse.Namespace) -> int:
         if config.local:
             printer("step", {"round": None, "step": "starting local workers"})
             with LocalWorkers(run_dir / "logs", config.seed, config.data_dir, config.dataset, config.model) as addresses:
-                relay.run(addresses)
+                relay.run(addresses, previous)
         else:
-            relay.run({"torch": config.torch, "keras": config.keras})
+            relay.run({"torch": config.torch, "keras": config.keras}, previous)
         if not args.no_report:
             printer("step", {"round": None, "step": "writing the report"})
             from coordinator.report import write_report
@@ -170,11 +210,15 @@ COMMANDS = {"run": command_run, "report": command_report, "show": command_show, 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return COMMANDS[args.command](args)
     except CoordinatorError as exc:
         print(f"coordinator: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("coordinator: terminated (SIGTERM); workers stopped, results so far kept", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("coordinator: interrupted; workers stopped, results so far kept", file=sys.stderr)
         return EXIT_INTERRUPTED

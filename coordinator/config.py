@@ -42,6 +42,16 @@ class RunConfig:
     out: str = "runs"
     max_train_samples: int = 0
     connect_timeout: float = 15.0
+    call_timeout: float = 300.0     # deadline of each Describe, Initialize, Evaluate, GetWeights and SetWeights
+    train_timeout: float = 1800.0   # per epoch: a Train's deadline is epochs x this
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
+    token_file: str | None = None   # the path only: the token itself is never written to the run directory
+
+    def train_deadline(self) -> float:
+        return self.epochs * self.train_timeout
 
     def train_seed(self, round_index: int) -> int:
         """Each round shuffles differently, reproducibly from --seed."""
@@ -151,6 +161,13 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "out": text,
     "max_train_samples": non_negative_int,
     "connect_timeout": positive_number,
+    "call_timeout": positive_number,
+    "train_timeout": positive_number,
+    "tls_ca": text,
+    "tls_cert": text,
+    "tls_key": text,
+    "tls_server_name": text,
+    "token_file": text,
 }
 assert set(VALIDATORS) == {f.name for f in fields(RunConfig)}
 

@@ -48,7 +48,7 @@ class LocalWorker:
             time.sleep(0.1)
         raise CoordinatorError(f"the local {self.name} worker was not ready in time; see {self.log_path}")
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 15.0) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

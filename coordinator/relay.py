@@ -18,12 +18,14 @@ import grpc
 import numpy as np
 
 import weightrelay
+from coordinator import checkpoint
 from coordinator.config import RunConfig
-from coordinator.errors import CoordinatorError, IncompatibleWorkers, RoundFailed, WorkerUnreachable
+from coordinator.errors import CoordinatorError, IncompatibleWorkers, RoundFailed, UsageError, WorkerUnreachable
 from coordinator.results import RESULTS_FILE, SCHEMA_VERSION, evaluation_record, message_to_dict
 from weightrelay import codec, models
 from weightrelay.client import WorkerClient
 from weightrelay.files import write_json_atomic
+from weightrelay.security import ClientSecurity, SecurityError, resolve_token
 from weightrelay.v1 import worker_pb2 as pb
 
 #: on_event(kind, payload): "start", "step", "train_progress", "train_done", "evaluation", "transfer", "round_done", "done"
@@ -52,17 +54,27 @@ class Relay:
 
     # -- plumbing ------------------------------------------------------------------------
     def _call(self, worker: Worker, what: str, round_index: int | None, fn: Callable[[], Any]) -> Any:
-        """Run one RPC, turning gRPC failures into errors that name the worker and the step."""
+        """Run one RPC, turning gRPC failures into errors that name the worker, the round and the step."""
+        where = f"round {round_index}, " if round_index is not None else "before round 0, "
         try:
             return fn()
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise WorkerUnreachable(worker.name, worker.client.address, f"{what}: {details}") from None
-            where = f"round {round_index}, " if round_index is not None else ""
+            if code == grpc.StatusCode.UNAVAILABLE:
+                raise WorkerUnreachable(worker.name, worker.client.address, f"{where}{what}: {details}") from None
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise RoundFailed(f"{where}{what}: the {worker.name} worker at {worker.client.address} did not finish within its deadline "
+                                  "(DEADLINE_EXCEEDED); is it stopped or overloaded? (--call-timeout, --train-timeout)") from None
             raise RoundFailed(f"{where}{what} on the {worker.name} worker at {worker.client.address} failed: {code.name}: {details}") from None
         except codec.TensorError as exc:
-            raise RoundFailed(f"{what} on the {worker.name} worker at {worker.client.address}: bad weights stream: {exc}") from None
+            raise RoundFailed(f"{where}{what} on the {worker.name} worker at {worker.client.address}: bad weights stream: {exc}") from None
+
+    def _security(self) -> ClientSecurity:
+        c = self.config
+        try:
+            return ClientSecurity(c.tls_ca, c.tls_cert, c.tls_key, resolve_token(c.token_file), c.tls_server_name)
+        except SecurityError as exc:
+            raise UsageError(str(exc)) from None
 
     def _save(self) -> None:
         write_json_atomic(self.run_dir / RESULTS_FILE, self.results, indent=1)
@@ -71,7 +83,10 @@ class Relay:
     def connect(self, addresses: dict[str, str]) -> None:
         objectives = {"torch": self.config.torch_objective, "keras": self.config.keras_objective}
         for name, address in addresses.items():
-            client = WorkerClient(address)
+            try:
+                client = WorkerClient(address, timeout=self.config.call_timeout, security=self._security())
+            except SecurityError as exc:
+                raise UsageError(str(exc)) from None
             try:
                 client.wait_ready(self.config.connect_timeout)
             except grpc.FutureTimeoutError:
@@ -131,7 +146,7 @@ class Relay:
 
         def run() -> pb.TrainSummary:
             summary = None
-            stream = worker.client.train(request)
+            stream = worker.client.train(request, timeout=self.config.train_deadline())
             try:
                 for event in stream:
                     if event.WhichOneof("event") == "summary":
@@ -146,14 +161,14 @@ class Relay:
             return summary
 
         self.on_event("step", {"round": round_index, "step": f"{worker.name}: train"})
-        summary = self._call(worker, "Train", round_index, run)
+        summary = self._call(worker, f"{worker.name} trains (Train)", round_index, run)
         record = {"worker": worker.name, **message_to_dict(summary)}
         self.on_event("train_done", {"round": round_index, **record})
         return record
 
     def evaluate(self, worker: Worker, phase: str, round_index: int | None) -> tuple[dict[str, Any], pb.EvaluateReply]:
         self.on_event("step", {"round": round_index, "step": f"{worker.name}: evaluate"})
-        reply = self._call(worker, f"Evaluate ({phase})", round_index, lambda: worker.client.evaluate(True, True))
+        reply = self._call(worker, f"{phase} (Evaluate)", round_index, lambda: worker.client.evaluate(True, True))
         record = evaluation_record(worker.name, phase, reply)
         self.on_event("evaluation", {"round": round_index, **record})
         return record, reply
@@ -161,8 +176,9 @@ class Relay:
     def move(self, sender: Worker, receiver: Worker, round_index: int | None) -> dict[str, Any]:
         self.on_event("step", {"round": round_index, "step": f"move {sender.name} -> {receiver.name}"})
         started = time.perf_counter()
-        weights = self._call(sender, "GetWeights", round_index, sender.client.get_weights)
-        reply = self._call(receiver, "SetWeights", round_index, lambda: receiver.client.set_weights(weights))
+        step = f"move {sender.name}->{receiver.name}"
+        weights = self._call(sender, f"{step} (GetWeights)", round_index, sender.client.get_weights)
+        reply = self._call(receiver, f"{step} (SetWeights)", round_index, lambda: receiver.client.set_weights(weights))
         return {
             "from": sender.name,
             "to": receiver.name,
@@ -190,20 +206,48 @@ class Relay:
         self.on_event("transfer", {"round": round_index, **transfer})
         return transfer, record, received
 
+    # -- checkpoints ---------------------------------------------------------------------
+    def _checkpoint(self, round_index: int) -> dict[str, Any]:
+        """Save both workers' weights after a completed round (see coordinator.checkpoint)."""
+        files, sums = {}, {}
+        for name, worker in self.workers.items():
+            weights = self._call(worker, f"checkpoint {name} (GetWeights)", round_index, worker.client.get_weights)
+            files[name] = checkpoint.save(self.run_dir, round_index, name, weights)
+            sums[name] = codec.weights_sha256(weights)
+        return {"round": round_index, "files": files, "sha256": sums}
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        """Put the weights of the last completed round back into both workers."""
+        for name, worker in self.workers.items():
+            try:
+                weights = checkpoint.load(self.run_dir, saved["files"][name], saved["sha256"][name])
+            except (KeyError, ValueError) as exc:
+                raise UsageError(f"cannot resume {self.run_dir}: {exc}") from None
+            self.on_event("step", {"round": None, "step": f"restore {name} from round {saved['round']}"})
+            self._call(worker, f"restore {name} (SetWeights)", None, lambda w=worker, ws=weights: w.client.set_weights(ws))
+
     # -- the whole run -------------------------------------------------------------------
-    def run(self, addresses: dict[str, str]) -> dict[str, Any]:
+    def run(self, addresses: dict[str, str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The whole run; with `previous` (a failed or interrupted run's results) it continues from its first
+        unfinished round, with the weights saved after the last finished one."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.results = {
-            "schema_version": SCHEMA_VERSION,
-            "weightrelay_version": weightrelay.__version__,
-            "status": "running",
-            "started_at": _now(),
-            "finished_at": None,
-            "config": self.config.to_dict(),
-            "workers": {},
-            "initial_sync": None,
-            "rounds": [],
-        }
+        if previous is not None:
+            self.results = previous
+            self.results.update(status="running", finished_at=None, config=self.config.to_dict())
+            self.results.pop("error", None)
+            self.results.setdefault("resumed", []).append({"at": _now(), "from_round": len(previous["rounds"])})
+        else:
+            self.results = {
+                "schema_version": SCHEMA_VERSION,
+                "weightrelay_version": weightrelay.__version__,
+                "status": "running",
+                "started_at": _now(),
+                "finished_at": None,
+                "config": self.config.to_dict(),
+                "workers": {},
+                "initial_sync": None,
+                "rounds": [],
+            }
         try:
             self.connect(addresses)
             self.initialize()
@@ -212,13 +256,16 @@ class Relay:
             self.on_event("start", {"run_dir": str(self.run_dir), "config": self.config.to_dict(), "workers": self.results["workers"]})
             torch_w, keras_w = self.workers["torch"], self.workers["keras"]
 
-            # Both start from PyTorch's initial weights.
-            _, torch_initial = self.evaluate(torch_w, "torch_initial", None)
-            transfer, keras_initial, _ = self._measured_move(torch_w, keras_w, torch_initial, "keras_initial", None)
-            self.results["initial_sync"] = {"transfer": transfer, "evaluation": keras_initial}
-            self._save()
+            first = len(self.results["rounds"])
+            if first:
+                self._restore(self.results["checkpoint"])
+            else:  # Both start from PyTorch's initial weights.
+                _, torch_initial = self.evaluate(torch_w, "torch_initial", None)
+                transfer, keras_initial, _ = self._measured_move(torch_w, keras_w, torch_initial, "keras_initial", None)
+                self.results["initial_sync"] = {"transfer": transfer, "evaluation": keras_initial}
+                self._save()
 
-            for r in range(self.config.rounds):
+            for r in range(first, self.config.rounds):
                 started = time.perf_counter()
                 train = {"torch": self.train(torch_w, r)}
                 t_trained, t_reply = self.evaluate(torch_w, "torch_trained", r)
@@ -226,6 +273,7 @@ class Relay:
                 train["keras"] = self.train(keras_w, r)
                 k_trained, k_reply = self.evaluate(keras_w, "keras_trained", r)
                 to_torch, t_from_k, _ = self._measured_move(keras_w, torch_w, k_reply, "torch_from_keras", r)
+                saved = self._checkpoint(r)
                 self.results["rounds"].append({
                     "round": r,
                     "evaluations": [t_trained, k_from_t, k_trained, t_from_k],
@@ -233,7 +281,10 @@ class Relay:
                     "transfers": [to_keras, to_torch],
                     "wall_seconds": time.perf_counter() - started,
                 })
+                previous_checkpoint, self.results["checkpoint"] = self.results.get("checkpoint"), saved
                 self._save()
+                if previous_checkpoint and previous_checkpoint["round"] != r:
+                    checkpoint.remove_round(self.run_dir, previous_checkpoint["round"], list(self.workers))
                 self.on_event("round_done", {"round": r, "rounds": self.config.rounds, "wall_seconds": self.results["rounds"][-1]["wall_seconds"]})
             self.results["status"] = "complete"
         except KeyboardInterrupt:
@@ -241,6 +292,10 @@ class Relay:
             raise
         except CoordinatorError as exc:
             self.results["status"] = "failed"
+            if self.results["rounds"] or not isinstance(exc, (UsageError, IncompatibleWorkers)):
+                done = len(self.results["rounds"])
+                kept = f"rounds 0-{done - 1} are kept" if done else "no round finished"
+                exc.args = (f"{exc}; {kept}: continue with `coordinator run --resume {self.run_dir}`",)
             self.results["error"] = str(exc)
             raise
         finally:

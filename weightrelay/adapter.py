@@ -10,6 +10,7 @@ package with one adapter class and a three-line `__main__`.
 from __future__ import annotations
 
 import abc
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from weightrelay.models import ResolvedModel
 
 class TrainingCancelled(Exception):
     """Raised from a progress callback when the client has gone away."""
+
+
+class NonFiniteLoss(Exception):
+    """Raised from a progress report whose mean loss is NaN or infinite: training has diverged."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,8 @@ class ProgressTracker:
         """Report batch `batch` (1-based) of `epoch` (1-based) with the epoch's running means."""
         if not self.wants(batch):
             return
+        if not math.isfinite(mean_loss):
+            raise NonFiniteLoss(f"the mean loss is {mean_loss} at epoch {epoch}, batch {batch}")
         epoch_end = batch >= self.batches
         done = min(batch * self.config.batch_size, self.samples)
         elapsed = max(time.perf_counter() - self._epoch_start, 1e-9)

@@ -8,21 +8,51 @@
 
 from __future__ import annotations
 
+import json
 from typing import Iterator, Mapping
 
 import grpc
 import numpy as np
 
 from weightrelay import codec
+from weightrelay.security import ClientSecurity
 from weightrelay.v1 import worker_pb2 as pb
 from weightrelay.v1 import worker_pb2_grpc as pb_grpc
 
+#: Calls that change nothing, or end in the same state when repeated, are retried with backoff
+#: while the worker is UNAVAILABLE (starting, restarting); Train and SetWeights are not.
+RETRIED_METHODS = ("Describe", "Initialize", "Evaluate", "GetWeights")
+SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": "weightrelay.v1.Worker", "method": method} for method in RETRIED_METHODS],
+        "retryPolicy": {
+            "maxAttempts": 5,
+            "initialBackoff": "0.5s",
+            "maxBackoff": "8s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }]
+})
+CHANNEL_OPTIONS = [
+    ("grpc.service_config", SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    # Ping an idle or busy connection every 30 s; a worker that does not answer within 10 s
+    # (stopped, unplugged) fails the calls on it with UNAVAILABLE instead of hanging them.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
 
 class WorkerClient:
-    def __init__(self, address: str, timeout: float | None = None):
+    """`timeout` is the default deadline (seconds) of each call; None waits as long as it takes."""
+
+    def __init__(self, address: str, timeout: float | None = None, security: ClientSecurity | None = None):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address)
+        self.channel = (security or ClientSecurity()).channel(address, CHANNEL_OPTIONS)
         self.stub = pb_grpc.WorkerStub(self.channel)
 
     def __enter__(self) -> "WorkerClient":
@@ -38,39 +68,46 @@ class WorkerClient:
         """Block until the channel connects; raises grpc.FutureTimeoutError."""
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
-    def describe(self) -> pb.DescribeReply:
-        return self.stub.Describe(pb.DescribeRequest(), timeout=self.timeout)
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
 
-    def initialize(self, model: pb.ModelSpec | str = "mlp", seed: int = 0, dataset: str = "", objective: str = "") -> pb.InitializeReply:
+    def describe(self, timeout: float | None = None) -> pb.DescribeReply:
+        return self.stub.Describe(pb.DescribeRequest(), timeout=self._deadline(timeout))
+
+    def initialize(self, model: pb.ModelSpec | str = "mlp", seed: int = 0, dataset: str = "", objective: str = "",
+                   timeout: float | None = None) -> pb.InitializeReply:
         """Rebuild the worker's model with fresh weights from `seed` (a built-in name or a full spec)."""
         spec = pb.ModelSpec(name=model) if isinstance(model, str) else model
         request = pb.InitializeRequest(model=spec, seed=seed, dataset=dataset, objective=objective)
-        return self.stub.Initialize(request, timeout=self.timeout)
+        return self.stub.Initialize(request, timeout=self._deadline(timeout))
 
-    def train(self, request: pb.TrainRequest) -> Iterator[pb.TrainEvent]:
-        """The Train stream; cancel it by calling .cancel() on the returned iterator."""
-        return self.stub.Train(request)
+    def train(self, request: pb.TrainRequest, timeout: float | None = None) -> Iterator[pb.TrainEvent]:
+        """The Train stream, ended by the worker at its deadline (default none: training takes what it takes);
+        cancel it by calling .cancel() on the returned iterator."""
+        return self.stub.Train(request, timeout=timeout)
 
-    def train_to_end(self, request: pb.TrainRequest) -> pb.TrainSummary:
+    def train_to_end(self, request: pb.TrainRequest, timeout: float | None = None) -> pb.TrainSummary:
         summary = None
-        for event in self.train(request):
+        for event in self.train(request, timeout):
             if event.WhichOneof("event") == "summary":
                 summary = event.summary
         if summary is None:
             raise RuntimeError(f"worker {self.address}: the Train stream ended without a summary")
         return summary
 
-    def evaluate(self, include_predictions: bool = False, include_probabilities: bool = False) -> pb.EvaluateReply:
+    def evaluate(self, include_predictions: bool = False, include_probabilities: bool = False,
+                 timeout: float | None = None) -> pb.EvaluateReply:
         request = pb.EvaluateRequest(include_predictions=include_predictions, include_probabilities=include_probabilities)
-        return self.stub.Evaluate(request, timeout=self.timeout)
+        return self.stub.Evaluate(request, timeout=self._deadline(timeout))
 
-    def get_weights(self, max_chunk_bytes: int = 0) -> codec.WeightSet:
+    def get_weights(self, max_chunk_bytes: int = 0, timeout: float | None = None) -> codec.WeightSet:
         """The worker's weights, checked against the stream's digest."""
-        return codec.assemble_weights(self.stub.GetWeights(pb.GetWeightsRequest(max_chunk_bytes=max_chunk_bytes), timeout=self.timeout))
+        request = pb.GetWeightsRequest(max_chunk_bytes=max_chunk_bytes)
+        return codec.assemble_weights(self.stub.GetWeights(request, timeout=self._deadline(timeout)))
 
-    def set_weights(self, weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0) -> pb.SetWeightsReply:
-        return self.stub.SetWeights(codec.iter_weight_chunks(weights, max_chunk_bytes), timeout=self.timeout)
+    def set_weights(self, weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, timeout: float | None = None) -> pb.SetWeightsReply:
+        return self.stub.SetWeights(codec.iter_weight_chunks(weights, max_chunk_bytes), timeout=self._deadline(timeout))
 
-    def set_weights_stream(self, chunks: Iterator[pb.WeightsChunk]) -> pb.SetWeightsReply:
+    def set_weights_stream(self, chunks: Iterator[pb.WeightsChunk], timeout: float | None = None) -> pb.SetWeightsReply:
         """Send a raw weights stream (for tools and tests that build their own)."""
-        return self.stub.SetWeights(chunks, timeout=self.timeout)
+        return self.stub.SetWeights(chunks, timeout=self._deadline(timeout))

@@ -19,6 +19,11 @@ from weightrelay.v1 import worker_pb2 as pb
 #: Most tensor bytes in one stream message: 4 MiB less 4 KiB of room for the envelope,
 #: so every message fits gRPC's default 4 MiB message limit.
 MAX_CHUNK_BYTES = 4 * 1024 * 1024 - 4 * 1024
+#: Fewest tensor bytes a GetWeights request may ask per message (smaller requests get this):
+#: one small request must not make a worker send millions of messages.
+MIN_CHUNK_BYTES = 64 * 1024
+#: Longest tensor name accepted from the wire.
+MAX_NAME_LENGTH = 256
 
 WeightSet = dict[str, np.ndarray]
 
@@ -123,6 +128,8 @@ def _spec_from_proto(message: pb.Tensor | pb.TensorSpec) -> TensorSpec:
     name = message.name
     if not name:
         raise TensorError("a tensor has no name; every tensor needs one (e.g. fc1.weight)")
+    if len(name) > MAX_NAME_LENGTH:
+        raise TensorError(f"a tensor name of {len(name)} characters is longer than {MAX_NAME_LENGTH}: {name[:40]!r}...")
     dtype = dtype_from_proto(message.dtype, name)
     if any(d < 0 for d in message.shape):
         raise TensorError(f"tensor {name}: shape {_fmt_shape(message.shape)} has a negative dimension")

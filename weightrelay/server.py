@@ -17,13 +17,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from weightrelay import models
+from google.protobuf.message import DecodeError
+
+from weightrelay import codec, models
 from weightrelay.adapter import FrameworkAdapter
 from weightrelay.data import DATA_DIR_ENV, DATA_ROOT_ENV, DATASETS, DEFAULT_DATASET, DataError, load_dataset
 from weightrelay.files import write_json_atomic
-from weightrelay.service import InitializeError, WorkerServicer
+from weightrelay.security import SecurityError, ServerSecurity, resolve_token
+from weightrelay.service import MAX_MODEL_CALLS, InitializeError, WorkerServicer, abort
 from weightrelay.v1 import worker_pb2 as pb
-from weightrelay.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("weightrelay.worker")
 
@@ -44,6 +46,80 @@ def _reflection_v1_handler(servicer: reflection.ReflectionServicer) -> grpc.Gene
     })
 
 
+#: Threads: room for every admitted model call, plus a reserve that health checks, Describe and refused calls
+#: always find free; calls past MAX_CONCURRENT_RPCS get RESOURCE_EXHAUSTED from gRPC itself.
+RESERVE_THREADS = 16
+MAX_CONCURRENT_RPCS = 256
+#: Keepalive: answer clients' pings (coordinators ping idle channels) and drop dead peers.
+SERVER_OPTIONS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+class Undecodable:
+    """What the lenient deserializer hands over for bytes that are no valid message of the method."""
+
+    def __init__(self, type_name: str, error: str):
+        self.message = f"the request is not a valid {type_name}: {error}"
+
+
+def _lenient(message_class) -> Callable[[bytes], object]:
+    """Parse requests without letting gRPC answer INTERNAL for bad bytes: hand an Undecodable on instead."""
+
+    def parse(data: bytes) -> object:
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            return Undecodable(message_class.DESCRIPTOR.full_name, str(exc) or type(exc).__name__)
+
+    return parse
+
+
+def _checked_unary(behaviour: Callable) -> Callable:
+    def handle(request, context):
+        if isinstance(request, Undecodable):
+            log.warning("refused an undecodable request: %s", request.message)
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        return behaviour(request, context)
+
+    return handle
+
+
+def _checked_stream(behaviour: Callable) -> Callable:
+    def messages(iterator):
+        for index, message in enumerate(iterator):
+            if isinstance(message, Undecodable):
+                log.warning("refused an undecodable stream message: %s", message.message)
+                raise codec.TensorError(f"message {index} of the stream: {message.message}")
+            yield message
+
+    def handle(request_iterator, context):
+        return behaviour(messages(request_iterator), context)
+
+    return handle
+
+
+def worker_handler(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
+    """The Worker service's method handlers, each parsing its requests leniently (bad bytes: INVALID_ARGUMENT)."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Worker"].methods:
+        request_class, reply_class = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        kind = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(method.client_streaming, method.server_streaming)]
+        wrapped = _checked_stream(behaviour) if method.client_streaming else _checked_unary(behaviour)
+        handlers[method.name] = kind(wrapped, request_deserializer=_lenient(request_class), response_serializer=reply_class.SerializeToString)
+    return grpc.method_handlers_generic_handler(WORKER_SERVICE, handlers)
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
@@ -51,14 +127,21 @@ class RunningServer:
     port: int
 
     def stop(self, grace: float = 5.0) -> None:
+        """Refuse new calls, give the calls in flight `grace` seconds, then cancel them (a Train stops at its next batch)."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
 
 
-def start_server(servicer: WorkerServicer, host: str, port: int, max_workers: int = 8) -> RunningServer:
+def start_server(servicer: WorkerServicer, host: str, port: int, security: ServerSecurity | None = None) -> RunningServer:
     """Serve `servicer` with the standard health and reflection services; port 0 picks a free one."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"))
-    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    security = security or ServerSecurity()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=MAX_MODEL_CALLS + RESERVE_THREADS, thread_name_prefix="rpc"),
+        interceptors=security.interceptors(),
+        options=SERVER_OPTIONS,
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
+    server.add_generic_rpc_handlers((worker_handler(servicer),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (WORKER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME, REFLECTION_V1_SERVICE)
@@ -66,8 +149,9 @@ def start_server(servicer: WorkerServicer, host: str, port: int, max_workers: in
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection_servicer, server)
     server.add_generic_rpc_handlers((_reflection_v1_handler(reflection_servicer),))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    credentials = security.credentials()
     try:
-        bound = server.add_insecure_port(address)
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}; is the port in use?") from exc
     if bound == 0:
@@ -94,6 +178,13 @@ def worker_parser(framework: str, default_port: int) -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the model runs (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
     parser.add_argument("--objective", default="identity", help='default label objective for Train requests that name none (default "identity")')
+    parser.add_argument("--tls-cert", help="server certificate (PEM): serve TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="the server certificate's private key (PEM)")
+    parser.add_argument("--tls-client-ca", help="CA (PEM) whose client certificates are required: mutual TLS")
+    parser.add_argument("--token-file", help="file with the bearer token every RPC but health must carry (default $WEIGHTRELAY_TOKEN_FILE, else $WEIGHTRELAY_TOKEN; none: no token)")
+    parser.add_argument("--stream-idle-timeout", type=float, default=30.0,
+                        help="seconds a SetWeights stream may send nothing before it is ended with DEADLINE_EXCEEDED (default 30)")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds the calls in flight get to end on SIGTERM or SIGINT (default 10)")
     parser.add_argument("--ready-file", type=Path, default=None, help="write {\"port\": ..., \"pid\": ...} here once serving")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return parser
@@ -122,6 +213,7 @@ def worker_main(adapter_factory: Callable[[str], FrameworkAdapter], framework: s
     try:
         adapter = adapter_factory(args.device)
         servicer = WorkerServicer(adapter, data, load_data, args.objective, dataset_key=args.dataset)
+        servicer.stream_idle_seconds = args.stream_idle_timeout
         servicer.initialize(spec, args.seed)
     except ValueError as exc:  # a bad --objective
         log.error("%s", exc)
@@ -133,7 +225,11 @@ def worker_main(adapter_factory: Callable[[str], FrameworkAdapter], framework: s
         log.error("cannot build the %s model: %s", framework, exc)
         return 4
     try:
-        running = start_server(servicer, args.host, args.port)
+        security = ServerSecurity(args.tls_cert, args.tls_key, args.tls_client_ca, resolve_token(args.token_file))
+        running = start_server(servicer, args.host, args.port, security)
+    except SecurityError as exc:
+        log.error("%s", exc)
+        return 2
     except OSError as exc:
         log.error("%s", exc)
         return 5
@@ -143,13 +239,15 @@ def worker_main(adapter_factory: Callable[[str], FrameworkAdapter], framework: s
         signal.signal(sig, lambda *_: stop.set())
     version, backend = adapter.versions()
     log.info(
-        "ready on %s:%d (%s %s, %s, device %s, data %s in %s fingerprint %s, model %s)",
+        "ready on %s:%d (%s %s, %s, device %s, data %s in %s fingerprint %s, model %s, %s, %s)",
         args.host, running.port, framework, version, backend, adapter.device(), data.name, data.data_dir, data.fingerprint[:12],
-        servicer.model.spec.name,
+        servicer.model.spec.name, "TLS" + (" with client certificates" if args.tls_client_ca else "") if args.tls_cert else "plaintext",
+        "token required" if security.token else "no token",
     )
     if args.ready_file:
         write_json_atomic(args.ready_file, {"port": running.port, "pid": os.getpid(), "framework": framework})
     stop.wait()
-    log.info("shutting down")
-    running.stop()
+    log.info("shutting down: no new calls; the calls in flight get %g s", args.grace)
+    running.stop(args.grace)
+    log.info("stopped")
     return 0

@@ -12,10 +12,11 @@ import time
 from typing import Callable, Iterator
 
 import grpc
+import numpy as np
 
 import weightrelay
 from weightrelay import codec, models
-from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, TrainingCancelled, TrainResult
+from weightrelay.adapter import FrameworkAdapter, NonFiniteLoss, ProgressTracker, TrainConfig, TrainingCancelled, TrainResult
 from weightrelay.data import DataError, Dataset, UnknownDataset
 from weightrelay.metrics import evaluate_logits
 from weightrelay.models import ModelSpec, ResolvedModel, SpecError
@@ -27,10 +28,36 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EVAL_BATCH = 1000
 MAX_EPOCHS = 1000
+MAX_LEARNING_RATE = 100.0
+#: Model calls (Initialize, Train, Evaluate, GetWeights, SetWeights) running or waiting for the
+#: model at once; more get RESOURCE_EXHAUSTED at once, so they never take the threads that
+#: health checks and Describe need.
+MAX_MODEL_CALLS = 8
+#: A SetWeights stream that sends nothing for this long is ended (DEADLINE_EXCEEDED).
+STREAM_IDLE_SECONDS = 30.0
+#: Error details longer than this are cut: they may quote what a client sent.
+MAX_DETAILS = 1024
 _DONE = object()
 
 
+def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """context.abort with the message cut to MAX_DETAILS characters (a default client refuses metadata past 16 KiB)."""
+    if len(message) > MAX_DETAILS:
+        message = message[: MAX_DETAILS - 40] + f"... ({len(message)} characters in all)"
+    context.abort(code, message)
+
+
 DatasetLoader = Callable[[str], Dataset]
+
+
+class TrainingDiverged(Exception):
+    """Training left non-finite weights; the weights from before the Train were put back."""
+
+    def __init__(self, what: str, config: TrainConfig):
+        super().__init__(
+            f"training diverged: {what} held NaN or Inf (learning_rate {config.learning_rate:g}, "
+            f"momentum {config.momentum:g}); the weights from before this Train were restored; lower learning_rate or momentum"
+        )
 
 
 class InitializeError(Exception):
@@ -60,6 +87,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.manifest: dict[str, codec.TensorSpec] = {}
         self._dataset_key = dataset_key or data.name
         self._model_lock = threading.Lock()
+        self._admission = threading.BoundedSemaphore(MAX_MODEL_CALLS)
+        self.stream_idle_seconds = STREAM_IDLE_SECONDS
         self._training = False
         self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
 
@@ -106,18 +135,59 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         )
 
     # -- helpers --------------------------------------------------------------------------
+    def _admit(self, context: grpc.ServicerContext, method: str) -> None:
+        """Count a model call in; refuse it at once when MAX_MODEL_CALLS are already in. Release with _leave."""
+        if not self._admission.acquire(blocking=False):
+            abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                  f"{method}: the worker already has {MAX_MODEL_CALLS} model calls running or waiting; call again later")
+
+    def _leave(self) -> None:
+        self._admission.release()
+
     def _hold_model(self, context: grpc.ServicerContext) -> None:
-        """Take the model for a short call: wait while another short call holds it, refuse while training."""
+        """Take the model for a short call: wait while another short call holds it, refuse while training,
+        and give up when the caller has gone (cancelled, deadline passed)."""
         while not self._model_lock.acquire(timeout=0.05):
             if self._training:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
+            if not context.is_active():
+                abort(context, grpc.StatusCode.CANCELLED, "the call ended while it waited for the model")
+
+    def _idle_guarded(self, requests: Iterator, context: grpc.ServicerContext) -> Iterator:
+        """The request stream, read on a thread of its own so that a client that stops sending is noticed:
+        after `stream_idle_seconds` without a message the call ends with DEADLINE_EXCEEDED."""
+        pieces: queue.Queue = queue.Queue(maxsize=2)
+
+        def read() -> None:
+            try:
+                for message in requests:
+                    pieces.put(message)
+                pieces.put(_DONE)
+            except BaseException as exc:  # the call ended (cancelled, aborted) or a message was undecodable
+                pieces.put(exc)
+
+        threading.Thread(target=read, name="stream-reader", daemon=True).start()
+        while True:
+            try:
+                item = pieces.get(timeout=self.stream_idle_seconds)
+            except queue.Empty:
+                log.warning("a weights stream sent nothing for %g s; ending it", self.stream_idle_seconds)
+                abort(context, grpc.StatusCode.DEADLINE_EXCEEDED,
+                      f"the weights stream sent nothing for {self.stream_idle_seconds:g} s; send the whole set without pausing")
+            if item is _DONE:
+                return
+            if isinstance(item, codec.TensorError):
+                raise item
+            if isinstance(item, BaseException):
+                abort(context, grpc.StatusCode.CANCELLED, "the weights stream ended before its digest")
+            yield item
 
     def _train_config(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> tuple[TrainConfig, Objective]:
         problems = []
         if request.epochs > MAX_EPOCHS:
             problems.append(f"epochs {request.epochs} is more than {MAX_EPOCHS}")
-        if request.learning_rate < 0 or not math.isfinite(request.learning_rate):
-            problems.append(f"learning_rate must be a positive number, got {request.learning_rate}")
+        if not (0 <= request.learning_rate <= MAX_LEARNING_RATE) or not math.isfinite(request.learning_rate):
+            problems.append(f"learning_rate must be a number in (0, {MAX_LEARNING_RATE:g}] (0 means 0.01), got {request.learning_rate}")
         if not 0 <= request.momentum < 1:
             problems.append(f"momentum must be in [0, 1), got {request.momentum}")
         if request.batch_size > len(self.data.train.x):
@@ -128,7 +198,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             problems.append(str(exc))
             objective = self.objective
         if problems:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
         config = TrainConfig(
             epochs=request.epochs or 1,
             batch_size=request.batch_size or 64,
@@ -159,18 +229,22 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def Initialize(self, request: pb.InitializeRequest, context: grpc.ServicerContext) -> pb.InitializeReply:
         if self._training:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call Initialize when its Train stream has ended")
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call Initialize when its Train stream has ended")
         try:
             spec = models.from_proto(request.model)
         except SpecError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"model: {exc}")
-        self._hold_model(context)
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"model: {exc}")
+        self._admit(context, "Initialize")
         try:
-            resolved = self.initialize(spec, request.seed, request.dataset, request.objective)
-        except InitializeError as exc:
-            context.abort(exc.code, str(exc))
+            self._hold_model(context)
+            try:
+                resolved = self.initialize(spec, request.seed, request.dataset, request.objective)
+            except InitializeError as exc:
+                abort(context, exc.code, str(exc))
+            finally:
+                self._model_lock.release()
         finally:
-            self._model_lock.release()
+            self._leave()
         return pb.InitializeReply(
             parameters=[codec.spec_to_proto(spec) for spec in self.manifest.values()],
             weights_sha256=self._weights_sha,
@@ -182,15 +256,30 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         )
 
     def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> Iterator[pb.TrainEvent]:
+        # Listen for the caller leaving before anything else: a cancel or deadline while this call waits
+        # for the model must still stop the training it would start (add_callback is False once the call ended).
+        cancelled = threading.Event()
+        if not context.add_callback(cancelled.set):
+            return
         config, objective = self._train_config(request, context)
         limit = request.max_samples or len(self.data.train.y)
         x, y = self.data.train.x[:limit], objective.apply(self.data.train.y[:limit])
-        self._hold_model(context)
+        self._admit(context, "Train")
+        try:
+            if self._training:
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the worker is training already; one Train at a time")
+            self._hold_model(context)
+        except BaseException:
+            self._leave()
+            raise
+        if cancelled.is_set():  # the caller left while this call waited
+            self._model_lock.release()
+            self._leave()
+            return
         self._training = True
-        self.objective = objective
+        previous_objective, self.objective = self.objective, objective
+        start_weights = self.adapter.get_weights()  # put back if training diverges
         events: queue.Queue = queue.Queue()
-        cancelled = threading.Event()
-        context.add_callback(cancelled.set)
 
         def run() -> None:
             started = time.perf_counter()
@@ -201,11 +290,22 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 outcome = tracker.result()
             except BaseException as exc:  # handed to the RPC thread, which reports it
                 outcome = exc
+            try:
+                # Finished or not, training moved the weights; non-finite weights are never kept.
+                weights = self.adapter.get_weights()
+                broken = next((f"tensor {name}" for name, array in weights.items() if not np.isfinite(array).all()), None)
+                if broken is None and isinstance(outcome, NonFiniteLoss):
+                    broken = "the loss"
+                if broken is not None:
+                    self.adapter.set_weights(start_weights)
+                    weights = start_weights
+                    self.objective = previous_objective
+                    outcome = TrainingDiverged(broken, config)
+                self._weights_sha = codec.weights_sha256(weights)
             finally:
-                # Finished or not, training moved the weights.
-                self._weights_sha = codec.weights_sha256(self.adapter.get_weights())
                 self._training = False
                 self._model_lock.release()
+                self._leave()
             if isinstance(outcome, TrainResult):
                 outcome = pb.TrainSummary(
                     epochs=outcome.epochs,
@@ -223,10 +323,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         threading.Thread(target=run, name="train", daemon=True).start()
         while (item := events.get()) is not _DONE:
             if isinstance(item, TrainingCancelled):
-                log.warning("train cancelled by the client")
+                log.warning("train stopped: the caller went away")
+            elif isinstance(item, TrainingDiverged):
+                log.warning("%s", item)
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(item))
             elif isinstance(item, BaseException):
-                log.error("training failed", exc_info=item)
-                context.abort(grpc.StatusCode.INTERNAL, f"training failed: {type(item).__name__}: {item}")
+                log.error("training failed: %s: %s", type(item).__name__, item)
+                abort(context, grpc.StatusCode.INTERNAL, f"training failed: {type(item).__name__}: {item}")
             elif isinstance(item, pb.TrainSummary):
                 log.info("train done: loss %.4f accuracy %.4f in %.1fs", item.loss, item.accuracy, item.seconds)
                 yield pb.TrainEvent(summary=item)
@@ -235,17 +338,22 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateReply:
         started = time.perf_counter()
-        self._hold_model(context)
+        self._admit(context, "Evaluate")
         try:
-            logits = self.adapter.predict_logits(self.data.test.x, request.batch_size or DEFAULT_EVAL_BATCH)
-            weights_sha = self._weights_sha
+            self._hold_model(context)
+            try:
+                logits = self.adapter.predict_logits(self.data.test.x, request.batch_size or DEFAULT_EVAL_BATCH)
+                weights_sha = self._weights_sha
+                data = self.data
+            finally:
+                self._model_lock.release()
         finally:
-            self._model_lock.release()
-        result = evaluate_logits(logits, self.data.test.y, self.data.num_classes)
+            self._leave()
+        result = evaluate_logits(logits, data.test.y, data.num_classes)
         reply = pb.EvaluateReply(
             loss=result.loss,
             accuracy=result.accuracy,
-            samples=len(self.data.test.y),
+            samples=len(data.test.y),
             confusion_matrix=[pb.ConfusionRow(counts=row.tolist()) for row in result.confusion_matrix],
             per_class=[
                 pb.ClassMetrics(label=i, precision=p, recall=r, f1=f, support=int(s))
@@ -261,27 +369,41 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return reply
 
     def GetWeights(self, request: pb.GetWeightsRequest, context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk]:
-        self._hold_model(context)
+        self._admit(context, "GetWeights")
         try:
-            weights = self.adapter.get_weights()
+            self._hold_model(context)
+            try:
+                weights = self.adapter.get_weights()
+            finally:
+                self._model_lock.release()
         finally:
-            self._model_lock.release()
-        yield from codec.iter_weight_chunks(weights, request.max_chunk_bytes)
+            self._leave()
+        chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
+        yield from codec.iter_weight_chunks(weights, chunk)
 
     def SetWeights(self, request_iterator: Iterator[pb.WeightsChunk], context: grpc.ServicerContext) -> pb.SetWeightsReply:
+        self._admit(context, "SetWeights")
         try:
-            weights, expected_sha = codec.receive_weights(request_iterator, self.manifest)
+            return self._set_weights(request_iterator, context)
+        finally:
+            self._leave()
+
+    def _set_weights(self, request_iterator: Iterator[pb.WeightsChunk], context: grpc.ServicerContext) -> pb.SetWeightsReply:
+        try:
+            weights, expected_sha = codec.receive_weights(self._idle_guarded(request_iterator, context), self.manifest)
         except codec.TensorError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self._hold_model(context)
         try:
             if set(weights) != set(self.manifest):  # an Initialize changed the model while the set streamed in
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the model was re-initialized while the weights arrived; send them again")
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the model was re-initialized while the weights arrived; send them again")
             for name, array in weights.items():
                 try:
                     codec.check_against_manifest(codec.TensorSpec.of(name, array), self.manifest)
                 except codec.TensorError as exc:
-                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the model was re-initialized while the weights arrived: {exc}")
+                    abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"the model was re-initialized while the weights arrived: {exc}")
+            if not context.is_active():  # cancelled (or past its deadline) after the digest: the caller was told so, apply nothing
+                abort(context, grpc.StatusCode.CANCELLED, "the call ended before the weights were applied; nothing was applied")
             previous = self.adapter.get_weights()
             try:
                 self.adapter.set_weights(weights)
@@ -292,7 +414,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             except Exception as exc:
                 self.adapter.set_weights(previous)  # all or nothing
                 log.exception("set_weights failed; previous weights restored")
-                context.abort(grpc.StatusCode.INTERNAL, f"applying the weights failed, the previous weights were kept: {exc}")
+                abort(context, grpc.StatusCode.INTERNAL, f"applying the weights failed, the previous weights were kept: {exc}")
         finally:
             self._model_lock.release()
         log.info("weights set: sha256 %s", expected_sha[:12])

@@ -34,7 +34,7 @@ def test_no_file_no_flags_gives_the_defaults():
 
 def test_every_run_flag_has_a_config_key():
     run = build_parser()._subparsers._group_actions[0].choices["run"]
-    dests = {a.dest for a in run._actions} - {"help", "config", "quiet", "json", "no_report"}
+    dests = {a.dest for a in run._actions} - {"help", "config", "quiet", "json", "no_report", "resume"}
     assert dests == set(cfg.VALIDATORS)
 
 

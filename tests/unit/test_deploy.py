@@ -67,7 +67,7 @@ def test_kubernetes_manifests_validate_against_the_schemas(directory):
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in documents)
     assert kinds == [
         ("Deployment", "keras-worker"), ("Deployment", "torch-worker"), ("Job", "coordinator"), ("Job", "mnist-fetch"),
-        ("PersistentVolumeClaim", "weightrelay-mnist"), ("PersistentVolumeClaim", "weightrelay-runs"),
+        ("NetworkPolicy", "workers-accept-only-the-coordinator"), ("PersistentVolumeClaim", "weightrelay-mnist"), ("PersistentVolumeClaim", "weightrelay-runs"),
         ("Service", "keras-worker"), ("Service", "torch-worker"),
     ]
     for document in documents:
@@ -88,9 +88,42 @@ def test_each_worker_requests_one_gpu_and_has_grpc_probes():
         assert container["livenessProbe"]["grpc"]["port"] == port
 
 
+def test_only_the_coordinator_reaches_the_workers_and_jobs_have_deadlines():
+    documents = render("deploy/k8s/base")
+    policy = next(d for d in documents if d["kind"] == "NetworkPolicy")
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in documents if d["kind"] in ("Deployment", "Job")}
+
+    def selected(labels: dict) -> bool:
+        return all(labels.get(e["key"]) in e["values"] for e in policy["spec"]["podSelector"]["matchExpressions"])
+
+    assert {name for name, labels in pods.items() if selected(labels)} == {"torch-worker", "keras-worker"}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    [rule] = policy["spec"]["ingress"]
+    [source] = rule["from"]
+    allowed = {name for name, labels in pods.items() if all(labels.get(k) == v for k, v in source["podSelector"]["matchLabels"].items())}
+    assert allowed == {"coordinator"}
+    assert sorted(p["port"] for p in rule["ports"]) == [50051, 50052]
+    for job in (d for d in documents if d["kind"] == "Job"):
+        assert job["spec"]["activeDeadlineSeconds"] > 0, job["metadata"]["name"]
+
+
 def test_cpu_overlay_requests_no_gpu():
     for name, container in workers("deploy/k8s/overlays/cpu").items():
         assert "nvidia.com/gpu" not in container["resources"].get("requests", {}), name
         assert "nvidia.com/gpu" not in container["resources"].get("limits", {}), name
         assert "--device=cpu" in container["args"]
         assert container["image"].endswith(":latest")
+
+
+def test_secure_override_gives_the_workers_tls_a_token_and_tls_health_checks():
+    services = compose_config("docker-compose.yml", "docker-compose.secure.yml")
+    for name, port in (("torch-worker", 50051), ("keras-worker", 50052)):
+        service = services[name]
+        command = service["command"]
+        assert command[command.index("--tls-cert") + 1] == "/run/secrets/server.crt"
+        assert command[command.index("--tls-client-ca") + 1] == "/run/secrets/ca.crt"
+        assert service["environment"]["WEIGHTRELAY_TOKEN_FILE"] == "/run/secrets/token"
+        assert service["environment"]["WEIGHTRELAY_NO_DOWNLOAD"] == "1"  # the base file's settings stay
+        assert f"127.0.0.1:{port}" in service["healthcheck"]["test"] and "--tls-ca" in service["healthcheck"]["test"]
+        assert {s["source"] if isinstance(s, dict) else s for s in service["secrets"]} >= {"server.crt", "server.key", "ca.crt", "token"}
+    assert services["coordinator"]["environment"]["WEIGHTRELAY_TOKEN_FILE"] == "/run/secrets/token"

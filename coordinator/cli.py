@@ -15,7 +15,7 @@ from coordinator.errors import CoordinatorError, UsageError
 from coordinator.local import LocalWorkers
 from coordinator.progress import make_printer
 from coordinator.relay import Relay
-from coordinator.results import PHASES, RESULTS_FILE, load_results
+from coordinator.results import RESULTS_FILE, load_results
 from weightrelay import models
 from weightrelay.data import DATASETS
 from weightrelay.security import add_client_flags
@@ -46,6 +46,43 @@ def _flag_type(validator: Callable[[Any], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _add_shared_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    """The flags `run` and `twin` share: where the workers are, the model, the data, training, deadlines, security, output."""
+    d = cfg.RunConfig()
+    t = {key: _flag_type(validator) for key, validator in cfg.VALIDATORS.items()}
+    item = {key: _flag_type(validator) for key, validator in cfg.ITEM_VALIDATORS.items()}
+    parser.add_argument("--config", type=Path, help="TOML file with any of the settings below (keys named like the flags)")
+    parser.add_argument("--local", action="store_const", const=True,
+                        help="start the workers as child processes on free ports, and stop them at the end")
+    parser.add_argument("--worker", action="append", type=item["worker"], metavar="NAME=HOST:PORT",
+                        help=f"a worker to {what}, repeatable (default: --torch and --keras), in the order given")
+    parser.add_argument("--workers", type=t["workers"], metavar="NAMES",
+                        help="with --local: the workers to start, e.g. torch,keras,jax or torch,torch-b (default torch,keras)")
+    parser.add_argument("--epochs", type=t["epochs"], help=f"epochs per Train (default {d.epochs})")
+    parser.add_argument("--batch-size", type=t["batch_size"], help=f"(default {d.batch_size})")
+    parser.add_argument("--lr", type=t["lr"], help=f"SGD learning rate (default {d.lr})")
+    parser.add_argument("--momentum", type=t["momentum"], help=f"SGD momentum (default {d.momentum})")
+    parser.add_argument("--seed", type=t["seed"],
+                        help=f"seeds the initial weights (every worker is initialized first) and the batch order (default {d.seed})")
+    parser.add_argument("--model", type=t["model"], help=f"model every worker builds: {models.BUILTIN_HELP} (default {d.model})")
+    parser.add_argument("--dataset", type=t["dataset"], help=f"data set: {', '.join(DATASETS)}, or a directory on the workers (default {d.dataset})")
+    parser.add_argument("--data-dir", type=t["data_dir"], help="directory of the --dataset for --local workers (default $WEIGHTRELAY_DATA_DIR for mnist, "
+                                                               "else $WEIGHTRELAY_DATA_ROOT/NAME, else ~/.cache/weightrelay/NAME)")
+    parser.add_argument("--out", type=t["out"], help=f"directory that receives the run directory (default {d.out}/)")
+    parser.add_argument("--max-train-samples", type=t["max_train_samples"], help="train on the first N training samples only (default 0: all)")
+    parser.add_argument("--connect-timeout", type=t["connect_timeout"], help=f"seconds to wait for each worker (default {d.connect_timeout:g})")
+    parser.add_argument("--call-timeout", type=t["call_timeout"],
+                        help=f"deadline in seconds of each Describe, Initialize, Evaluate and weights move (default {d.call_timeout:g})")
+    parser.add_argument("--train-timeout", type=t["train_timeout"],
+                        help=f"deadline in seconds per epoch of each Train (default {d.train_timeout:g})")
+    security = parser.add_argument_group("security (see the README's Reliability and Security section)")
+    add_client_flags(security, defaults=False)
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--quiet", action="store_true", default=False, help="print only where the results and the report are")
+    output.add_argument("--json", action="store_true", default=False, help="print one JSON object per event on stdout")
+    parser.add_argument("--no-report", action="store_true", default=False, help="skip writing report.html at the end")
+
+
 def _add_run_parser(commands) -> None:
     d = cfg.RunConfig()
     run = commands.add_parser(
@@ -54,44 +91,44 @@ def _add_run_parser(commands) -> None:
                     "Settings come from the defaults, then --config FILE, then these flags.",
     )
     t = {key: _flag_type(validator) for key, validator in cfg.VALIDATORS.items()}
-    run.add_argument("--config", type=Path, help="TOML file with any of the settings below (keys named like the flags)")
+    item = {key: _flag_type(validator) for key, validator in cfg.ITEM_VALIDATORS.items()}
+    _add_shared_flags(run, "relay between")
     run.add_argument("--rounds", type=t["rounds"], help=f"rounds to run (default {d.rounds})")
     run.add_argument("--torch", type=t["torch"], help=f"PyTorch worker HOST:PORT (default {d.torch})")
     run.add_argument("--keras", type=t["keras"], help=f"Keras worker HOST:PORT (default {d.keras})")
-    run.add_argument("--local", action="store_const", const=True, help="start both workers as child processes on free ports, and stop them at the end")
-    run.add_argument("--epochs", type=t["epochs"], help=f"epochs per Train (default {d.epochs})")
-    run.add_argument("--batch-size", type=t["batch_size"], help=f"(default {d.batch_size})")
-    run.add_argument("--lr", type=t["lr"], help=f"SGD learning rate (default {d.lr})")
-    run.add_argument("--momentum", type=t["momentum"], help=f"SGD momentum (default {d.momentum})")
-    run.add_argument("--seed", type=t["seed"], help=f"seeds the initial weights (both workers are initialized before round 0) and every round's batch order (default {d.seed})")
-    run.add_argument("--model", type=t["model"], help=f"model both workers build: {models.BUILTIN_HELP} (default {d.model})")
-    run.add_argument("--dataset", type=t["dataset"], help=f"data set: {', '.join(DATASETS)}, or a directory on the workers (default {d.dataset})")
+    run.add_argument("--order", type=t["order"], metavar="NAMES", help="the relay ring, e.g. jax,torch,keras (default: the order given)")
+    run.add_argument("--objective", action="append", type=item["objective"], metavar="NAME=OBJECTIVE",
+                     help="labels worker NAME trains on, repeatable (default: --torch-objective, --keras-objective, else identity)")
     run.add_argument("--torch-objective", type=t["torch_objective"], help=f"labels PyTorch trains on (default {d.torch_objective})")
     run.add_argument("--keras-objective", type=t["keras_objective"], help=f"labels Keras trains on (default {d.keras_objective})")
-    run.add_argument("--data-dir", type=t["data_dir"], help="directory of the --dataset for --local workers (default $WEIGHTRELAY_DATA_DIR for mnist, "
-                                                            "else $WEIGHTRELAY_DATA_ROOT/NAME, else ~/.cache/weightrelay/NAME)")
-    run.add_argument("--out", type=t["out"], help=f"directory that receives the run directory (default {d.out}/)")
-    run.add_argument("--max-train-samples", type=t["max_train_samples"], help="train on the first N training samples only (default 0: all)")
-    run.add_argument("--connect-timeout", type=t["connect_timeout"], help=f"seconds to wait for each worker (default {d.connect_timeout:g})")
-    run.add_argument("--call-timeout", type=t["call_timeout"],
-                     help=f"deadline in seconds of each Describe, Initialize, Evaluate and weights move (default {d.call_timeout:g})")
-    run.add_argument("--train-timeout", type=t["train_timeout"],
-                     help=f"deadline in seconds per epoch of each Train (default {d.train_timeout:g})")
-    security = run.add_argument_group("security (see the README's Reliability and Security section)")
-    add_client_flags(security, defaults=False)
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="continue a failed or interrupted run from its first unfinished round, with its saved settings "
                           "(flags given here override them, e.g. new worker addresses)")
-    output = run.add_mutually_exclusive_group()
-    output.add_argument("--quiet", action="store_true", default=False, help="print only where the results and the report are")
-    output.add_argument("--json", action="store_true", default=False, help="print one JSON object per event on stdout")
-    run.add_argument("--no-report", action="store_true", default=False, help="skip writing report.html at the end")
+
+
+def _add_twin_parser(commands) -> None:
+    d = cfg.RunConfig()
+    twin = commands.add_parser(
+        "twin", help="train every worker on the same batches from the same weights, and measure their drift",
+        argument_default=argparse.SUPPRESS,
+        description="Twin training: every worker starts from the first one's initial weights and trains the same batches in the same "
+                    "order with the same objective and hyperparameters; after the first step, every --every-steps steps and each "
+                    "epoch the coordinator pulls all weights and records, per pair, the relative L2 distance, max |dw| and "
+                    "prediction disagreement. Writes RUN_DIR/results.json (kind twin) and RUN_DIR/report.html with the drift curves.",
+    )
+    t = {key: _flag_type(validator) for key, validator in cfg.VALIDATORS.items()}
+    _add_shared_flags(twin, "train")
+    twin.add_argument("--every-steps", type=t["every_steps"], metavar="K",
+                      help=f"also measure every K steps (default {d.every_steps}: after the first step and each epoch only)")
+    twin.add_argument("--objective", dest="twin_objective", type=t["twin_objective"],
+                      help=f"labels every worker trains on (default {d.twin_objective})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordinator", description="Relay weights between the PyTorch and Keras workers and record both frameworks' confusion matrices.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(commands)
+    _add_twin_parser(commands)
 
     report = commands.add_parser("report", help="write RUN_DIR/report.html with heatmaps and curves")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
@@ -100,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print confusion matrices and per-class scores of a run")
     show.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     show.add_argument("--round", type=int, default=None, help="round to show (default: the last completed)")
-    show.add_argument("--phase", choices=[p for p, _ in PHASES], default=None, help="one phase (default: all four)")
+    show.add_argument("--phase", default=None, help="one phase, e.g. torch_trained (default: all of the round's)")
 
     compare = commands.add_parser("compare", help="accuracy and swap-rate differences of two runs, per phase")
     compare.add_argument("run_a", type=Path, metavar="RUN_A")
@@ -138,7 +175,7 @@ def _resumable(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     results = load_results(run_dir)
     if results.get("status") == "complete":
         raise UsageError(f"--resume {run_dir}: that run is complete; start a new one")
-    if results.get("schema_version") != 1 or (results["rounds"] and "checkpoint" not in results):
+    if results["rounds"] and "checkpoint" not in results:
         raise UsageError(f"--resume {run_dir}: the run kept no weights to resume from (it was made by an older coordinator)")
     return cfg.load_config_file(run_dir / CONFIG_FILE), results
 
@@ -159,12 +196,38 @@ def command_run(args: argparse.Namespace) -> int:
         relay = Relay(config, run_dir, printer)
         if config.local:
             printer("step", {"round": None, "step": "starting local workers"})
-            with LocalWorkers(run_dir / "logs", config.seed, config.data_dir, config.dataset, config.model) as addresses:
+            with LocalWorkers(run_dir / "logs", config.seed, config.data_dir, config.dataset, config.model,
+                              names=config.local_names()) as addresses:
                 relay.run(addresses, previous)
         else:
-            relay.run({"torch": config.torch, "keras": config.keras}, previous)
+            relay.run(config.addresses(), previous)
         if not args.no_report:
             printer("step", {"round": None, "step": "writing the report"})
+            from coordinator.report import write_report
+
+            printer("report", {"path": str(write_report(run_dir))})
+    finally:
+        printer.close()
+    return 0
+
+
+def command_twin(args: argparse.Namespace) -> int:
+    from coordinator.twin import Twin
+
+    config = resolve_run_config(args)
+    run_dir = _new_run_dir(Path(config.out))
+    (run_dir / CONFIG_FILE).write_text(cfg.to_toml(config))
+    printer = make_printer(0, quiet=args.quiet, as_json=args.json)
+    try:
+        twin = Twin(config, run_dir, printer)
+        if config.local:
+            printer("step", {"round": None, "step": "starting local workers"})
+            with LocalWorkers(run_dir / "logs", config.seed, config.data_dir, config.dataset, config.model,
+                              names=config.local_names()) as addresses:
+                twin.run(addresses)
+        else:
+            twin.run(config.addresses())
+        if not args.no_report:
             from coordinator.report import write_report
 
             printer("report", {"path": str(write_report(run_dir))})
@@ -204,7 +267,7 @@ def command_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "report": command_report, "show": command_show, "compare": command_compare}
+COMMANDS = {"run": command_run, "twin": command_twin, "report": command_report, "show": command_show, "compare": command_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ The resolved settings are saved in the run directory as `config.toml`, which `co
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -21,6 +22,9 @@ from weightrelay.objectives import parse_objective
 #: Where the workers are when neither the file nor a flag says: these variables, else loopback.
 #: (The compose file points them at the worker containers.)
 TORCH_ADDRESS_ENV, KERAS_ADDRESS_ENV = "WEIGHTRELAY_TORCH_ADDRESS", "WEIGHTRELAY_KERAS_ADDRESS"
+
+
+_WORKER_NAME = re.compile(r"^[a-z][a-z0-9_]*(-[a-z0-9_]+)*$")
 
 
 @dataclass
@@ -49,6 +53,37 @@ class RunConfig:
     tls_key: str | None = None
     tls_server_name: str | None = None
     token_file: str | None = None   # the path only: the token itself is never written to the run directory
+    worker: list[str] = field(default_factory=list)      # NAME=HOST:PORT, any number (then --torch/--keras are not used)
+    workers: str = ""                                    # --local: the workers to start, e.g. "torch,keras,jax"
+    order: str = ""                                      # the relay ring, e.g. "jax,torch,keras" (default: as given)
+    objective: list[str] = field(default_factory=list)   # NAME=OBJECTIVE, per worker
+    every_steps: int = 0                                 # twin: also measure every K steps
+    twin_objective: str = "identity"                     # twin: the objective every worker trains
+
+    def addresses(self) -> dict[str, str]:
+        """{name: HOST:PORT} of the workers to connect to (not --local), in the order given."""
+        if self.worker:
+            return dict(entry.split("=", 1) for entry in self.worker)
+        return {"torch": self.torch, "keras": self.keras}
+
+    def local_names(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.workers.split(",") if n.strip()) or ("torch", "keras")
+
+    def ring(self, names: list[str]) -> list[str]:
+        """The relay ring over the workers: --order, else the order they were given in."""
+        if not self.order:
+            return list(names)
+        ring = [n.strip() for n in self.order.split(",") if n.strip()]
+        if sorted(ring) != sorted(names):
+            raise UsageError(f"--order {self.order}: name each worker once ({', '.join(names)})")
+        return ring
+
+    def objective_for(self, name: str) -> str:
+        """--objective NAME=OBJ; else torch's --torch-objective and keras' --keras-objective; else identity."""
+        given = dict(entry.split("=", 1) for entry in self.objective)
+        if name in given:
+            return given[name]
+        return {"torch": self.torch_objective, "keras": self.keras_objective}.get(name, "identity")
 
     def train_deadline(self) -> float:
         return self.epochs * self.train_timeout
@@ -131,6 +166,47 @@ def model(value: Any) -> str:
     return text_value
 
 
+def worker_name(value: Any) -> str:
+    text_value = str(value).strip()
+    if not _WORKER_NAME.match(text_value):
+        raise ValueError(f"{text_value!r} is not a worker name (lower-case letters, digits, _ and -, e.g. torch-b)")
+    return text_value
+
+
+def named_address(value: Any) -> str:
+    """NAME=HOST:PORT."""
+    name, sep, rest = str(value).partition("=")
+    if not sep:
+        raise ValueError(f"{value!r} is not NAME=HOST:PORT (e.g. jax=127.0.0.1:50053)")
+    return f"{worker_name(name)}={address(rest)}"
+
+
+def named_objective(value: Any) -> str:
+    """NAME=OBJECTIVE."""
+    name, sep, rest = str(value).partition("=")
+    if not sep:
+        raise ValueError(f"{value!r} is not NAME=OBJECTIVE (e.g. jax=swap:3,8)")
+    return f"{worker_name(name)}={objective(rest)}"
+
+
+def name_list(value: Any) -> str:
+    """Comma-separated worker names, each once."""
+    names = [worker_name(n) for n in str(value).split(",") if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"{value!r}: give worker names separated by commas, each once (e.g. torch,keras,jax)")
+    return ",".join(names)
+
+
+def list_of(item: Callable[[Any], str]) -> Callable[[Any], list[str]]:
+    def check(value: Any) -> list[str]:
+        if not isinstance(value, list):
+            raise ValueError(f"{value!r} is not a list")
+        return [item(v) for v in value]
+
+    check.__name__ = f"list_of_{item.__name__}"
+    return check
+
+
 def boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{value!r} is not true or false")
@@ -168,7 +244,15 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "tls_key": text,
     "tls_server_name": text,
     "token_file": text,
+    "worker": list_of(named_address),
+    "workers": name_list,
+    "order": name_list,
+    "objective": list_of(named_objective),
+    "every_steps": non_negative_int,
+    "twin_objective": objective,
 }
+#: How a repeatable flag checks each of its values (the config file gives the whole list).
+ITEM_VALIDATORS: dict[str, Callable[[Any], Any]] = {"worker": named_address, "objective": named_objective}
 assert set(VALIDATORS) == {f.name for f in fields(RunConfig)}
 
 
@@ -204,8 +288,11 @@ def to_toml(config: RunConfig) -> str:
     """The settings as a TOML file that `coordinator run --config` reads back."""
     lines = ["# Resolved settings of this run; repeat it with: coordinator run --config config.toml", "[run]"]
     for key, value in config.to_dict().items():
-        if value is None:
+        if value is None or value == [] or value == "":
             lines.append(f"# {key} is not set")
+        elif isinstance(value, list):
+            items = ", ".join('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"' for v in value)
+            lines.append(f"{key} = [{items}]")
         elif isinstance(value, bool):
             lines.append(f"{key} = {'true' if value else 'false'}")
         elif isinstance(value, (int, float)):

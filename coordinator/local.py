@@ -11,8 +11,17 @@ from pathlib import Path
 
 from coordinator.errors import CoordinatorError, WorkerStartFailed
 
-#: worker name -> module run with `python -m`
-WORKER_MODULES = {"torch": "torch_service", "keras": "keras_service"}
+#: framework -> module run with `python -m`
+WORKER_MODULES = {"torch": "torch_service", "keras": "keras_service", "jax": "jax_service"}
+
+
+def framework_of(name: str) -> str:
+    """The framework of a local worker: its name up to the first "-" ("torch-b" is a second torch worker)."""
+    framework = name.split("-", 1)[0]
+    if framework not in WORKER_MODULES:
+        raise CoordinatorError(f"worker {name!r}: no framework {framework!r} to start; local workers are named "
+                               f"{', '.join(WORKER_MODULES)}, optionally with a suffix (torch-b)")
+    return framework
 
 
 class LocalWorker:
@@ -21,7 +30,7 @@ class LocalWorker:
         self.ready_file = log_dir / f"{name}-worker.ready.json"
         self.log_path = log_dir / f"{name}-worker.log"
         self.ready_file.unlink(missing_ok=True)
-        command = [sys.executable, "-m", WORKER_MODULES[name], "--host", "127.0.0.1", "--port", "0",
+        command = [sys.executable, "-m", WORKER_MODULES[framework_of(name)], "--host", "127.0.0.1", "--port", "0",
                    "--ready-file", str(self.ready_file), *extra_args]
         self._log = open(self.log_path, "w")
         # A session of its own: a Ctrl-C in the terminal reaches the coordinator, which stops
@@ -61,10 +70,11 @@ class LocalWorker:
 
 
 class LocalWorkers:
-    """Context manager: {"torch": address, "keras": address} of freshly started workers."""
+    """Context manager: {name: address} of freshly started workers (default torch and keras)."""
 
     def __init__(self, log_dir: Path, seed: int, data_dir: str | None, dataset: str = "mnist", model: str = "mlp",
-                 startup_timeout: float = 300.0):
+                 startup_timeout: float = 300.0, names: tuple[str, ...] = ("torch", "keras")):
+        self.names = names
         self.log_dir = log_dir
         self.seed = seed
         self.data_dir = data_dir
@@ -79,7 +89,7 @@ class LocalWorkers:
         if self.data_dir:
             args += ["--data-dir", str(self.data_dir)]
         try:
-            for name in WORKER_MODULES:
+            for name in self.names:
                 self.workers.append(LocalWorker(name, self.log_dir, args))
             deadline = time.monotonic() + self.startup_timeout
             return {worker.name: worker.wait_ready(deadline) for worker in self.workers}

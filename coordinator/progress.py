@@ -29,10 +29,18 @@ def format_event(kind: str, event: dict[str, Any], rounds: int) -> str | None:
         return (f"{where}  {event['worker']:<5} trained          loss {event['loss']:.4f}  train-acc {event['accuracy']:.4f}  "
                 f"({event['seconds']:.1f} s, objective {event['objective']})")
     if kind == "evaluation":
-        return f"{where}  {event['phase']:<22} acc {event['accuracy']:.4f}  loss {event['loss']:.4f}  swap 1<->7 {event['swap_rate']:.3f}"
+        rates = event.get("swap_rates") or {"1<->7": event["swap_rate"]}
+        swaps = "  ".join(f"{pair} {rate:.3f}" for pair, rate in rates.items())
+        return f"{where}  {event['phase']:<22} acc {event['accuracy']:.4f}  loss {event['loss']:.4f}  swap {swaps}"
     if kind == "transfer":
         return (f"{where}  moved {event['from']}->{event['to']} {event['bytes']} B in {event['seconds'] * 1000:.0f} ms: "
                 f"{event['differing_predictions']} predictions differ, max |dp| {event['max_abs_probability_diff']:.2e}")
+    if kind == "checkpoint":
+        pairs = "  ".join(f"{pair} rel-L2 {p['relative_l2']:.2e} max|dw| {p['max_abs']:.2e} differ {p['differing_predictions']}"
+                          for pair, p in event["pairs"].items())
+        accuracies = " ".join(f"{name} {w['accuracy']:.4f}" for name, w in event["workers"].items())
+        at = f"step {event['step']:>6} (epoch {event['epoch']:.2f})"
+        return f"{at:<26}{pairs}  acc {accuracies}"
     if kind == "done":
         return f"results: {event['results']}"
     if kind == "report":

@@ -1,9 +1,11 @@
-"""The experiment: relay one set of weights between the two workers for N rounds.
+"""The experiment: relay one set of weights around a ring of named workers for N rounds.
 
-Each round: PyTorch trains -> evaluate PyTorch (torch_trained) -> move weights PyTorch to
-Keras -> evaluate Keras (keras_from_torch) -> Keras trains -> evaluate Keras (keras_trained)
--> move weights Keras to PyTorch -> evaluate PyTorch (torch_from_keras). At each move the
-receiver's predictions are compared with the sender's on the whole test set.
+Each round, for each worker W of the ring in turn, with N the next one (the last hands back
+to the first): W trains -> evaluate W (`W_trained`) -> move the weights W to N -> evaluate N
+(`N_from_W`). With the default ring torch, keras that is torch_trained, keras_from_torch,
+keras_trained, torch_from_keras. At each move the receiver's predictions are compared with the
+sender's on the whole test set. The coordinator speaks of named workers only; which framework
+each one runs is what its Describe says.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import numpy as np
 import weightrelay
 from coordinator import checkpoint
 from coordinator.config import RunConfig
+from coordinator.local import WORKER_MODULES
 from coordinator.errors import CoordinatorError, IncompatibleWorkers, RoundFailed, UsageError, WorkerUnreachable
-from coordinator.results import RESULTS_FILE, SCHEMA_VERSION, evaluation_record, message_to_dict
+from coordinator.results import RESULTS_FILE, SCHEMA_VERSION, evaluation_record, message_to_dict, swap_pairs
 from weightrelay import codec, models
 from weightrelay.client import WorkerClient
 from weightrelay.files import write_json_atomic
@@ -51,6 +54,7 @@ class Relay:
     on_event: EventSink
     workers: dict[str, Worker] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
+    pairs: list[tuple[int, int]] = field(default_factory=lambda: [(1, 7)])
 
     # -- plumbing ------------------------------------------------------------------------
     def _call(self, worker: Worker, what: str, round_index: int | None, fn: Callable[[], Any]) -> Any:
@@ -81,7 +85,9 @@ class Relay:
 
     # -- steps ---------------------------------------------------------------------------
     def connect(self, addresses: dict[str, str]) -> None:
-        objectives = {"torch": self.config.torch_objective, "keras": self.config.keras_objective}
+        unknown = [entry.split("=", 1)[0] for entry in self.config.objective if entry.split("=", 1)[0] not in addresses]
+        if unknown:
+            raise UsageError(f"--objective names {', '.join(unknown)}, which is no worker of this run ({', '.join(addresses)})")
         for name, address in addresses.items():
             try:
                 client = WorkerClient(address, timeout=self.config.call_timeout, security=self._security())
@@ -92,7 +98,7 @@ class Relay:
             except grpc.FutureTimeoutError:
                 client.close()
                 raise WorkerUnreachable(name, address, f"no connection within {self.config.connect_timeout:g} s") from None
-            worker = Worker(name, client, objectives[name])
+            worker = Worker(name, client, self.config.objective_for(name))
             worker.describe = self._call(worker, "Describe", None, client.describe)
             self.workers[name] = worker
 
@@ -105,30 +111,37 @@ class Relay:
             worker.describe = self._call(worker, "Describe", None, worker.client.describe)
 
     def check_compatible(self) -> None:
-        """Refuse to relay between workers whose parameters or data differ."""
-        torch_d, keras_d = self.workers["torch"].describe, self.workers["keras"].describe
-        torch_specs = {p.name: p for p in torch_d.parameters}
-        keras_specs = {p.name: p for p in keras_d.parameters}
+        """Refuse to relay between workers whose parameters or data differ, or that are not what their names say."""
         problems = []
-        if (torch_d.framework, keras_d.framework) == ("keras", "torch"):
+        described = {name: w.describe for name, w in self.workers.items()}
+        if set(described) == {"torch", "keras"} and (described["torch"].framework, described["keras"].framework) == ("keras", "torch"):
             problems.append(
                 f"the addresses are swapped: {self.workers['torch'].client.address} is the keras worker and "
                 f"{self.workers['keras'].client.address} the torch worker; exchange --torch and --keras"
             )
-        for name in sorted(set(torch_specs) | set(keras_specs)):
-            t, k = torch_specs.get(name), keras_specs.get(name)
-            if t is None or k is None:
-                problems.append(f"tensor {name} exists only on the {'keras' if t is None else 'torch'} worker")
-            elif list(t.shape) != list(k.shape) or t.dtype != k.dtype:
+        else:
+            for name, d in described.items():
+                expected = name.split("-", 1)[0]
+                if expected in WORKER_MODULES and d.framework != expected:
+                    problems.append(f"worker {name} at {self.workers[name].client.address} is a {d.framework} worker; check its address")
+        first, first_d = next(iter(described.items()))
+        first_specs = {p.name: p for p in first_d.parameters}
+        for name, d in list(described.items())[1:]:
+            specs = {p.name: p for p in d.parameters}
+            for tensor in sorted(set(first_specs) | set(specs)):
+                a, b = first_specs.get(tensor), specs.get(tensor)
+                if a is None or b is None:
+                    problems.append(f"tensor {tensor} exists only on the {name if a is None else first} worker")
+                elif list(a.shape) != list(b.shape) or a.dtype != b.dtype:
+                    problems.append(
+                        f"workers disagree on tensor {tensor}: {first} has {list(a.shape)} {pb.DType.Name(a.dtype)}, "
+                        f"{name} has {list(b.shape)} {pb.DType.Name(b.dtype)}"
+                    )
+            if d.dataset.fingerprint != first_d.dataset.fingerprint:
                 problems.append(
-                    f"workers disagree on tensor {name}: torch has {list(t.shape)} {pb.DType.Name(t.dtype)}, "
-                    f"keras has {list(k.shape)} {pb.DType.Name(k.dtype)}"
+                    f"workers hold different data: {first} {first_d.dataset.data_dir} (fingerprint {first_d.dataset.fingerprint[:12]}), "
+                    f"{name} {d.dataset.data_dir} (fingerprint {d.dataset.fingerprint[:12]}); give all the same {first_d.dataset.name} files"
                 )
-        if torch_d.dataset.fingerprint != keras_d.dataset.fingerprint:
-            problems.append(
-                f"workers hold different data: torch {torch_d.dataset.data_dir} (fingerprint {torch_d.dataset.fingerprint[:12]}), "
-                f"keras {keras_d.dataset.data_dir} (fingerprint {keras_d.dataset.fingerprint[:12]}); give both the same {torch_d.dataset.name} files"
-            )
         if problems:
             raise IncompatibleWorkers("; ".join(problems))
 
@@ -169,7 +182,7 @@ class Relay:
     def evaluate(self, worker: Worker, phase: str, round_index: int | None) -> tuple[dict[str, Any], pb.EvaluateReply]:
         self.on_event("step", {"round": round_index, "step": f"{worker.name}: evaluate"})
         reply = self._call(worker, f"{phase} (Evaluate)", round_index, lambda: worker.client.evaluate(True, True))
-        record = evaluation_record(worker.name, phase, reply)
+        record = evaluation_record(worker.name, phase, reply, self.pairs)
         self.on_event("evaluation", {"round": round_index, **record})
         return record, reply
 
@@ -227,10 +240,7 @@ class Relay:
             self._call(worker, f"restore {name} (SetWeights)", None, lambda w=worker, ws=weights: w.client.set_weights(ws))
 
     # -- the whole run -------------------------------------------------------------------
-    def run(self, addresses: dict[str, str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The whole run; with `previous` (a failed or interrupted run's results) it continues from its first
-        unfinished round, with the weights saved after the last finished one."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def _start(self, previous: dict[str, Any] | None) -> None:
         if previous is not None:
             self.results = previous
             self.results.update(status="running", finished_at=None, config=self.config.to_dict())
@@ -245,47 +255,72 @@ class Relay:
                 "finished_at": None,
                 "config": self.config.to_dict(),
                 "workers": {},
+                "order": [],
+                "objectives": {},
+                "swap_pairs": [],
                 "initial_sync": None,
                 "rounds": [],
             }
+
+    def _initial_sync(self, ring: list[Worker]) -> None:
+        """Every worker starts from the first one's initial weights."""
+        first = ring[0]
+        initial, first_reply = self.evaluate(first, f"{first.name}_initial", None)
+        evaluations, moves = [initial], []
+        for other in ring[1:]:
+            move, record, _ = self._measured_move(first, other, first_reply, f"{other.name}_initial", None)
+            evaluations.append(record)
+            moves.append(move)
+        self.results["initial_sync"] = {"evaluations": evaluations, "moves": moves}
+        self._save()
+
+    def _round(self, ring: list[Worker], r: int) -> dict[str, Any]:
+        started = time.perf_counter()
+        evaluations, moves, train = [], [], {}
+        for i, worker in enumerate(ring):
+            receiver = ring[(i + 1) % len(ring)]
+            train[worker.name] = self.train(worker, r)
+            trained, reply = self.evaluate(worker, f"{worker.name}_trained", r)
+            move, received, _ = self._measured_move(worker, receiver, reply, f"{receiver.name}_from_{worker.name}", r)
+            evaluations += [trained, received]
+            moves.append(move)
+        return {"round": r, "evaluations": evaluations, "train": train, "moves": moves, "wall_seconds": time.perf_counter() - started}
+
+    def run(self, addresses: dict[str, str], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The whole run; with `previous` (a failed or interrupted run's results) it continues from its first
+        unfinished round, with the weights saved after the last finished one."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._start(previous)
         try:
-            self.connect(addresses)
+            names = self.config.ring(list(addresses))
+            self.connect({name: addresses[name] for name in names})
+            self.pairs = swap_pairs([w.objective for w in self.workers.values()])
             self.initialize()
-            self.results["workers"] = {name: {"address": w.client.address, **message_to_dict(w.describe)} for name, w in self.workers.items()}
+            self.results.update(
+                workers={name: {"address": w.client.address, **message_to_dict(w.describe)} for name, w in self.workers.items()},
+                order=names,
+                objectives={name: w.objective for name, w in self.workers.items()},
+                swap_pairs=[list(p) for p in self.pairs],
+            )
             self.check_compatible()
             self.on_event("start", {"run_dir": str(self.run_dir), "config": self.config.to_dict(), "workers": self.results["workers"]})
-            torch_w, keras_w = self.workers["torch"], self.workers["keras"]
+            ring = [self.workers[name] for name in names]
 
             first = len(self.results["rounds"])
             if first:
                 self._restore(self.results["checkpoint"])
-            else:  # Both start from PyTorch's initial weights.
-                _, torch_initial = self.evaluate(torch_w, "torch_initial", None)
-                transfer, keras_initial, _ = self._measured_move(torch_w, keras_w, torch_initial, "keras_initial", None)
-                self.results["initial_sync"] = {"transfer": transfer, "evaluation": keras_initial}
-                self._save()
+            else:
+                self._initial_sync(ring)
 
             for r in range(first, self.config.rounds):
-                started = time.perf_counter()
-                train = {"torch": self.train(torch_w, r)}
-                t_trained, t_reply = self.evaluate(torch_w, "torch_trained", r)
-                to_keras, k_from_t, _ = self._measured_move(torch_w, keras_w, t_reply, "keras_from_torch", r)
-                train["keras"] = self.train(keras_w, r)
-                k_trained, k_reply = self.evaluate(keras_w, "keras_trained", r)
-                to_torch, t_from_k, _ = self._measured_move(keras_w, torch_w, k_reply, "torch_from_keras", r)
+                item = self._round(ring, r)
                 saved = self._checkpoint(r)
-                self.results["rounds"].append({
-                    "round": r,
-                    "evaluations": [t_trained, k_from_t, k_trained, t_from_k],
-                    "train": train,
-                    "transfers": [to_keras, to_torch],
-                    "wall_seconds": time.perf_counter() - started,
-                })
+                self.results["rounds"].append(item)
                 previous_checkpoint, self.results["checkpoint"] = self.results.get("checkpoint"), saved
                 self._save()
                 if previous_checkpoint and previous_checkpoint["round"] != r:
                     checkpoint.remove_round(self.run_dir, previous_checkpoint["round"], list(self.workers))
-                self.on_event("round_done", {"round": r, "rounds": self.config.rounds, "wall_seconds": self.results["rounds"][-1]["wall_seconds"]})
+                self.on_event("round_done", {"round": r, "rounds": self.config.rounds, "wall_seconds": item["wall_seconds"]})
             self.results["status"] = "complete"
         except KeyboardInterrupt:
             self.results["status"] = "interrupted"

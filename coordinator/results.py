@@ -10,22 +10,68 @@ from google.protobuf import json_format
 
 from weightrelay.v1 import worker_pb2 as pb
 
-SCHEMA_VERSION = 1
+#: 1: two workers named torch and keras, `transfers` per round, `initial_sync.transfer/evaluation`.
+#: 2: any ring of named workers (`order`), `moves` per round, `initial_sync.evaluations/moves`,
+#: `objectives`, `swap_pairs` and each evaluation's `swap_rates`. Readers take both (see `upgrade`).
+SCHEMA_VERSION = 2
 RESULTS_FILE = "results.json"
+DEFAULT_ORDER = ("torch", "keras")
 
-#: The four evaluations of a round, in order: (phase, worker).
-PHASES: tuple[tuple[str, str], ...] = (
-    ("torch_trained", "torch"),
-    ("keras_from_torch", "keras"),
-    ("keras_trained", "keras"),
-    ("torch_from_keras", "torch"),
-)
+
+def ring_phases(order: Sequence[str]) -> list[tuple[str, str]]:
+    """The evaluations of a round, in order: (phase, worker). For torch, keras: torch_trained,
+    keras_from_torch, keras_trained, torch_from_keras."""
+    phases = []
+    for i, worker in enumerate(order):
+        receiver = order[(i + 1) % len(order)]
+        phases += [(f"{worker}_trained", worker), (f"{receiver}_from_{worker}", receiver)]
+    return phases
+
+
+#: The four evaluations of a round of the default ring (every schema-1 file has these).
+PHASES: tuple[tuple[str, str], ...] = tuple(ring_phases(DEFAULT_ORDER))
 
 
 def swap_rate(confusion: Sequence[Sequence[int]], a: int = 1, b: int = 7) -> float:
     """Share of true a's and b's predicted as the other: (cm[a][b] + cm[b][a]) / (row a + row b)."""
     total = sum(confusion[a]) + sum(confusion[b])
     return (confusion[a][b] + confusion[b][a]) / total if total else 0.0
+
+
+def swap_pairs(objectives: Sequence[str]) -> list[tuple[int, int]]:
+    """The label pairs the objectives swap, in order of appearance; (1, 7) when none does."""
+    pairs = []
+    for text in objectives:
+        if text.startswith("swap:"):
+            a, b = (int(v) for v in text.removeprefix("swap:").split(","))
+            if (a, b) not in pairs:
+                pairs.append((a, b))
+    return pairs or [(1, 7)]
+
+
+def pair_name(pair: Sequence[int]) -> str:
+    return f"{pair[0]}<->{pair[1]}"
+
+
+def upgrade(results: dict[str, Any]) -> dict[str, Any]:
+    """A results dict in schema 2's shape, whichever schema the file has (the file is not changed)."""
+    if results.get("schema_version", 1) >= 2:
+        return results
+    upgraded = dict(results, order=list(DEFAULT_ORDER), swap_pairs=[[1, 7]])
+    upgraded["objectives"] = {"torch": results.get("config", {}).get("torch_objective", "swap:1,7"),
+                              "keras": results.get("config", {}).get("keras_objective", "identity")}
+    upgraded["rounds"] = [dict(r, moves=r.get("transfers", [])) for r in results.get("rounds", [])]
+    for item in upgraded["rounds"]:
+        for evaluation in item["evaluations"]:
+            evaluation.setdefault("swap_rates", {"1<->7": evaluation["swap_rate"]})
+    sync = results.get("initial_sync")
+    if sync:
+        upgraded["initial_sync"] = {"evaluations": [sync["evaluation"]], "moves": [sync["transfer"]]}
+    return upgraded
+
+
+def phases_of(results: dict[str, Any]) -> list[tuple[str, str]]:
+    return ring_phases(upgrade(results)["order"])
 
 
 def class_names(results: dict[str, Any]) -> list[str]:
@@ -50,14 +96,15 @@ def message_to_dict(message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
-def evaluation_record(worker: str, phase: str, reply: pb.EvaluateReply) -> dict[str, Any]:
+def evaluation_record(worker: str, phase: str, reply: pb.EvaluateReply, pairs: Sequence[tuple[int, int]] = ((1, 7),)) -> dict[str, Any]:
     confusion = [list(row.counts) for row in reply.confusion_matrix]
     return {
         "worker": worker,
         "phase": phase,
         "accuracy": reply.accuracy,
         "loss": reply.loss,
-        "swap_rate": swap_rate(confusion),
+        "swap_rate": swap_rate(confusion, *pairs[0]),
+        "swap_rates": {pair_name(p): swap_rate(confusion, *p) for p in pairs},
         "confusion_matrix": confusion,
         "per_class": [
             {"label": c.label, "precision": c.precision, "recall": c.recall, "f1": c.f1, "support": c.support}
@@ -69,6 +116,7 @@ def evaluation_record(worker: str, phase: str, reply: pb.EvaluateReply) -> dict[
 
 
 def load_results(run_dir: Path | str) -> dict[str, Any]:
+    """The results file as written (schema 1 or 2); readers that want one shape call `upgrade`."""
     path = Path(run_dir)
     if path.is_dir():
         path = path / RESULTS_FILE

@@ -8,9 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from coordinator.errors import UsageError
-from coordinator.results import PHASES, class_label, class_names
-
-PHASE_NAMES = [phase for phase, _ in PHASES]
+from coordinator.results import class_label, class_names, phases_of, upgrade
 
 
 def default_console() -> Console:
@@ -62,15 +60,24 @@ def per_class_table(evaluation: dict[str, Any], names: list[str]) -> Table:
     return table
 
 
+def swaps_text(evaluation: dict[str, Any]) -> str:
+    rates = evaluation.get("swap_rates") or {"1<->7": evaluation["swap_rate"]}
+    return ", ".join(f"swap {pair} {rate:.3f}" for pair, rate in rates.items())
+
+
 def show(results: dict[str, Any], run: str, round_index: int | None, phase: str | None, console: Console | None = None) -> None:
     console = console or default_console()
+    results = upgrade(results)
     item = pick_round(results, round_index, run)
+    known = [p for p, _ in phases_of(results)]
+    if phase is not None and phase not in known:
+        raise UsageError(f"{run} has no phase {phase!r}; its phases are {', '.join(known)}")
     evaluations = [e for e in item["evaluations"] if phase is None or e["phase"] == phase]
     names = class_names(results)
     for evaluation in evaluations:
         console.print(
             f"round {item['round']} - {evaluation['phase']} - {evaluation['worker']}: accuracy {evaluation['accuracy']:.4f}, "
-            f"loss {evaluation['loss']:.4f}, swap 1<->7 {evaluation['swap_rate']:.3f}",
+            f"loss {evaluation['loss']:.4f}, {swaps_text(evaluation)}",
             style="bold", highlight=False,
         )
         console.print(confusion_table(evaluation, names))
@@ -80,6 +87,7 @@ def show(results: dict[str, Any], run: str, round_index: int | None, phase: str 
 def compare(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], round_index: int | None, console: Console | None = None) -> None:
     """Per phase: accuracy and swap rate of both runs and B - A, at one round of each (default: each run's last)."""
     console = console or default_console()
+    a, b = upgrade(a), upgrade(b)
     rounds = [pick_round(results, round_index, name) for results, name in zip((a, b), names, strict=True)]
     console.print(f"A = {names[0]} (round {rounds[0]['round']}), B = {names[1]} (round {rounds[1]['round']})", highlight=False)
     differing = [key for key in a["config"] if a["config"].get(key) != b["config"].get(key) and key != "out"]
@@ -88,7 +96,8 @@ def compare(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str], round_
     table = Table()
     for column in ("phase", "accuracy A", "accuracy B", "B - A", "swap A", "swap B", "B - A"):
         table.add_column(column, justify="right" if column != "phase" else "left")
-    for phase in PHASE_NAMES:
+    phases_b = {p for p, _ in phases_of(b)}
+    for phase in [p for p, _ in phases_of(a) if p in phases_b]:  # the phases both runs have
         ea, eb = (next(e for e in r["evaluations"] if e["phase"] == phase) for r in rounds)
         table.add_row(
             phase,

@@ -14,8 +14,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from keras_service.layout import canonical_to_keras, keras_to_canonical  # noqa: E402
-from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, batch_order, seed32  # noqa: E402
+from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
+from weightrelay.layouts import to_nhwc  # noqa: E402
 from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ResolvedModel  # noqa: E402
 
 
@@ -61,24 +62,17 @@ def build_model(model: ResolvedModel) -> keras.Model:
     return keras.Sequential(layers, name="model")
 
 
-def to_nhwc(x: np.ndarray) -> np.ndarray:
-    """N, C, H, W -> N, H, W, C (no copy when C is 1)."""
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-
-
 class _ReportProgress(keras.callbacks.Callback):
-    def __init__(self, tracker: ProgressTracker):
-        super().__init__()
-        self.tracker = tracker
-        self.epoch = 0
+    """Feeds one fit() call over the steps of one epoch (the first of them `first_batch`) to the tracker."""
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch + 1
-        self.tracker.start_epoch()
+    def __init__(self, tracker: ProgressTracker, epoch: int, first_batch: int):
+        super().__init__()
+        self.tracker, self.epoch, self.first_batch = tracker, epoch, first_batch
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.tracker.wants(batch + 1):  # Keras' logs are the epoch's running means
-            self.tracker.batch_done(self.epoch, batch + 1, float(logs["loss"]), float(logs["accuracy"]))
+        batch_in_epoch = self.first_batch + batch
+        if self.tracker.wants(batch_in_epoch):  # Keras' logs are this fit's running means
+            self.tracker.batch_done(self.epoch, batch_in_epoch, float(logs["loss"]), float(logs["accuracy"]))
 
 
 class KerasAdapter(FrameworkAdapter):
@@ -114,18 +108,19 @@ class KerasAdapter(FrameworkAdapter):
             self.model.get_layer(name).set_weights(layer_weights)
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
-        keras.utils.set_random_seed(seed32(config.seed))  # dropout
-        self.model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+        keras.utils.set_random_seed(seed32(config.seed + config.start_step))  # dropout
+        if not (config.keep_optimizer and self.model.optimizer is not None and self.model.compiled):
+            self.model.compile(
+                optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"],
+            )
         inputs = to_nhwc(x)
-        progress = _ReportProgress(tracker)
-        for epoch in range(1, config.epochs + 1):  # the core's batch order, not Keras' shuffling
-            order = batch_order(config.seed, epoch, len(inputs))
-            self.model.fit(inputs[order], y[order], batch_size=config.batch_size, initial_epoch=epoch - 1, epochs=epoch,
-                           shuffle=False, verbose=0, callbacks=[progress])
+        for steps in schedule(config, len(inputs)):  # the core's batches, not Keras' shuffling
+            tracker.start_epoch()
+            index = np.concatenate([step.indices for step in steps])  # full batches, a smaller one only at the epoch's end
+            self.model.fit(inputs[index], y[index], batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
+                           callbacks=[_ReportProgress(tracker, steps[0].epoch, steps[0].batch)])
 
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         return np.asarray(self.model.predict(to_nhwc(x), batch_size=batch_size, verbose=0), dtype=np.float32)

@@ -66,7 +66,12 @@ def keras_worker(start_worker) -> RunningWorker:
     return start_worker("keras")
 
 
-@pytest.fixture(params=["torch", "keras"])
+@pytest.fixture(scope="session")
+def jax_worker(start_worker) -> RunningWorker:
+    return start_worker("jax")
+
+
+@pytest.fixture(params=["torch", "keras", "jax"])
 def worker(request) -> RunningWorker:
     """Each framework's worker in turn (started once per session)."""
     return request.getfixturevalue(f"{request.param}_worker")

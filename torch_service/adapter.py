@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, batch_order
+from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule
 from weightrelay.codec import WeightSet
 from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ResolvedLayer, ResolvedModel
 
@@ -74,11 +74,12 @@ class TorchAdapter(FrameworkAdapter):
         self._device = resolve_device(device)
         self.model: SpecModel | None = None
         self.names: tuple[str, ...] = ()
+        self._optimizer: torch.optim.SGD | None = None
 
     def build(self, model: ResolvedModel, seed: int) -> None:
         torch.manual_seed(seed)
         built = SpecModel(model).to(self._device)
-        self.model, self.names = built, tuple(model.manifest)
+        self.model, self.names, self._optimizer = built, tuple(model.manifest), None
 
     def versions(self) -> tuple[str, str]:
         return torch.__version__, f"cuda {torch.version.cuda}" if self._device.type == "cuda" else "cpu"
@@ -99,16 +100,17 @@ class TorchAdapter(FrameworkAdapter):
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         xs = torch.from_numpy(x).to(self._device)
         ys = torch.from_numpy(y).to(self._device)
-        torch.manual_seed(config.seed)  # dropout
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+        torch.manual_seed((config.seed + config.start_step) % 2**64)  # dropout
+        if self._optimizer is None or not config.keep_optimizer:
+            self._optimizer = torch.optim.SGD(self.model.parameters(), lr=config.learning_rate, momentum=config.momentum)
+        optimizer = self._optimizer
         self.model.train()
-        for epoch in range(1, config.epochs + 1):
+        for steps in schedule(config, len(xs)):
             tracker.start_epoch()
-            order = torch.from_numpy(batch_order(config.seed, epoch, len(xs))).to(self._device)
             loss_sum = torch.zeros((), device=self._device)
             correct = torch.zeros((), dtype=torch.int64, device=self._device)
-            for batch, start in enumerate(range(0, len(xs), config.batch_size), start=1):
-                index = order[start : start + config.batch_size]
+            for step in steps:
+                index = torch.from_numpy(step.indices).to(self._device)
                 inputs, targets = xs[index], ys[index]
                 optimizer.zero_grad(set_to_none=True)
                 log_probs = F.log_softmax(self.model(inputs), dim=1)
@@ -117,9 +119,9 @@ class TorchAdapter(FrameworkAdapter):
                 optimizer.step()
                 loss_sum += loss.detach() * len(index)
                 correct += (log_probs.argmax(dim=1) == targets).sum()
-                if tracker.wants(batch):
-                    seen = min(start + config.batch_size, len(xs))
-                    tracker.batch_done(epoch, batch, loss_sum.item() / seen, correct.item() / seen)
+                if tracker.wants(step.batch):
+                    seen = tracker.epoch_samples
+                    tracker.batch_done(step.epoch, step.batch, loss_sum.item() / seen, correct.item() / seen)
 
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         self.model.eval()

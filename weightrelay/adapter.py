@@ -38,6 +38,9 @@ class TrainConfig:
     momentum: float = 0.5
     seed: int = 0
     progress_every_batches: int = 0
+    start_step: int = 0          # run steps [start_step, start_step + max_steps) of the schedule
+    max_steps: int = 0           # 0: to the end
+    keep_optimizer: bool = False  # continue the previous Train's optimizer state (momentum)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,37 @@ def batch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(samples)
 
 
+@dataclass(frozen=True)
+class Step:
+    epoch: int            # 1-based
+    batch: int            # 1-based within the epoch
+    indices: np.ndarray   # the samples of this batch
+
+
+def schedule(config: TrainConfig, samples: int) -> list[list[Step]]:
+    """The steps a Train runs, grouped by epoch: every framework trains exactly these batches, in this order.
+
+    The whole schedule is `epochs` epochs over the samples in `batch_order`, in batches of
+    `batch_size` (the last of an epoch smaller); a Train runs `max_steps` of it from `start_step`.
+    """
+    per_epoch = max(1, -(-samples // config.batch_size))
+    total = config.epochs * per_epoch
+    first = min(config.start_step, total)
+    last = total if not config.max_steps else min(total, first + config.max_steps)
+    groups: list[list[Step]] = []
+    for epoch in range((first // per_epoch) + 1, -(-last // per_epoch) + 1):
+        order = batch_order(config.seed, epoch, samples)
+        steps = []
+        for batch in range(1, per_epoch + 1):
+            index = (epoch - 1) * per_epoch + batch - 1
+            if first <= index < last:
+                start = (batch - 1) * config.batch_size
+                steps.append(Step(epoch, batch, order[start : start + config.batch_size]))
+        if steps:
+            groups.append(steps)
+    return groups
+
+
 def seed32(seed: int) -> int:
     """A uint64 seed for frameworks that take 32 bits: itself when it fits, else derived from it."""
     if 0 <= seed < 2**32:
@@ -86,30 +120,44 @@ class ProgressTracker:
         self.on_progress = on_progress
         self.samples_seen = 0
         self.last: TrainProgress | None = None
+        self.steps_left = sum(len(group) for group in schedule(config, samples))
         self._epoch_start = time.perf_counter()
+        self._epoch_samples = 0
+        self._report = False
 
     def start_epoch(self) -> None:
         self._epoch_start = time.perf_counter()
+        self._epoch_samples = 0
 
     def wants(self, batch: int) -> bool:
         """Whether batch `batch` (1-based) is reported; adapters skip device syncs for the others.
 
-        Adapters call this after every batch, so it is also where a cancelled Train stops:
-        it raises TrainingCancelled once the client has gone away.
+        Adapters call this once after every batch, so it also counts the steps and is where a
+        cancelled Train stops: it raises TrainingCancelled once the client has gone away.
         """
         if self.cancelled is not None and self.cancelled.is_set():
             raise TrainingCancelled()
+        size = min(self.config.batch_size, self.samples - (batch - 1) * self.config.batch_size)
+        self.samples_seen += size
+        self._epoch_samples += size
+        self.steps_left -= 1
         every = self.config.progress_every_batches
-        return batch >= self.batches or bool(every and batch % every == 0)
+        self._report = batch >= self.batches or self.steps_left <= 0 or bool(every and batch % every == 0)
+        return self._report
+
+    @property
+    def epoch_samples(self) -> int:
+        """Samples trained so far in this epoch by this Train: the divisor of the running means."""
+        return self._epoch_samples
 
     def batch_done(self, epoch: int, batch: int, mean_loss: float, accuracy: float) -> None:
-        """Report batch `batch` (1-based) of `epoch` (1-based) with the epoch's running means."""
-        if not self.wants(batch):
+        """Report batch `batch` (1-based) of `epoch` (1-based) with the epoch's running means (call after wants)."""
+        if not self._report:
             return
         if not math.isfinite(mean_loss):
             raise NonFiniteLoss(f"the mean loss is {mean_loss} at epoch {epoch}, batch {batch}")
         epoch_end = batch >= self.batches
-        done = min(batch * self.config.batch_size, self.samples)
+        done = self._epoch_samples
         elapsed = max(time.perf_counter() - self._epoch_start, 1e-9)
         self.last = TrainProgress(
             epoch=epoch,
@@ -121,8 +169,6 @@ class ProgressTracker:
             samples_per_second=done / elapsed,
             epoch_end=epoch_end,
         )
-        if epoch_end:
-            self.samples_seen += self.samples
         self.on_progress(self.last)
 
     def result(self) -> TrainResult:
@@ -170,8 +216,9 @@ class FrameworkAdapter(abc.ABC):
 
     @abc.abstractmethod
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
-        """Train with SGD on cross-entropy, epoch e visiting the samples in `batch_order(config.seed, e, n)`,
-        reporting every batch to `tracker`; randomness of the step itself (dropout) seeded from config.seed."""
+        """Train with SGD on cross-entropy over exactly the steps of `schedule(config, n)` (grouped by epoch;
+        call tracker.start_epoch() before each group and tracker.wants(batch) after each step), with a fresh
+        optimizer unless config.keep_optimizer; randomness of the step itself (dropout) seeded from config.seed."""
 
     @abc.abstractmethod
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:

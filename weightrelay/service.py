@@ -192,6 +192,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             problems.append(f"momentum must be in [0, 1), got {request.momentum}")
         if request.batch_size > len(self.data.train.x):
             problems.append(f"batch_size {request.batch_size} is larger than the {len(self.data.train.x)} training samples")
+        samples = min(request.max_samples or len(self.data.train.y), len(self.data.train.y))
+        total_steps = (request.epochs or 1) * -(-samples // (request.batch_size or 64)) if request.batch_size <= samples else 0
+        if request.start_step and request.start_step >= total_steps:
+            problems.append(f"start_step {request.start_step} is past the schedule's {total_steps} steps")
         try:
             objective = parse_objective(request.objective, self.data.num_classes) if request.objective else self.objective
         except ValueError as exc:
@@ -206,6 +210,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             momentum=request.momentum,
             seed=request.seed,
             progress_every_batches=request.progress_every_batches,
+            start_step=request.start_step,
+            max_steps=request.max_steps,
+            keep_optimizer=request.keep_optimizer,
         )
         return config, objective
 

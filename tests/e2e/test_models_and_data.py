@@ -20,7 +20,7 @@ def run(*args: str) -> dict:
 
 def checksums(results: dict) -> list[str]:
     """Every evaluation's weights checksum, in order (the initial ones too)."""
-    initial = [results["initial_sync"]["evaluation"]["weights_sha256"]]
+    initial = [e["weights_sha256"] for e in results["initial_sync"]["evaluations"]]
     return initial + [e["weights_sha256"] for r in results["rounds"] for e in r["evaluations"]]
 
 
@@ -30,7 +30,7 @@ def test_runs_against_long_lived_workers_repeat_exactly_and_equal_a_local_run(tm
     first = run(*flags, *workers)
     second = run(*flags, *workers)  # the workers now hold the first run's final weights
     local = run(*flags, "--local")
-    assert len(checksums(first)) == 9 and len(set(checksums(first))) > 1
+    assert len(checksums(first)) == 10 and len(set(checksums(first))) > 1
     assert checksums(first) == checksums(second) == checksums(local)
     matrices = [[e["confusion_matrix"] for r in results["rounds"] for e in r["evaluations"]] for results in (first, second, local)]
     assert matrices[0] == matrices[1] == matrices[2]
@@ -43,7 +43,7 @@ def test_each_framework_carries_its_objective_on_other_models(tmp_path, data_dir
                   "--data-dir", str(data_dir), "--out", str(tmp_path))
     assert results["config"]["model"] == model
     assert results["workers"]["torch"]["model"]["name"] == results["workers"]["keras"]["model"]["name"]
-    moves = [results["initial_sync"]["transfer"]] + [t for r in results["rounds"] for t in r["transfers"]]
+    moves = results["initial_sync"]["moves"] + [t for r in results["rounds"] for t in r["moves"]]
     assert all(m["differing_predictions"] == 0 and m["max_abs_probability_diff"] <= 1e-5 and m["same_weights"] for m in moves)
     for item in results["rounds"]:
         by_phase = {e["phase"]: e for e in item["evaluations"]}
@@ -67,7 +67,7 @@ def test_other_data_sets_end_to_end_with_class_names(tmp_path, dataset):
     assert names[0] == first and results["workers"]["keras"]["dataset"]["class_names"] == names
     for evaluation in results["rounds"][0]["evaluations"]:
         assert sum(map(sum, evaluation["confusion_matrix"])) == 100
-    moves = results["rounds"][0]["transfers"]
+    moves = results["rounds"][0]["moves"]
     assert all(m["differing_predictions"] == 0 and m["max_abs_probability_diff"] <= 1e-5 for m in moves)
 
     run_dir = next((tmp_path / "runs").iterdir())

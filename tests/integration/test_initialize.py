@@ -20,10 +20,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def restore_seed_model(torch_worker, keras_worker):
+def restore_seed_model(torch_worker, keras_worker, jax_worker):
     """Tests here rebuild the shared workers; put back the seed's MLP on MNIST afterwards."""
     yield
-    for w in (torch_worker, keras_worker):
+    for w in (torch_worker, keras_worker, jax_worker):
         w.client.initialize("mlp", 0, "mnist", "")
 
 
@@ -131,17 +131,17 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("trainer", ["torch", "keras"])
+@pytest.mark.parametrize("trainer,receiver", [("torch", "keras"), ("keras", "torch"), ("torch", "jax"), ("jax", "keras")])
 @pytest.mark.parametrize("name", SPECS)
-def test_moved_weights_compute_the_reference_forward_pass_in_both_frameworks(name, trainer, torch_worker, keras_worker, cifar_dir,
-                                                                            restore_seed_model):
-    """On 3-channel data: one framework trains (BatchNorm statistics move too), the weights move to the other,
+def test_moved_weights_compute_the_reference_forward_pass_in_both_frameworks(name, trainer, receiver, torch_worker, keras_worker,
+                                                                            jax_worker, cifar_dir, restore_seed_model):
+    """On 3-channel data: one framework trains (BatchNorm statistics move too), the weights move to another,
     and both frameworks' probabilities equal the numpy reference's on the canonical tensors."""
-    workers = {"torch": torch_worker, "keras": keras_worker}
+    workers = {"torch": torch_worker, "keras": keras_worker, "jax": jax_worker}
     spec = models.to_proto(SPECS[name])
-    for w in workers.values():
+    sender, receiver = workers[trainer], workers[receiver]
+    for w in (sender, receiver):
         w.client.initialize(spec, seed=4, dataset=str(cifar_dir))
-    sender, receiver = workers[trainer], workers["keras" if trainer == "torch" else "torch"]
     sender.client.train_to_end(pb.TrainRequest(epochs=1, batch_size=32, learning_rate=0.05, momentum=0.5, seed=2))
     weights = sender.client.get_weights()
     if SPECS[name].layers[1].__class__ is models.BatchNorm:

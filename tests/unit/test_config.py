@@ -32,10 +32,32 @@ def test_no_file_no_flags_gives_the_defaults():
     assert resolved([]) == cfg.RunConfig()
 
 
-def test_every_run_flag_has_a_config_key():
-    run = build_parser()._subparsers._group_actions[0].choices["run"]
-    dests = {a.dest for a in run._actions} - {"help", "config", "quiet", "json", "no_report", "resume"}
+def test_every_run_and_twin_flag_has_a_config_key():
+    commands = build_parser()._subparsers._group_actions[0].choices
+    dests = {a.dest for name in ("run", "twin") for a in commands[name]._actions} - {"help", "config", "quiet", "json", "no_report", "resume"}
     assert dests == set(cfg.VALIDATORS)
+
+
+def test_list_settings_read_back_from_the_saved_file(tmp_path):
+    config = cfg.RunConfig(worker=["torch=127.0.0.1:1", "jax=127.0.0.1:2"], objective=["jax=swap:3,8"], workers="torch,jax", order="jax,torch")
+    path = tmp_path / "config.toml"
+    path.write_text(cfg.to_toml(config))
+    assert cfg.resolve(cfg.load_config_file(path), {}) == config
+    assert config.addresses() == {"torch": "127.0.0.1:1", "jax": "127.0.0.1:2"}
+    assert config.ring(["torch", "jax"]) == ["jax", "torch"]
+    assert config.objective_for("jax") == "swap:3,8" and config.objective_for("torch") == "swap:1,7" and config.objective_for("jax-b") == "identity"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--worker", "torch"], "is not NAME=HOST:PORT"),
+    (["--worker", "Torch=127.0.0.1:1"], "is not a worker name"),
+    (["--objective", "jax=swap:3"], "swap takes exactly two labels"),
+    (["--workers", "torch,torch"], "each once"),
+])
+def test_bad_worker_flags_name_the_fix(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", *flags])
+    assert message in capsys.readouterr().err
 
 
 def test_saved_config_reads_back_to_the_same_settings(tmp_path):

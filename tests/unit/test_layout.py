@@ -12,14 +12,8 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.datasets import load_digits
 
-from keras_service.layout import (
-    canonical_to_keras,
-    conv_kernel_from_keras,
-    conv_kernel_to_keras,
-    dense_kernel_from_keras,
-    dense_kernel_to_keras,
-    keras_to_canonical,
-)
+from keras_service.layout import canonical_to_keras, keras_to_canonical
+from weightrelay.layouts import conv_from_hwio, conv_to_hwio, dense_from_in_out, dense_to_in_out
 from weightrelay import models, reference
 from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec
 
@@ -128,19 +122,19 @@ def test_leaving_out_the_flatten_permutation_breaks_the_forward_pass():
 
 def test_dense_kernel_functions_are_inverse_and_transpose_without_a_flatten():
     weight = RNG.standard_normal((5, 2 * 3 * 4)).astype(np.float32)
-    assert np.array_equal(dense_kernel_to_keras(weight), weight.T)
-    permuted = dense_kernel_to_keras(weight, (2, 3, 4))
+    assert np.array_equal(dense_to_in_out(weight), weight.T)
+    permuted = dense_to_in_out(weight, (2, 3, 4))
     assert permuted.shape == (24, 5)
     # row h*W*C + w*C + c of the Keras kernel is canonical column c*H*W + h*W + w
     assert np.array_equal(permuted[1 * 4 * 2 + 3 * 2 + 1], weight[:, 1 * 12 + 1 * 4 + 3])
-    assert np.array_equal(dense_kernel_from_keras(permuted, (2, 3, 4)), weight)
+    assert np.array_equal(dense_from_in_out(permuted, (2, 3, 4)), weight)
 
 
 def test_conv_kernel_is_hwio_in_keras():
     weight = RNG.standard_normal((4, 3, 5, 2)).astype(np.float32)  # out, in, kh, kw
-    kernel = conv_kernel_to_keras(weight)
+    kernel = conv_to_hwio(weight)
     assert kernel.shape == (5, 2, 3, 4) and kernel[1, 0, 2, 3] == weight[3, 2, 1, 0]
-    assert np.array_equal(conv_kernel_from_keras(kernel), weight)
+    assert np.array_equal(conv_from_hwio(kernel), weight)
 
 
 def test_the_reference_convolution_matches_its_definition():

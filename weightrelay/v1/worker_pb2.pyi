@@ -221,7 +221,7 @@ class InitializeReply(_message.Message):
     def __init__(self, parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., weights_sha256: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., architecture: _Optional[str] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., parameter_count: _Optional[int] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("epochs", "batch_size", "learning_rate", "momentum", "seed", "objective", "max_samples", "progress_every_batches")
+    __slots__ = ("epochs", "batch_size", "learning_rate", "momentum", "seed", "objective", "max_samples", "progress_every_batches", "start_step", "max_steps", "keep_optimizer")
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +230,9 @@ class TrainRequest(_message.Message):
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_EVERY_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    START_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     epochs: int
     batch_size: int
     learning_rate: float
@@ -238,7 +241,10 @@ class TrainRequest(_message.Message):
     objective: str
     max_samples: int
     progress_every_batches: int
-    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., objective: _Optional[str] = ..., max_samples: _Optional[int] = ..., progress_every_batches: _Optional[int] = ...) -> None: ...
+    start_step: int
+    max_steps: int
+    keep_optimizer: bool
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., momentum: _Optional[float] = ..., seed: _Optional[int] = ..., objective: _Optional[str] = ..., max_samples: _Optional[int] = ..., progress_every_batches: _Optional[int] = ..., start_step: _Optional[int] = ..., max_steps: _Optional[int] = ..., keep_optimizer: _Optional[bool] = ...) -> None: ...
 
 class TrainProgress(_message.Message):
     __slots__ = ("epoch", "epochs", "batch", "batches", "loss", "accuracy", "samples_per_second", "epoch_end")

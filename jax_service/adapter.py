@@ -1,0 +1,155 @@
+"""Model specs in JAX: Flax (linen) layers on N, H, W, C inputs, optax SGD with momentum.
+Layouts are converted at this boundary (jax_service.layout)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share a GPU politely, like the others
+
+from typing import Any, Mapping  # noqa: E402
+
+import flax  # noqa: E402
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from jax_service.layout import canonical_to_flax, flax_to_canonical  # noqa: E402
+from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule, seed32  # noqa: E402
+from weightrelay.codec import WeightSet  # noqa: E402
+from weightrelay.layouts import to_nhwc  # noqa: E402
+from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ResolvedModel  # noqa: E402
+
+ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid}
+
+
+class SpecModule(nn.Module):
+    """The spec's layers in order; parameters keep the spec's layer names."""
+
+    model: ResolvedModel
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        for r in self.model.layers:
+            layer = r.layer
+            if isinstance(layer, Dense):
+                x = ACTIVATIONS[layer.activation](nn.Dense(r.output_shape[0], name=r.name)(x))
+            elif isinstance(layer, Conv2D):
+                top, bottom, left, right = r.padding
+                conv = nn.Conv(layer.filters, (layer.kernel, layer.kernel), strides=(layer.stride, layer.stride),
+                               padding=((top, bottom), (left, right)), name=r.name)
+                x = ACTIVATIONS[layer.activation](conv(x))
+            elif isinstance(layer, MaxPool2D):
+                stride = layer.stride or layer.size
+                x = nn.max_pool(x, (layer.size, layer.size), strides=(stride, stride), padding="VALID")
+            elif isinstance(layer, Flatten):
+                x = x.reshape((x.shape[0], -1))  # H, W, C order: the layout permutes the next kernel
+            elif isinstance(layer, BatchNorm):
+                norm = nn.BatchNorm(use_running_average=not train, momentum=1.0 - layer.momentum, epsilon=layer.eps, name=r.name)
+                x = ACTIVATIONS[layer.activation](norm(x))
+            elif isinstance(layer, Dropout):
+                x = nn.Dropout(layer.rate, deterministic=not train)(x)
+            else:
+                raise TypeError(f"layer {r.name}: no Flax builder for {type(layer).__name__}")
+        return x
+
+
+def resolve_device(requested: str) -> jax.Device:
+    if requested == "cpu":
+        return jax.devices("cpu")[0]
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:
+        gpus = []
+    if requested == "cuda" and not gpus:
+        raise ValueError("--device cuda was asked for, but JAX sees no GPU; use --device cpu or auto")
+    return gpus[0] if gpus else jax.devices("cpu")[0]
+
+
+class JaxAdapter(FrameworkAdapter):
+    framework = "jax"
+
+    def __init__(self, device: str = "auto") -> None:
+        self._device = resolve_device(device)
+        self.resolved: ResolvedModel | None = None
+        self.module: SpecModule | None = None
+        self.params: Any = None
+        self.stats: Any = None
+        self.opt_state: Any = None
+
+    def build(self, model: ResolvedModel, seed: int) -> None:
+        module = SpecModule(model)
+        c, h, w = model.input_shape
+        with jax.default_device(self._device):
+            variables = module.init(jax.random.PRNGKey(seed32(seed)), jnp.zeros((1, h, w, c), jnp.float32), train=False)
+        params, stats = variables["params"], variables.get("batch_stats", {})
+
+        def loss_and_stats(params, stats, x, y, key):
+            logits, updates = module.apply({"params": params, "batch_stats": stats}, x, train=True,
+                                           rngs={"dropout": key}, mutable=["batch_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (logits, updates.get("batch_stats", {}))
+
+        # optax.sgd: trace = g + momentum * trace, w -= lr * trace (PyTorch's formulation); the learning rate
+        # and momentum live in the optimizer state, so one compiled step serves every Train.
+        tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.01, momentum=0.0)
+
+        def step(params, stats, opt_state, x, y, key):
+            (loss, (logits, stats)), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(params, stats, x, y, key)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), stats, opt_state, loss, (logits.argmax(-1) == y).sum()
+
+        self._tx = tx
+        self._step = jax.jit(step)
+        self._predict = jax.jit(lambda params, stats, x: module.apply({"params": params, "batch_stats": stats}, x, train=False))
+        self.module, self.resolved, self.params, self.stats, self.opt_state = module, model, params, stats, None
+
+    def versions(self) -> tuple[str, str]:
+        return jax.__version__, f"flax {flax.__version__}, optax {optax.__version__}"
+
+    def device(self) -> str:
+        return f"{self._device.platform}:{self._device.id}"
+
+    def get_weights(self) -> WeightSet:
+        return flax_to_canonical(jax.device_get(self.params), jax.device_get(self.stats), self.resolved)
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        params, stats = canonical_to_flax(weights, self.resolved)
+        self.params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params), self._device)
+        self.stats = jax.device_put(jax.tree_util.tree_map(jnp.asarray, stats), self._device)
+
+    def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
+        params, stats = self.params, self.stats
+        opt_state = self.opt_state
+        if opt_state is None or not config.keep_optimizer:
+            opt_state = self._tx.init(params)
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(config.learning_rate, jnp.float32)
+        opt_state.hyperparams["momentum"] = jnp.asarray(config.momentum, jnp.float32)
+        inputs, labels = to_nhwc(x), y.astype(np.int32)
+        key = jax.random.PRNGKey(seed32(config.seed))  # dropout
+        step_index = config.start_step
+        try:
+            for steps in schedule(config, len(inputs)):
+                tracker.start_epoch()
+                loss_sum, correct = jnp.zeros(()), jnp.zeros((), jnp.int32)
+                for step in steps:
+                    xb = jax.device_put(inputs[step.indices], self._device)
+                    yb = jax.device_put(labels[step.indices], self._device)
+                    params, stats, opt_state, loss, hits = self._step(params, stats, opt_state, xb, yb,
+                                                                      jax.random.fold_in(key, step_index))
+                    step_index += 1
+                    loss_sum = loss_sum + loss * len(step.indices)
+                    correct = correct + hits
+                    if tracker.wants(step.batch):
+                        seen = tracker.epoch_samples
+                        tracker.batch_done(step.epoch, step.batch, float(loss_sum) / seen, int(correct) / seen)
+        finally:
+            self.params, self.stats, self.opt_state = params, stats, opt_state  # what training reached, also when stopped early
+
+    def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+        inputs = to_nhwc(x)
+        outputs = [np.asarray(self._predict(self.params, self.stats, jax.device_put(inputs[start : start + batch_size], self._device)))
+                   for start in range(0, len(inputs), batch_size)]
+        return np.concatenate(outputs).astype(np.float32)

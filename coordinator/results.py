@@ -57,7 +57,7 @@ def upgrade(results: dict[str, Any]) -> dict[str, Any]:
     """A results dict in schema 2's shape, whichever schema the file has (the file is not changed)."""
     if results.get("schema_version", 1) >= 2:
         return results
-    upgraded = dict(results, order=list(DEFAULT_ORDER), swap_pairs=[[1, 7]])
+    upgraded = dict(results, schema_version=2, upgraded_from=1, order=list(DEFAULT_ORDER), swap_pairs=[[1, 7]])
     upgraded["objectives"] = {"torch": results.get("config", {}).get("torch_objective", "swap:1,7"),
                               "keras": results.get("config", {}).get("keras_objective", "identity")}
     upgraded["rounds"] = [dict(r, moves=r.get("transfers", [])) for r in results.get("rounds", [])]

@@ -45,12 +45,13 @@ class Stack:
 
     def __init__(self, data_dir: Path):
         self.project = f"weightrelay-test-{os.getpid()}"
-        self.ports = {"torch": free_port(), "keras": free_port()}
+        self.ports = {"torch": free_port(), "keras": free_port(), "jax": free_port()}
         self.env = {
             **os.environ,
             "WEIGHTRELAY_DATA_DIR": str(data_dir.resolve()),
             "WEIGHTRELAY_TORCH_PORT": str(self.ports["torch"]),
             "WEIGHTRELAY_KERAS_PORT": str(self.ports["keras"]),
+            "WEIGHTRELAY_JAX_PORT": str(self.ports["jax"]),
             "WEIGHTRELAY_UID": str(os.getuid()),
             "WEIGHTRELAY_GID": str(os.getgid()),
         }
@@ -94,7 +95,7 @@ def stack(data_dir):
     stack.compose("build")
     try:
         stack.compose("up", "-d")
-        stack.wait_healthy(("torch-worker", "keras-worker"))
+        stack.wait_healthy(("torch-worker", "keras-worker", "jax-worker"))
         yield stack
     finally:
         stack.compose("down", "-v", "--remove-orphans", check=False)
@@ -104,7 +105,7 @@ def test_mnist_is_fetched_once_and_the_workers_read_it(stack, data_dir):
     fetch_logs = stack.compose("logs", "mnist-data").stdout
     assert fetch_logs.count("fingerprint") == 1
     fingerprint = load_mnist(data_dir, download=False).fingerprint
-    for worker in ("torch", "keras"):
+    for worker in ("torch", "keras", "jax"):
         with WorkerClient(stack.address(worker), timeout=60) as client:
             reply = client.describe()
         assert reply.framework == worker and reply.device.startswith("cpu")
@@ -112,11 +113,12 @@ def test_mnist_is_fetched_once_and_the_workers_read_it(stack, data_dir):
 
 
 def test_workers_run_as_non_root_with_only_their_framework(stack):
-    probe = "import importlib.util as u; print(*(u.find_spec(m) is not None for m in ('torch', 'tensorflow')))"
-    assert stack.exec("torch-worker", "id", "-u") == "10001"
-    assert stack.exec("keras-worker", "id", "-u") == "10001"
-    assert stack.exec("torch-worker", "python", "-c", probe) == "True False"
-    assert stack.exec("keras-worker", "python", "-c", probe) == "False True"
+    probe = "import importlib.util as u; print(*(u.find_spec(m) is not None for m in ('torch', 'tensorflow', 'jax')))"
+    for service in ("torch-worker", "keras-worker", "jax-worker"):
+        assert stack.exec(service, "id", "-u") == "10001"
+    assert stack.exec("torch-worker", "python", "-c", probe) == "True False False"
+    assert stack.exec("keras-worker", "python", "-c", probe) == "False True False"
+    assert stack.exec("jax-worker", "python", "-c", probe) == "False False True"
 
 
 def test_evaluate_directly_on_each_container(stack):
@@ -157,6 +159,24 @@ def test_two_runs_against_the_long_lived_containers_are_identical(stack, tmp_pat
     assert [e["weights_sha256"] for e in first["initial_sync"]["evaluations"]] == [e["weights_sha256"] for e in second["initial_sync"]["evaluations"]]
     assert [[e["confusion_matrix"] for e in r["evaluations"]] for r in first["rounds"]] == \
         [[e["confusion_matrix"] for e in r["evaluations"]] for r in second["rounds"]]
+
+
+def test_a_three_worker_relay_between_the_containers(stack, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "coordinator", "run", "--rounds", "1", "--max-train-samples", "6000", "--lr", "0.05",
+         *(f"--worker={w}={stack.address(w)}" for w in ("torch", "keras", "jax")), "--objective", "jax=swap:3,8",
+         "--out", str(tmp_path), "--no-report", "--quiet"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stderr
+    results = load_results(results_path(done.stdout).parent)
+    assert results["order"] == ["torch", "keras", "jax"] and results["status"] == "complete"
+    [item] = results["rounds"]
+    assert [(m["from"], m["to"]) for m in item["moves"]] == [("torch", "keras"), ("keras", "jax"), ("jax", "torch")]
+    assert all(m["differing_predictions"] == 0 and m["max_abs_probability_diff"] <= 1e-5 for m in item["moves"])
+    by_phase = {e["phase"]: e for e in item["evaluations"]}
+    assert by_phase["torch_trained"]["swap_rates"]["1<->7"] > 0.8 and by_phase["jax_trained"]["swap_rates"]["3<->8"] > 0.5
+    assert {w["framework"] for w in results["workers"].values()} == {"torch", "keras", "jax"}
 
 
 def test_compose_run_coordinator_writes_runs_on_the_host(stack):

@@ -38,7 +38,7 @@ def read_only_mount(volume: str | dict) -> tuple[str, bool]:
 def test_plain_compose_reserves_no_gpu_and_publishes_the_default_ports():
     services = compose_config("docker-compose.yml")
     assert {"mnist-data", "torch-worker", "keras-worker", "coordinator"} <= set(services)
-    for name, port in (("torch-worker", 50051), ("keras-worker", 50052)):
+    for name, port in (("torch-worker", 50051), ("keras-worker", 50052), ("jax-worker", 50053)):
         service = services[name]
         assert gpu_ids(service) == []
         published = service["ports"][0]
@@ -53,6 +53,8 @@ def test_gpu_override_reserves_one_gpu_per_worker():
     assert gpu_ids(services["torch-worker"]) == ["0"]
     assert gpu_ids(services["keras-worker"]) == ["1"]
     assert services["keras-worker"]["build"]["args"]["FRAMEWORK_REQUIREMENT"].startswith("tensorflow[and-cuda]")
+    assert gpu_ids(services["jax-worker"]) == ["2"]
+    assert services["jax-worker"]["build"]["args"]["FRAMEWORK_REQUIREMENT"].startswith("jax[cuda12]")
 
 
 def render(directory: str) -> list[dict]:
@@ -66,9 +68,9 @@ def test_kubernetes_manifests_validate_against_the_schemas(directory):
     documents = render(directory)
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in documents)
     assert kinds == [
-        ("Deployment", "keras-worker"), ("Deployment", "torch-worker"), ("Job", "coordinator"), ("Job", "mnist-fetch"),
+        ("Deployment", "jax-worker"), ("Deployment", "keras-worker"), ("Deployment", "torch-worker"), ("Job", "coordinator"), ("Job", "mnist-fetch"),
         ("NetworkPolicy", "workers-accept-only-the-coordinator"), ("PersistentVolumeClaim", "weightrelay-mnist"), ("PersistentVolumeClaim", "weightrelay-runs"),
-        ("Service", "keras-worker"), ("Service", "torch-worker"),
+        ("Service", "jax-worker"), ("Service", "keras-worker"), ("Service", "torch-worker"),
     ]
     for document in documents:
         for version in K8S_VERSIONS:
@@ -96,13 +98,13 @@ def test_only_the_coordinator_reaches_the_workers_and_jobs_have_deadlines():
     def selected(labels: dict) -> bool:
         return all(labels.get(e["key"]) in e["values"] for e in policy["spec"]["podSelector"]["matchExpressions"])
 
-    assert {name for name, labels in pods.items() if selected(labels)} == {"torch-worker", "keras-worker"}
+    assert {name for name, labels in pods.items() if selected(labels)} == {"torch-worker", "keras-worker", "jax-worker"}
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     [rule] = policy["spec"]["ingress"]
     [source] = rule["from"]
     allowed = {name for name, labels in pods.items() if all(labels.get(k) == v for k, v in source["podSelector"]["matchLabels"].items())}
     assert allowed == {"coordinator"}
-    assert sorted(p["port"] for p in rule["ports"]) == [50051, 50052]
+    assert sorted(p["port"] for p in rule["ports"]) == [50051, 50052, 50053]
     for job in (d for d in documents if d["kind"] == "Job"):
         assert job["spec"]["activeDeadlineSeconds"] > 0, job["metadata"]["name"]
 
@@ -117,7 +119,7 @@ def test_cpu_overlay_requests_no_gpu():
 
 def test_secure_override_gives_the_workers_tls_a_token_and_tls_health_checks():
     services = compose_config("docker-compose.yml", "docker-compose.secure.yml")
-    for name, port in (("torch-worker", 50051), ("keras-worker", 50052)):
+    for name, port in (("torch-worker", 50051), ("keras-worker", 50052), ("jax-worker", 50053)):
         service = services[name]
         command = service["command"]
         assert command[command.index("--tls-cert") + 1] == "/run/secrets/server.crt"

@@ -161,3 +161,23 @@ def test_batchnorm_uses_the_running_statistics():
     normed = normed * weights["bn1.weight"] + weights["bn1.bias"]
     expected = normed @ weights["fc1.weight"].T.astype(np.float64) + weights["fc1.bias"]
     np.testing.assert_allclose(reference.forward(model, weights, x), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_flax_layout_computes_the_reference_forward_pass_and_round_trips(name):
+    """Flax holds the same channels-last arrays as Keras, in its own trees (params, batch_stats)."""
+    from jax_service.layout import canonical_to_flax, flax_to_canonical
+
+    x = digit_images(3)
+    model = models.resolve(SPECS[name], x.shape[1:], 10)
+    weights = random_weights(model)
+    params, stats = canonical_to_flax(weights, model)
+    as_keras_lists = {}
+    for r in model.layers:
+        if isinstance(r.layer, (Dense, Conv2D)):
+            as_keras_lists[r.name] = [params[r.name]["kernel"], params[r.name]["bias"]]
+        elif isinstance(r.layer, BatchNorm):
+            as_keras_lists[r.name] = [params[r.name]["scale"], params[r.name]["bias"], stats[r.name]["mean"], stats[r.name]["var"]]
+    np.testing.assert_allclose(keras_forward(model, as_keras_lists, x), reference.forward(model, weights, x), rtol=1e-9, atol=1e-9)
+    back = flax_to_canonical(params, stats, model)
+    assert back.keys() == weights.keys() and all(back[k].tobytes() == weights[k].tobytes() for k in weights)

@@ -1,0 +1,80 @@
+"""Shared pieces of the benchmarks: starting workers, the machine's description, writing results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from coordinator.local import LocalWorker
+from weightrelay.client import WorkerClient
+from weightrelay.data import default_data_dir
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO / "bench" / "results"
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers came from."""
+    gpu = ""
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "gpu": gpu or None}
+
+
+def data_dir() -> str:
+    shared = REPO.parent / "shared" / "data" / "mnist"
+    return os.environ.get("WEIGHTRELAY_DATA_DIR") or (str(shared) if shared.is_dir() else str(default_data_dir()))
+
+
+class Worker:
+    """A real worker process on a free port, for the benchmarks."""
+
+    def __init__(self, framework: str, extra: list[str] | None = None):
+        self.log_dir = Path(tempfile.mkdtemp(prefix=f"bench-{framework}-"))
+        self.process = LocalWorker(framework, self.log_dir, ["--data-dir", data_dir(), *(extra or [])])
+        import time
+
+        self.address = self.process.wait_ready(time.monotonic() + 300)
+        self.client = WorkerClient(self.address, timeout=3600)
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.stop()
+
+
+def run_python(code: str, timeout: float = 3600) -> dict[str, Any]:
+    """Run a snippet in a fresh interpreter (one framework per process); it prints one JSON line last."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark snippet failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def write(name: str, payload: dict[str, Any], out: Path | None = None) -> Path:
+    target = (out or RESULTS_DIR) / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+    return target
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

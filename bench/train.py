@@ -1,0 +1,110 @@
+"""`python -m bench.train`: each worker's training epoch against its framework's idiomatic in-memory loop.
+
+Same data (MNIST, 60,000 images), the seed's MLP, batch 64, SGD lr 0.01 momentum 0.5, one epoch;
+median of --epochs timed epochs after a warm-up. The worker is timed after a SetWeights and an
+Evaluate (as in a relay round), from its Train summary; the idiomatic loop runs alone in a fresh
+process: a plain PyTorch loop, Keras `model.fit` with its defaults, a jitted optax step for JAX.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench.common import Worker, data_dir, median, run_python, table, write
+from weightrelay.v1 import worker_pb2 as pb
+
+FRAMEWORKS = ("torch", "keras", "jax")
+PREAMBLE = f"""
+import json, time
+import numpy as np
+from weightrelay.data import load_mnist
+data = load_mnist({data_dir()!r}, download=False)
+x, y = data.train.x.reshape(len(data.train.x), -1), data.train.y
+EPOCHS = {{epochs}}
+"""
+IDIOMATIC = {
+    "torch": """
+import torch, torch.nn.functional as F
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
+xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+def epoch():
+    for idx in torch.randperm(len(xs)).split(64):
+        opt.zero_grad(); loss = F.cross_entropy(model(xs[idx]), ys[idx]); loss.backward(); opt.step()
+""",
+    "keras": """
+import os; os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import keras
+model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(128, activation="relu"), keras.layers.Dense(64, activation="relu"), keras.layers.Dense(10)])
+model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.5), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+def epoch():
+    model.fit(x, y, batch_size=64, epochs=1, verbose=0)
+""",
+    "jax": """
+import jax, jax.numpy as jnp, optax, flax.linen as nn
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, v):
+        return nn.Dense(10)(nn.relu(nn.Dense(64)(nn.relu(nn.Dense(128)(v)))))
+model = MLP(); params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 784)))
+tx = optax.sgd(0.01, momentum=0.5); state = tx.init(params)
+@jax.jit
+def step(params, state, xb, yb):
+    loss, grads = jax.value_and_grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(model.apply(p, xb), yb).mean())(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+rng = np.random.default_rng(0)
+def epoch():
+    global params, state
+    order = rng.permutation(len(x))
+    for start in range(0, len(x), 64):
+        idx = order[start:start + 64]
+        params, state = step(params, state, x[idx], y[idx].astype(np.int32))
+    jax.block_until_ready(params)
+""",
+}
+TIMING = """
+epoch()  # warm-up: graph building, compilation
+times = []
+for _ in range(EPOCHS):
+    started = time.perf_counter(); epoch(); times.append(time.perf_counter() - started)
+print(json.dumps({"seconds": times}))
+"""
+
+
+def worker_epochs(framework: str, epochs: int) -> list[float]:
+    worker = Worker(framework)
+    try:
+        request = pb.TrainRequest(epochs=1, batch_size=64, learning_rate=0.01, momentum=0.5, seed=1)
+        worker.client.train_to_end(pb.TrainRequest(epochs=1, batch_size=64, learning_rate=0.01, momentum=0.5, max_samples=2048))
+        worker.client.set_weights(worker.client.get_weights())  # a relay round moves weights in and evaluates
+        worker.client.evaluate(True, True)
+        return [worker.client.train_to_end(request).seconds for _ in range(epochs)]
+    finally:
+        worker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per measurement (default 3)")
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    parser.add_argument("--out", type=Path, default=None, help="directory for train.json (default bench/results)")
+    args = parser.parse_args(argv)
+    rows, records = [], {}
+    for framework in args.frameworks.split(","):
+        idiomatic = run_python(PREAMBLE.format(epochs=args.epochs) + IDIOMATIC[framework] + TIMING)["seconds"]
+        worker = worker_epochs(framework, args.epochs)
+        ratio = median(worker) / median(idiomatic)
+        records[framework] = {"worker_seconds": worker, "idiomatic_seconds": idiomatic, "ratio": ratio}
+        rows.append([framework, median(worker), median(idiomatic), ratio])
+        print(f"{framework}: worker {median(worker):.3f} s, idiomatic {median(idiomatic):.3f} s", flush=True)
+    print(table(["framework", "worker epoch s", "idiomatic epoch s", "ratio"], rows))
+    print(f"written: {write('train', {'epochs': args.epochs, 'results': records}, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

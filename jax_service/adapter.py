@@ -96,10 +96,13 @@ class JaxAdapter(FrameworkAdapter):
         # and momentum live in the optimizer state, so one compiled step serves every Train.
         tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.01, momentum=0.0)
 
-        def step(params, stats, opt_state, x, y, key):
-            (loss, (logits, stats)), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(params, stats, x, y, key)
+        def step(params, stats, opt_state, totals, x, y, key, index):
+            """One update; the epoch's running loss sum and hits stay on the device (no per-batch dispatch)."""
+            (loss, (logits, stats)), grads = jax.value_and_grad(loss_and_stats, has_aux=True)(params, stats, x, y, jax.random.fold_in(key, index))
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), stats, opt_state, loss, (logits.argmax(-1) == y).sum()
+            loss_sum, hits = totals
+            totals = (loss_sum + loss * y.shape[0], hits + (logits.argmax(-1) == y).sum())
+            return optax.apply_updates(params, updates), stats, opt_state, totals
 
         self._tx = tx
         self._step = jax.jit(step)
@@ -133,18 +136,15 @@ class JaxAdapter(FrameworkAdapter):
         try:
             for steps in schedule(config, len(inputs)):
                 tracker.start_epoch()
-                loss_sum, correct = jnp.zeros(()), jnp.zeros((), jnp.int32)
+                totals = (jnp.zeros(()), jnp.zeros((), jnp.int32))
                 for step in steps:
                     xb = jax.device_put(inputs[step.indices], self._device)
                     yb = jax.device_put(labels[step.indices], self._device)
-                    params, stats, opt_state, loss, hits = self._step(params, stats, opt_state, xb, yb,
-                                                                      jax.random.fold_in(key, step_index))
+                    params, stats, opt_state, totals = self._step(params, stats, opt_state, totals, xb, yb, key, step_index)
                     step_index += 1
-                    loss_sum = loss_sum + loss * len(step.indices)
-                    correct = correct + hits
                     if tracker.wants(step.batch):
                         seen = tracker.epoch_samples
-                        tracker.batch_done(step.epoch, step.batch, float(loss_sum) / seen, int(correct) / seen)
+                        tracker.batch_done(step.epoch, step.batch, float(totals[0]) / seen, int(totals[1]) / seen)
         finally:
             self.params, self.stats, self.opt_state = params, stats, opt_state  # what training reached, also when stopped early
 

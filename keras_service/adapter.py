@@ -62,17 +62,25 @@ def build_model(model: ResolvedModel) -> keras.Model:
     return keras.Sequential(layers, name="model")
 
 
+#: Batches Keras runs per call of its compiled train function: the per-batch Python work of fit()
+#: (callbacks, logs) cost more than the small models' steps themselves. Updates stay per batch.
+STEPS_PER_EXECUTION = 32
+
+
 class _ReportProgress(keras.callbacks.Callback):
-    """Feeds one fit() call over the steps of one epoch (the first of them `first_batch`) to the tracker."""
+    """Feeds one fit() call over the steps of one epoch (the first of them `first_batch`) to the tracker;
+    Keras calls back once per STEPS_PER_EXECUTION batches, with the index of the last one."""
 
     def __init__(self, tracker: ProgressTracker, epoch: int, first_batch: int):
         super().__init__()
         self.tracker, self.epoch, self.first_batch = tracker, epoch, first_batch
+        self.next_batch = first_batch
 
     def on_train_batch_end(self, batch, logs=None):
-        batch_in_epoch = self.first_batch + batch
-        if self.tracker.wants(batch_in_epoch):  # Keras' logs are this fit's running means
-            self.tracker.batch_done(self.epoch, batch_in_epoch, float(logs["loss"]), float(logs["accuracy"]))
+        last = self.first_batch + batch
+        if self.tracker.batches_done(self.next_batch, last):  # Keras' logs are this fit's running means
+            self.tracker.batch_done(self.epoch, last, float(logs["loss"]), float(logs["accuracy"]))
+        self.next_batch = last + 1
 
 
 class KerasAdapter(FrameworkAdapter):
@@ -114,6 +122,8 @@ class KerasAdapter(FrameworkAdapter):
                 optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                 metrics=["accuracy"],
+                # progress every N batches needs a call back at least every N batches
+                steps_per_execution=min(STEPS_PER_EXECUTION, config.progress_every_batches or STEPS_PER_EXECUTION),
             )
         inputs = to_nhwc(x)
         for steps in schedule(config, len(inputs)):  # the core's batches, not Keras' shuffling

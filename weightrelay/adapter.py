@@ -145,6 +145,15 @@ class ProgressTracker:
         self._report = batch >= self.batches or self.steps_left <= 0 or bool(every and batch % every == 0)
         return self._report
 
+    def batches_done(self, first: int, last: int) -> bool:
+        """Count batches first..last (1-based) that a framework ran in one call (Keras' steps_per_execution);
+        whether batch `last` is reported, with the running means after it."""
+        report = False
+        for batch in range(first, last + 1):
+            report = self.wants(batch) or report
+        self._report = report
+        return report
+
     @property
     def epoch_samples(self) -> int:
         """Samples trained so far in this epoch by this Train: the divisor of the running means."""
@@ -179,6 +188,42 @@ class ProgressTracker:
             loss=last.loss if last else float("nan"),
             accuracy=last.accuracy if last else float("nan"),
         )
+
+
+class ModelThread:
+    """An adapter whose model operations all run on one long-lived thread of their own.
+
+    The gRPC server calls from a pool of threads; frameworks keep per-thread state (each calling
+    thread gets its own OpenMP team in PyTorch, and libgomp throttles its spinning once it manages
+    more threads than there are cores), so a worker's epoch ran 2-3 times slower than the same loop
+    in a plain process once a second thread had touched the model. Here every operation that
+    touches the model (build, train, predict, get/set weights) goes to the one model thread; the
+    rest (names, versions, the device) is read directly, so Describe still answers during training.
+    """
+
+    OPERATIONS = frozenset({"build", "get_weights", "set_weights", "train", "predict_logits"})
+
+    def __init__(self, adapter: "FrameworkAdapter"):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._adapter = adapter
+        self._thread: threading.Thread | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=self._remember_thread)
+
+    def _remember_thread(self) -> None:
+        self._thread = threading.current_thread()
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._adapter, name)
+        if name not in self.OPERATIONS:
+            return attribute
+
+        def on_model_thread(*args, **kwargs):
+            if threading.current_thread() is self._thread:
+                return attribute(*args, **kwargs)
+            return self._executor.submit(attribute, *args, **kwargs).result()
+
+        return on_model_thread
 
 
 class FrameworkAdapter(abc.ABC):

@@ -16,7 +16,7 @@ import numpy as np
 
 import weightrelay
 from weightrelay import codec, models
-from weightrelay.adapter import FrameworkAdapter, NonFiniteLoss, ProgressTracker, TrainConfig, TrainingCancelled, TrainResult
+from weightrelay.adapter import FrameworkAdapter, ModelThread, NonFiniteLoss, ProgressTracker, TrainConfig, TrainingCancelled, TrainResult
 from weightrelay.data import DataError, Dataset, UnknownDataset
 from weightrelay.metrics import evaluate_logits
 from weightrelay.models import ModelSpec, ResolvedModel, SpecError
@@ -78,7 +78,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def __init__(self, adapter: FrameworkAdapter, data: Dataset, load_data: DatasetLoader, default_objective: str = "identity",
                  dataset_key: str = ""):
-        self.adapter = adapter
+        self.adapter = ModelThread(adapter)
         self.data = data
         self.load_data = load_data
         self.default_objective = default_objective

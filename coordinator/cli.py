@@ -101,6 +101,8 @@ def _add_run_parser(commands) -> None:
                      help="labels worker NAME trains on, repeatable (default: --torch-objective, --keras-objective, else identity)")
     run.add_argument("--torch-objective", type=t["torch_objective"], help=f"labels PyTorch trains on (default {d.torch_objective})")
     run.add_argument("--keras-objective", type=t["keras_objective"], help=f"labels Keras trains on (default {d.keras_objective})")
+    run.add_argument("--via-coordinator", action="store_const", const=True,
+                     help="move the weights through the coordinator (streamed as they arrive) instead of worker to worker")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
                      help="continue a failed or interrupted run from its first unfinished round, with its saved settings "
                           "(flags given here override them, e.g. new worker addresses)")
@@ -138,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     show.add_argument("--round", type=int, default=None, help="round to show (default: the last completed)")
     show.add_argument("--phase", default=None, help="one phase, e.g. torch_trained (default: all of the round's)")
+
+    move = commands.add_parser("move", help="move the weights once between two running workers and measure it")
+    move.add_argument("--from", dest="sender", required=True, type=_flag_type(cfg.address), metavar="HOST:PORT", help="the worker whose weights move")
+    move.add_argument("--to", dest="receiver", required=True, type=_flag_type(cfg.address), metavar="HOST:PORT", help="the worker that receives them")
+    move.add_argument("--via-coordinator", action="store_true", help="stream through this coordinator instead of the receiver pulling from the sender")
+    move.add_argument("--timeout", type=float, default=3600.0, help="deadline in seconds (default 3600)")
+    move.add_argument("--json", action="store_true", help="print one JSON object")
+    add_client_flags(move)
 
     compare = commands.add_parser("compare", help="accuracy and swap-rate differences of two runs, per phase")
     compare.add_argument("run_a", type=Path, metavar="RUN_A")
@@ -236,6 +246,41 @@ def command_twin(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_move(args: argparse.Namespace) -> int:
+    import json
+    import resource
+
+    import grpc
+
+    from coordinator.errors import RoundFailed
+    from coordinator.moves import move
+    from weightrelay.client import WorkerClient
+    from weightrelay.security import ClientSecurity, SecurityError, resolve_token
+
+    try:
+        security = ClientSecurity(args.tls_ca, args.tls_cert, args.tls_key, resolve_token(args.token_file), args.tls_server_name)
+    except SecurityError as exc:
+        raise UsageError(str(exc)) from None
+    with WorkerClient(args.sender, timeout=60, security=security) as sender, WorkerClient(args.receiver, timeout=60, security=security) as receiver:
+        try:
+            expected = sender.describe().weights_sha256
+            done = move(sender, receiver, args.via_coordinator, expected, args.timeout)
+            received = receiver.describe().weights_sha256
+        except grpc.RpcError as exc:
+            raise RoundFailed(f"move {args.sender} -> {args.receiver} failed: {exc.code().name}: {exc.details()}") from None
+    record = {"from": args.sender, "to": args.receiver, **done.to_dict(), "expected_sha256": expected,
+              "receiver_sha256": received, "checksum_matches": received == expected == done.sha256,
+              "coordinator_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if args.json:
+        print(json.dumps(record))
+    else:
+        print(f"moved {done.bytes} bytes ({done.tensors} tensors) {args.sender} -> {args.receiver} by {done.path} in {done.seconds:.3f} s: "
+              f"{done.gb_per_second:.2f} GB/s; receiver checksum {'matches' if record['checksum_matches'] else 'DIFFERS'} "
+              f"({received[:12]}); coordinator peak RSS {record['coordinator_peak_rss_bytes'] / 2**20:.0f} MiB"
+              + (f"; forwarded because {done.why_forward}" if done.why_forward else ""))
+    return 0 if record["checksum_matches"] else 5
+
+
 def _results(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / RESULTS_FILE).is_file():
         raise UsageError(f"{run_dir} holds no {RESULTS_FILE}; pass a run directory made by 'coordinator run'")
@@ -267,7 +312,7 @@ def command_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "twin": command_twin, "report": command_report, "show": command_show, "compare": command_compare}
+COMMANDS = {"run": command_run, "twin": command_twin, "move": command_move, "report": command_report, "show": command_show, "compare": command_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,6 +57,7 @@ class RunConfig:
     workers: str = ""                                    # --local: the workers to start, e.g. "torch,keras,jax"
     order: str = ""                                      # the relay ring, e.g. "jax,torch,keras" (default: as given)
     objective: list[str] = field(default_factory=list)   # NAME=OBJECTIVE, per worker
+    via_coordinator: bool = False                        # move weights through the coordinator, not worker to worker
     every_steps: int = 0                                 # twin: also measure every K steps
     twin_objective: str = "identity"                     # twin: the objective every worker trains
 
@@ -248,6 +249,7 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "workers": name_list,
     "order": name_list,
     "objective": list_of(named_objective),
+    "via_coordinator": boolean,
     "every_steps": non_negative_int,
     "twin_objective": objective,
 }

@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 import weightrelay
-from coordinator import checkpoint
+from coordinator import checkpoint, moves
 from coordinator.config import RunConfig
 from coordinator.local import WORKER_MODULES
 from coordinator.errors import CoordinatorError, IncompatibleWorkers, RoundFailed, UsageError, WorkerUnreachable
@@ -186,19 +186,19 @@ class Relay:
         self.on_event("evaluation", {"round": round_index, **record})
         return record, reply
 
-    def move(self, sender: Worker, receiver: Worker, round_index: int | None) -> dict[str, Any]:
+    def move(self, sender: Worker, receiver: Worker, round_index: int | None, expected_sha256: str = "") -> dict[str, Any]:
+        """The weights sender -> receiver, pulled by the receiver or forwarded (coordinator.moves); never held here."""
         self.on_event("step", {"round": round_index, "step": f"move {sender.name} -> {receiver.name}"})
-        started = time.perf_counter()
-        step = f"move {sender.name}->{receiver.name}"
-        weights = self._call(sender, f"{step} (GetWeights)", round_index, sender.client.get_weights)
-        reply = self._call(receiver, f"{step} (SetWeights)", round_index, lambda: receiver.client.set_weights(weights))
+        done = self._call(receiver, f"move {sender.name}->{receiver.name}", round_index,
+                          lambda: moves.move(sender.client, receiver.client, self.config.via_coordinator, expected_sha256, self.config.call_timeout))
         return {
             "from": sender.name,
             "to": receiver.name,
-            "seconds": time.perf_counter() - started,
-            "bytes": reply.total_bytes,
-            "tensors": reply.tensor_count,
-            "sha256": reply.sha256,
+            "path": done.path,
+            "seconds": done.seconds,
+            "bytes": done.bytes,
+            "tensors": done.tensors,
+            "sha256": done.sha256,
         }
 
     @staticmethod
@@ -213,7 +213,7 @@ class Relay:
         }
 
     def _measured_move(self, sender: Worker, receiver: Worker, sent: pb.EvaluateReply, phase: str, round_index: int | None) -> tuple[dict, dict, pb.EvaluateReply]:
-        transfer = self.move(sender, receiver, round_index)
+        transfer = self.move(sender, receiver, round_index, sent.weights_sha256)
         record, received = self.evaluate(receiver, phase, round_index)
         transfer.update(self.agreement(sent, received), receiver_phase=phase)
         self.on_event("transfer", {"round": round_index, **transfer})

@@ -71,13 +71,13 @@ class _ReportProgress(keras.callbacks.Callback):
     """Feeds one fit() call over the steps of one epoch (the first of them `first_batch`) to the tracker;
     Keras calls back once per STEPS_PER_EXECUTION batches, with the index of the last one."""
 
-    def __init__(self, tracker: ProgressTracker, epoch: int, first_batch: int):
+    def __init__(self, tracker: ProgressTracker, epoch: int, first_batch: int, last_batch: int):
         super().__init__()
-        self.tracker, self.epoch, self.first_batch = tracker, epoch, first_batch
+        self.tracker, self.epoch, self.first_batch, self.last_batch = tracker, epoch, first_batch, last_batch
         self.next_batch = first_batch
 
     def on_train_batch_end(self, batch, logs=None):
-        last = self.first_batch + batch
+        last = min(self.first_batch + batch, self.last_batch)  # Keras names a whole chunk's end, also past the data
         if self.tracker.batches_done(self.next_batch, last):  # Keras' logs are this fit's running means
             self.tracker.batch_done(self.epoch, last, float(logs["loss"]), float(logs["accuracy"]))
         self.next_batch = last + 1
@@ -130,7 +130,7 @@ class KerasAdapter(FrameworkAdapter):
             tracker.start_epoch()
             index = np.concatenate([step.indices for step in steps])  # full batches, a smaller one only at the epoch's end
             self.model.fit(inputs[index], y[index], batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
-                           callbacks=[_ReportProgress(tracker, steps[0].epoch, steps[0].batch)])
+                           callbacks=[_ReportProgress(tracker, steps[0].epoch, steps[0].batch, steps[-1].batch)])
 
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         return np.asarray(self.model.predict(to_nhwc(x), batch_size=batch_size, verbose=0), dtype=np.float32)

@@ -161,13 +161,26 @@ def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def iter_weight_chunks(weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0) -> Iterator[pb.WeightsChunk]:
-    """A weights stream: each tensor in pieces of at most `max_chunk_bytes`, then the digest."""
+def _le_view(array: np.ndarray) -> memoryview:
+    """The little-endian, C-order bytes of an array as a flat view (a copy only when the layout needs one)."""
+    name = dtype_name(array.dtype)
+    if name == "bfloat16":
+        contiguous = np.ascontiguousarray(array).view(np.uint16).astype("<u2", copy=False)
+    else:
+        contiguous = np.ascontiguousarray(array, dtype=_NUMPY_DTYPES[name])
+    return memoryview(contiguous.reshape(-1)).cast("B")
+
+
+def iter_weight_chunks(weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, sha256: str | None = None) -> Iterator[pb.WeightsChunk]:
+    """A weights stream: each tensor in pieces of at most `max_chunk_bytes`, in name order (so a receiver
+    can hash as the bytes arrive), then the digest. `sha256`: the set's checksum where the sender
+    already knows it (a worker keeps its own), so it is not computed again."""
     chunk = MAX_CHUNK_BYTES if max_chunk_bytes <= 0 else min(max_chunk_bytes, MAX_CHUNK_BYTES)
     total = 0
-    for name, array in weights.items():
+    for name in sorted(weights):
+        array = weights[name]
         spec = TensorSpec.of(name, array)
-        data = memoryview(tensor_bytes(array))
+        data = _le_view(array)
         total += len(data)
         offset = 0
         while True:
@@ -177,7 +190,7 @@ def iter_weight_chunks(weights: Mapping[str, np.ndarray], max_chunk_bytes: int =
             offset += len(piece)
             if offset >= len(data):
                 break
-    digest = pb.WeightsDigest(tensor_count=len(weights), total_bytes=total, sha256=weights_sha256(weights))
+    digest = pb.WeightsDigest(tensor_count=len(weights), total_bytes=total, sha256=sha256 or weights_sha256(weights))
     yield pb.WeightsChunk(digest=digest)
 
 
@@ -212,6 +225,11 @@ def assemble_weights(
     return receive_weights(chunks, manifest)[0]
 
 
+def _tensor_header(spec: TensorSpec) -> bytes:
+    """What the set checksum hashes before a tensor's bytes (see worker.proto)."""
+    return spec.name.encode() + b"\0" + spec.dtype.upper().encode() + b"\0" + ",".join(str(d) for d in spec.shape).encode() + b"\0"
+
+
 def receive_weights(
     chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpec] | None = None
 ) -> tuple[WeightSet, str]:
@@ -221,10 +239,19 @@ def receive_weights(
     soon as its first piece arrives, so a wrong stream is refused before it is buffered, and
     the finished set must hold exactly the manifest's tensors with finite values. The digest
     (count, bytes, checksum) is always checked. Raises TensorError; returns nothing partial.
+
+    Pieces are written straight into the arrays that are returned (no second copy), and while the
+    tensors arrive in name order (as `iter_weight_chunks` sends them) the checksum is computed as
+    the bytes come, overlapping the transfer; other orders are hashed once complete.
     """
     specs: dict[str, TensorSpec] = {}
-    buffers: dict[str, bytearray] = {}
+    arrays: dict[str, np.ndarray] = {}
+    views: dict[str, memoryview] = {}
+    filled: dict[str, int] = {}
     digest: pb.WeightsDigest | None = None
+    hasher = hashlib.sha256()
+    in_order = True
+    last_name = ""
     for message in chunks:
         kind = message.WhichOneof("part")
         if digest is not None:
@@ -241,26 +268,42 @@ def receive_weights(
                 raise TensorError(f"tensor {spec.name}: first piece starts at offset {piece.offset}, expected 0")
             if manifest is not None:
                 check_against_manifest(spec, manifest)
+            if manifest is None and spec.nbytes > (1 << 36):
+                raise TensorError(f"tensor {spec.name}: shape {_fmt_shape(spec.shape)} is larger than 64 GiB")
             specs[spec.name] = spec
-            buffers[spec.name] = bytearray()
+            storage = np.uint16 if spec.dtype == "bfloat16" else _NUMPY_DTYPES[spec.dtype]
+            arrays[spec.name] = np.empty(spec.shape, dtype=np.dtype(storage).newbyteorder("<"))
+            views[spec.name] = memoryview(arrays[spec.name].reshape(-1)).cast("B")
+            filled[spec.name] = 0
+            if last_name and (spec.name <= last_name or filled[last_name] != specs[last_name].nbytes):
+                in_order = False  # not in name order, or the previous tensor is not complete yet
+            last_name = spec.name
+            if in_order:
+                hasher.update(_tensor_header(spec))
         elif specs[spec.name] != spec:
             raise TensorError(
                 f"tensor {spec.name}: pieces disagree on dtype or shape "
                 f"({specs[spec.name].dtype.upper()} {_fmt_shape(specs[spec.name].shape)} "
                 f"then {spec.dtype.upper()} {_fmt_shape(spec.shape)})"
             )
-        buffer = buffers[spec.name]
-        if piece.offset != len(buffer):
+        elif spec.name != last_name:
+            in_order = False  # pieces of tensors interleave
+        done = filled[spec.name]
+        if piece.offset != done:
             raise TensorError(
-                f"tensor {spec.name}: piece at offset {piece.offset}, expected offset {len(buffer)} "
+                f"tensor {spec.name}: piece at offset {piece.offset}, expected offset {done} "
                 "(pieces of a tensor must be consecutive and in order)"
             )
-        if len(buffer) + len(piece.tensor.data) > spec.nbytes:
+        data = piece.tensor.data
+        if done + len(data) > spec.nbytes:
             raise TensorError(
                 f"tensor {spec.name}: received more than {spec.nbytes} bytes "
                 f"(shape {_fmt_shape(spec.shape)} of {spec.dtype.upper()})"
             )
-        buffer += piece.tensor.data
+        views[spec.name][done : done + len(data)] = data
+        filled[spec.name] = done + len(data)
+        if in_order:
+            hasher.update(data)
 
     if digest is None:
         raise TensorError("the weights stream ended without its digest message")
@@ -268,17 +311,30 @@ def receive_weights(
         missing = [name for name in manifest if name not in specs]
         if missing:
             raise TensorError(f"missing tensor(s) {', '.join(missing)}; a weight set must hold all of {', '.join(manifest)}")
-    weights = {name: array_from_bytes(specs[name], bytes(buffers[name])) for name in specs}
-    total = sum(len(b) for b in buffers.values())
-    if digest.tensor_count != len(weights) or digest.total_bytes != total:
+    for name, spec in specs.items():
+        if filled[name] != spec.nbytes:
+            raise TensorError(
+                f"tensor {name}: received {filled[name]} bytes, expected {spec.nbytes} "
+                f"(shape {_fmt_shape(spec.shape)} of {spec.dtype.upper()})"
+            )
+    total = sum(filled.values())
+    if digest.tensor_count != len(specs) or digest.total_bytes != total:
         raise TensorError(
             f"digest says {digest.tensor_count} tensors and {digest.total_bytes} bytes, "
-            f"the stream held {len(weights)} tensors and {total} bytes"
+            f"the stream held {len(specs)} tensors and {total} bytes"
         )
-    actual = weights_sha256(weights)
+    weights = {name: _native(specs[name], arrays[name]) for name in specs}
+    actual = hasher.hexdigest() if in_order else weights_sha256(weights)
     if digest.sha256.lower() != actual:
         raise TensorError(f"checksum mismatch: the digest says sha256 {digest.sha256!r}, the tensors received hash to {actual!r}")
     if manifest is not None:
         for name, array in weights.items():
             check_finite(name, array)
     return weights, actual
+
+
+def _native(spec: TensorSpec, received: np.ndarray) -> np.ndarray:
+    """The received little-endian array in its real dtype and native byte order (no copy on little-endian machines)."""
+    if spec.dtype == "bfloat16":
+        return received.astype(np.uint16, copy=False).view(ml_dtypes.bfloat16)
+    return received.astype(received.dtype.newbyteorder("="), copy=False)

@@ -23,7 +23,7 @@ from weightrelay import codec, models
 from weightrelay.adapter import FrameworkAdapter
 from weightrelay.data import DATA_DIR_ENV, DATA_ROOT_ENV, DATASETS, DEFAULT_DATASET, DataError, load_dataset
 from weightrelay.files import write_json_atomic
-from weightrelay.security import SecurityError, ServerSecurity, resolve_token
+from weightrelay.security import ClientSecurity, SecurityError, ServerSecurity, resolve_token
 from weightrelay.service import MAX_MODEL_CALLS, InitializeError, WorkerServicer, abort
 from weightrelay.v1 import worker_pb2 as pb
 
@@ -181,6 +181,8 @@ def worker_parser(framework: str, default_port: int) -> argparse.ArgumentParser:
     parser.add_argument("--tls-cert", help="server certificate (PEM): serve TLS (with --tls-key)")
     parser.add_argument("--tls-key", help="the server certificate's private key (PEM)")
     parser.add_argument("--tls-client-ca", help="CA (PEM) whose client certificates are required: mutual TLS")
+    parser.add_argument("--peer-tls-ca", help="CA (PEM) of the peers this worker pulls weights from (default --tls-client-ca); "
+                                              "with TLS the pull presents --tls-cert and sends the token")
     parser.add_argument("--token-file", help="file with the bearer token every RPC but health must carry (default $WEIGHTRELAY_TOKEN_FILE, else $WEIGHTRELAY_TOKEN; none: no token)")
     parser.add_argument("--stream-idle-timeout", type=float, default=30.0,
                         help="seconds a SetWeights stream may send nothing before it is ended with DEADLINE_EXCEEDED (default 30)")
@@ -226,6 +228,8 @@ def worker_main(adapter_factory: Callable[[str], FrameworkAdapter], framework: s
         return 4
     try:
         security = ServerSecurity(args.tls_cert, args.tls_key, args.tls_client_ca, resolve_token(args.token_file))
+        peer_ca = args.peer_tls_ca or args.tls_client_ca
+        servicer.peer_security = ClientSecurity(peer_ca, args.tls_cert if peer_ca else None, args.tls_key if peer_ca else None, security.token)
         running = start_server(servicer, args.host, args.port, security)
     except SecurityError as exc:
         log.error("%s", exc)

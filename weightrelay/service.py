@@ -21,6 +21,8 @@ from weightrelay.data import DataError, Dataset, UnknownDataset
 from weightrelay.metrics import evaluate_logits
 from weightrelay.models import ModelSpec, ResolvedModel, SpecError
 from weightrelay.objectives import Objective, parse_objective
+from weightrelay.client import CHANNEL_OPTIONS
+from weightrelay.security import ClientSecurity
 from weightrelay.v1 import worker_pb2 as pb
 from weightrelay.v1 import worker_pb2_grpc as pb_grpc
 
@@ -37,6 +39,10 @@ MAX_MODEL_CALLS = 8
 STREAM_IDLE_SECONDS = 30.0
 #: Error details longer than this are cut: they may quote what a client sent.
 MAX_DETAILS = 1024
+#: Sets up to this size are backed up before they are applied, and checked after; larger ones are
+#: applied after the complete check of the stream only, so that a receiver holds about twice the set
+#: (its model and the set received) instead of four times.
+BACKUP_LIMIT_BYTES = 256 * 1024 * 1024
 _DONE = object()
 
 
@@ -88,6 +94,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._dataset_key = dataset_key or data.name
         self._model_lock = threading.Lock()
         self._admission = threading.BoundedSemaphore(MAX_MODEL_CALLS)
+        self.peer_security: ClientSecurity = ClientSecurity()  # how PullWeights reaches a peer
         self.stream_idle_seconds = STREAM_IDLE_SECONDS
         self._training = False
         self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
@@ -309,22 +316,28 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     self.objective = previous_objective
                     outcome = TrainingDiverged(broken, config)
                 self._weights_sha = codec.weights_sha256(weights)
+            except Exception as exc:
+                outcome = exc
             finally:
                 self._training = False
                 self._model_lock.release()
                 self._leave()
-            if isinstance(outcome, TrainResult):
-                outcome = pb.TrainSummary(
-                    epochs=outcome.epochs,
-                    samples_seen=outcome.samples_seen,
-                    loss=outcome.loss,
-                    accuracy=outcome.accuracy,
-                    seconds=time.perf_counter() - started,
-                    objective=objective.name,
-                    weights_sha256=self._weights_sha,
-                )
-            events.put(outcome)
-            events.put(_DONE)
+            try:
+                if isinstance(outcome, TrainResult):
+                    outcome = pb.TrainSummary(
+                        epochs=outcome.epochs,
+                        samples_seen=outcome.samples_seen,
+                        loss=outcome.loss,
+                        accuracy=outcome.accuracy,
+                        seconds=time.perf_counter() - started,
+                        objective=objective.name,
+                        weights_sha256=self._weights_sha,
+                    )
+            except Exception as exc:  # whatever happens, the call ends with an answer
+                outcome = exc
+            finally:
+                events.put(outcome)
+                events.put(_DONE)
 
         log.info("train: %s, objective %s, %d samples", config, objective.name, len(x))
         threading.Thread(target=run, name="train", daemon=True).start()
@@ -380,26 +393,51 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         try:
             self._hold_model(context)
             try:
-                weights = self.adapter.get_weights()
+                weights, sha = self.adapter.get_weights(), self._weights_sha
             finally:
                 self._model_lock.release()
         finally:
             self._leave()
         chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
-        yield from codec.iter_weight_chunks(weights, chunk)
+        yield from codec.iter_weight_chunks(weights, chunk, sha256=sha)
 
     def SetWeights(self, request_iterator: Iterator[pb.WeightsChunk], context: grpc.ServicerContext) -> pb.SetWeightsReply:
         self._admit(context, "SetWeights")
         try:
-            return self._set_weights(request_iterator, context)
+            try:
+                weights, expected_sha = codec.receive_weights(self._idle_guarded(request_iterator, context), self.manifest)
+            except codec.TensorError as exc:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return self._apply(weights, expected_sha, context)
         finally:
             self._leave()
 
-    def _set_weights(self, request_iterator: Iterator[pb.WeightsChunk], context: grpc.ServicerContext) -> pb.SetWeightsReply:
+    def PullWeights(self, request: pb.PullWeightsRequest, context: grpc.ServicerContext) -> pb.SetWeightsReply:
+        """Stream a peer's GetWeights straight into this model: one hop, checked like a SetWeights."""
+        self._admit(context, "PullWeights")
         try:
-            weights, expected_sha = codec.receive_weights(self._idle_guarded(request_iterator, context), self.manifest)
-        except codec.TensorError as exc:
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if self._training:
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
+            chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
+            try:
+                with self.peer_security.channel(request.address, CHANNEL_OPTIONS) as channel:
+                    stream = pb_grpc.WorkerStub(channel).GetWeights(pb.GetWeightsRequest(max_chunk_bytes=chunk),
+                                                                     timeout=context.time_remaining() or None)
+                    weights, sha = codec.receive_weights(stream, self.manifest)
+            except grpc.RpcError as exc:
+                code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else grpc.StatusCode.FAILED_PRECONDITION
+                abort(context, code, f"pulling from {request.address}: {exc.code().name}: {exc.details()}")
+            except codec.TensorError as exc:
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"the weights of {request.address} do not fit this model: {exc}")
+            if request.expected_sha256 and sha != request.expected_sha256.lower():
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                      f"{request.address} sent sha256 {sha[:12]}..., expected {request.expected_sha256[:12]}...: is that the right worker?")
+            return self._apply(weights, sha, context)
+        finally:
+            self._leave()
+
+    def _apply(self, weights: codec.WeightSet, expected_sha: str, context: grpc.ServicerContext) -> pb.SetWeightsReply:
+        """Apply a complete, checked set all or nothing."""
         self._hold_model(context)
         try:
             if set(weights) != set(self.manifest):  # an Initialize changed the model while the set streamed in
@@ -411,14 +449,20 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"the model was re-initialized while the weights arrived: {exc}")
             if not context.is_active():  # cancelled (or past its deadline) after the digest: the caller was told so, apply nothing
                 abort(context, grpc.StatusCode.CANCELLED, "the call ended before the weights were applied; nothing was applied")
-            previous = self.adapter.get_weights()
+            small = sum(w.nbytes for w in weights.values()) <= BACKUP_LIMIT_BYTES
+            previous = self.adapter.get_weights() if small else None
             try:
                 self.adapter.set_weights(weights)
-                applied_sha = codec.weights_sha256(self.adapter.get_weights())
-                if applied_sha != expected_sha:
-                    raise RuntimeError(f"the model holds sha256 {applied_sha} after applying {expected_sha}")
-                self._weights_sha = applied_sha
+                if small:
+                    applied_sha = codec.weights_sha256(self.adapter.get_weights())
+                    if applied_sha != expected_sha:
+                        raise RuntimeError(f"the model holds sha256 {applied_sha} after applying {expected_sha}")
+                self._weights_sha = expected_sha
             except Exception as exc:
+                if previous is None:
+                    self._weights_sha = codec.weights_sha256(self.adapter.get_weights())
+                    log.exception("set_weights failed on a large set; the model may hold part of it")
+                    abort(context, grpc.StatusCode.INTERNAL, f"applying the weights failed: {exc}; the model may hold part of the set, send it again")
                 self.adapter.set_weights(previous)  # all or nothing
                 log.exception("set_weights failed; previous weights restored")
                 abort(context, grpc.StatusCode.INTERNAL, f"applying the weights failed, the previous weights were kept: {exc}")

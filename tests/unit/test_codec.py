@@ -61,9 +61,27 @@ def test_weight_stream_round_trip_in_small_pieces():
     assert len(pieces) > len(original)  # fc1.weight (401,408 bytes) is split
     assert all(len(c.piece.tensor.data) <= 10_000 for c in pieces)
     assert chunks[-1].WhichOneof("part") == "digest"
+    assert [c.piece.tensor.name for c in pieces] == sorted(c.piece.tensor.name for c in pieces)  # name order: hashed as it arrives
     back = codec.assemble_weights(chunks, canonical_manifest())
-    assert list(back) == list(original)
+    assert sorted(back) == sorted(original)
     assert all(back[n].tobytes() == original[n].tobytes() for n in original)
+
+
+def test_a_stream_in_another_order_is_accepted_and_verified():
+    original = weights()
+    chunks = list(codec.iter_weight_chunks(original, max_chunk_bytes=100_000))
+    pieces, digest = chunks[:-1], chunks[-1]
+    shuffled = list(reversed([p for p in pieces if p.piece.tensor.name != "fc1.weight"])) + [p for p in pieces if p.piece.tensor.name == "fc1.weight"]
+    back, sha = codec.receive_weights(shuffled + [digest], canonical_manifest())
+    assert sha == codec.weights_sha256(original) and all(back[n].tobytes() == original[n].tobytes() for n in original)
+
+
+def test_the_sender_may_pass_the_checksum_it_keeps():
+    original = weights()
+    chunks = list(codec.iter_weight_chunks(original, sha256="ab" * 32))
+    assert chunks[-1].digest.sha256 == "ab" * 32
+    with pytest.raises(codec.TensorError, match="checksum mismatch"):
+        codec.assemble_weights(chunks)
 
 
 def test_default_chunks_fit_grpcs_default_message_limit():
@@ -93,10 +111,11 @@ def stream_with(mutate) -> list[pb.WeightsChunk]:
     [
         (lambda c: c.pop(), "without its digest"),
         (lambda c: c.append(c[0]), "goes on after its digest"),
-        (lambda c: c.__setitem__(1, c[2]), "expected offset"),
+        (lambda c: c.__setitem__(3, c[4]), "expected offset"),
         (lambda c: setattr(c[-1].digest, "sha256", "0" * 64), "checksum mismatch"),
         (lambda c: setattr(c[-1].digest, "total_bytes", 5), "digest says"),
-        (lambda c: c[0].piece.tensor.shape.__setitem__(0, 784), r"expected shape \[128, 784\], got \[784, 784\]"),
+        (lambda c: next(p for p in c if p.piece.tensor.name == "fc1.weight").piece.tensor.shape.__setitem__(0, 784),
+         r"expected shape \[128, 784\], got \[784, 784\]"),
     ],
     ids=["no-digest", "after-digest", "out-of-order", "checksum", "digest-count", "shape"],
 )

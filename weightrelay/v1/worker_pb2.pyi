@@ -104,6 +104,16 @@ class GetWeightsRequest(_message.Message):
     max_chunk_bytes: int
     def __init__(self, max_chunk_bytes: _Optional[int] = ...) -> None: ...
 
+class PullWeightsRequest(_message.Message):
+    __slots__ = ("address", "max_chunk_bytes", "expected_sha256")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    max_chunk_bytes: int
+    expected_sha256: str
+    def __init__(self, address: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., expected_sha256: _Optional[str] = ...) -> None: ...
+
 class SetWeightsReply(_message.Message):
     __slots__ = ("tensor_count", "total_bytes", "sha256")
     TENSOR_COUNT_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class WorkerStub:
                 request_serializer=weightrelay_dot_v1_dot_worker__pb2.WeightsChunk.SerializeToString,
                 response_deserializer=weightrelay_dot_v1_dot_worker__pb2.SetWeightsReply.FromString,
                 _registered_method=True)
+        self.PullWeights = channel.unary_unary(
+                '/weightrelay.v1.Worker/PullWeights',
+                request_serializer=weightrelay_dot_v1_dot_worker__pb2.PullWeightsRequest.SerializeToString,
+                response_deserializer=weightrelay_dot_v1_dot_worker__pb2.SetWeightsReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -107,6 +112,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullWeights(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -138,6 +149,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'SetWeights': grpc.stream_unary_rpc_method_handler(
                     servicer.SetWeights,
                     request_deserializer=weightrelay_dot_v1_dot_worker__pb2.WeightsChunk.FromString,
+                    response_serializer=weightrelay_dot_v1_dot_worker__pb2.SetWeightsReply.SerializeToString,
+            ),
+            'PullWeights': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullWeights,
+                    request_deserializer=weightrelay_dot_v1_dot_worker__pb2.PullWeightsRequest.FromString,
                     response_serializer=weightrelay_dot_v1_dot_worker__pb2.SetWeightsReply.SerializeToString,
             ),
     }
@@ -302,6 +318,33 @@ class Worker:
             target,
             '/weightrelay.v1.Worker/SetWeights',
             weightrelay_dot_v1_dot_worker__pb2.WeightsChunk.SerializeToString,
+            weightrelay_dot_v1_dot_worker__pb2.SetWeightsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullWeights(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightrelay.v1.Worker/PullWeights',
+            weightrelay_dot_v1_dot_worker__pb2.PullWeightsRequest.SerializeToString,
             weightrelay_dot_v1_dot_worker__pb2.SetWeightsReply.FromString,
             options,
             channel_credentials,

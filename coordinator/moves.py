@@ -1,0 +1,65 @@
+"""Moving a weight set from one worker to another, without the coordinator ever holding it.
+
+Two paths. **pull** (the default where it works): the coordinator asks the receiver to pull from
+the sender (PullWeights); the set goes worker to worker in one hop. **forward** (when the workers
+cannot reach each other, or on request): the coordinator streams the sender's GetWeights messages
+into the receiver's SetWeights as they arrive, as raw bytes: never decoded, never a whole set in
+memory. Either way the receiver checks the digest and applies all or nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import grpc
+
+from weightrelay.client import WorkerClient
+from weightrelay.v1 import worker_pb2 as pb
+
+#: Pull failures after which forwarding is tried: the receiver cannot reach the sender (or is an
+#: older worker without PullWeights), or what it reached is not the expected sender.
+FALL_BACK_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+@dataclass
+class Move:
+    path: str            # "pull" or "forward"
+    seconds: float
+    bytes: int
+    tensors: int
+    sha256: str
+    why_forward: str = ""  # when forwarding: why the pull was not used
+
+    @property
+    def gb_per_second(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "gb_per_second": self.gb_per_second}
+
+
+def forward(sender: WorkerClient, receiver: WorkerClient, timeout: float | None = None) -> pb.SetWeightsReply:
+    """Relay the sender's GetWeights messages into the receiver's SetWeights as raw bytes, as they arrive."""
+    get = sender.channel.unary_stream("/weightrelay.v1.Worker/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString)
+    put = receiver.channel.stream_unary("/weightrelay.v1.Worker/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
+    return put(get(pb.GetWeightsRequest(), timeout=timeout), timeout=timeout)
+
+
+def move(sender: WorkerClient, receiver: WorkerClient, via_coordinator: bool = False, expected_sha256: str = "",
+         timeout: float | None = None) -> Move:
+    """Move the sender's weights into the receiver: pulled by the receiver where it can, else forwarded."""
+    why = "--via-coordinator" if via_coordinator else ""
+    started = time.perf_counter()
+    if not via_coordinator:
+        try:
+            request = pb.PullWeightsRequest(address=sender.address, expected_sha256=expected_sha256)
+            reply = receiver.stub.PullWeights(request, timeout=timeout)
+            return Move("pull", time.perf_counter() - started, reply.total_bytes, reply.tensor_count, reply.sha256)
+        except grpc.RpcError as exc:
+            if exc.code() not in FALL_BACK_ON or "training" in (exc.details() or ""):
+                raise
+            why = f"{exc.code().name}: {exc.details()}"
+            started = time.perf_counter()
+    reply = forward(sender, receiver, timeout)
+    return Move("forward", time.perf_counter() - started, reply.total_bytes, reply.tensor_count, reply.sha256, why)

@@ -208,9 +208,13 @@ def check_against_manifest(spec: TensorSpec, manifest: Mapping[str, TensorSpec])
 
 
 def check_finite(name: str, array: np.ndarray) -> None:
-    if dtype_name(array.dtype) not in _FLOAT_DTYPES:
+    kind = dtype_name(array.dtype)
+    if kind not in _FLOAT_DTYPES:
         return
-    bad = ~np.isfinite(array.astype(np.float32, copy=False))
+    values = array if kind in ("float32", "float64") else array.astype(np.float32)
+    if np.isfinite(values).all():  # the common case: one pass, no copy
+        return
+    bad = ~np.isfinite(values)
     if bad.any():
         first = [int(i) for i in np.argwhere(bad)[0]]
         raise TensorError(

@@ -1,0 +1,88 @@
+"""Moving weights between two real workers: pulled worker to worker, or forwarded through the
+coordinator as raw messages; `coordinator move` measures it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+from coordinator.moves import forward, move
+from tests.support import REPO, free_port
+from weightrelay import codec
+from weightrelay.v1 import worker_pb2 as pb
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def moved_pair(torch_worker, keras_worker):
+    """The torch worker with weights different from keras' (trained a little); both back to the seed's MLP after."""
+    torch_worker.client.train_to_end(pb.TrainRequest(max_samples=640, seed=9, learning_rate=0.05))
+    yield torch_worker, keras_worker
+    for w in (torch_worker, keras_worker):
+        w.client.initialize("mlp", 0, "mnist", "")
+
+
+@pytest.mark.parametrize("via_coordinator", [False, True], ids=["pull", "forward"])
+def test_a_move_lands_the_senders_exact_weights(moved_pair, via_coordinator):
+    sender, receiver = moved_pair
+    expected = sender.client.describe().weights_sha256
+    assert receiver.client.describe().weights_sha256 != expected
+    done = move(sender.client, receiver.client, via_coordinator, expected, timeout=60)
+    assert done.path == ("forward" if via_coordinator else "pull") and done.sha256 == expected
+    assert done.bytes == 437544 and done.tensors == 6
+    assert receiver.client.describe().weights_sha256 == expected
+    sent, received = sender.client.get_weights(), receiver.client.get_weights()
+    assert all(sent[n].tobytes() == received[n].tobytes() for n in sent)
+
+
+def test_an_unreachable_sender_falls_back_to_forwarding(moved_pair):
+    sender, receiver = moved_pair
+    unreachable = pb.PullWeightsRequest(address=f"127.0.0.1:{free_port()}")
+    with pytest.raises(grpc.RpcError) as info:
+        receiver.client.stub.PullWeights(unreachable, timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "pulling from 127.0.0.1" in info.value.details()
+
+    class Elsewhere:  # the sender as the coordinator sees it, at an address the receiver cannot reach
+        address = unreachable.address
+        channel = sender.client.channel
+
+    done = move(Elsewhere(), receiver.client, timeout=60)
+    assert done.path == "forward" and "UNAVAILABLE" in done.why_forward
+    assert receiver.client.describe().weights_sha256 == sender.client.describe().weights_sha256
+
+
+def test_a_pull_from_the_wrong_worker_is_refused_and_changes_nothing(moved_pair):
+    sender, receiver = moved_pair
+    before = receiver.client.describe().weights_sha256
+    with pytest.raises(grpc.RpcError) as info:
+        receiver.client.stub.PullWeights(pb.PullWeightsRequest(address=sender.address, expected_sha256="0" * 64), timeout=30)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "is that the right worker" in info.value.details()
+    assert receiver.client.describe().weights_sha256 == before
+
+
+def test_forwarding_passes_a_bad_stream_on_to_be_refused(moved_pair, start_worker):
+    """The coordinator never decodes: a sender of another model's weights is refused by the receiver."""
+    sender, receiver = moved_pair
+    other = start_worker("torch", extra=["--model", "mlp:32"])
+    with pytest.raises(grpc.RpcError) as info:
+        forward(other.client, receiver.client, timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tensor fc1.bias: expected shape [128], got [32]" in info.value.details()
+
+
+def test_coordinator_move_prints_the_measurement(moved_pair):
+    sender, receiver = moved_pair
+    done = subprocess.run([sys.executable, "-m", "coordinator", "move", "--from", sender.address, "--to", receiver.address, "--json"],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["path"] == "pull" and record["checksum_matches"] and record["bytes"] == 437544
+    assert record["gb_per_second"] > 0 and 0 < record["coordinator_peak_rss_bytes"] < 256 * 2**20
+    plain = subprocess.run([sys.executable, "-m", "coordinator", "move", "--from", sender.address, "--to", receiver.address, "--via-coordinator"],
+                           capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert plain.returncode == 0 and "by forward" in plain.stdout and "checksum matches" in plain.stdout

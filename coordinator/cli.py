@@ -200,17 +200,24 @@ def command_run(args: argparse.Namespace) -> int:
     else:
         config = resolve_run_config(args)
         run_dir = _new_run_dir(Path(config.out))
+    _run_with_workers(Relay, config, run_dir, args, previous)
+    return 0
+
+
+def _run_with_workers(kind: type[Relay], config: cfg.RunConfig, run_dir: Path, args: argparse.Namespace,
+                      previous: dict[str, Any] | None = None) -> None:
+    """Save the settings, run `kind` (Relay or Twin) against the given or --local workers, write the report."""
     (run_dir / CONFIG_FILE).write_text(cfg.to_toml(config))
     printer = make_printer(config.rounds, quiet=args.quiet, as_json=args.json)
     try:
-        relay = Relay(config, run_dir, printer)
+        runner = kind(config, run_dir, printer)
         if config.local:
             printer("step", {"round": None, "step": "starting local workers"})
             with LocalWorkers(run_dir / "logs", config.seed, config.data_dir, config.dataset, config.model,
                               names=config.local_names()) as addresses:
-                relay.run(addresses, previous)
+                runner.run(addresses, previous)
         else:
-            relay.run(config.addresses(), previous)
+            runner.run(config.addresses(), previous)
         if not args.no_report:
             printer("step", {"round": None, "step": "writing the report"})
             from coordinator.report import write_report
@@ -218,31 +225,13 @@ def command_run(args: argparse.Namespace) -> int:
             printer("report", {"path": str(write_report(run_dir))})
     finally:
         printer.close()
-    return 0
 
 
 def command_twin(args: argparse.Namespace) -> int:
     from coordinator.twin import Twin
 
     config = resolve_run_config(args)
-    run_dir = _new_run_dir(Path(config.out))
-    (run_dir / CONFIG_FILE).write_text(cfg.to_toml(config))
-    printer = make_printer(0, quiet=args.quiet, as_json=args.json)
-    try:
-        twin = Twin(config, run_dir, printer)
-        if config.local:
-            printer("step", {"round": None, "step": "starting local workers"})
-            with LocalWorkers(run_dir / "logs", config.seed, config.data_dir, config.dataset, config.model,
-                              names=config.local_names()) as addresses:
-                twin.run(addresses)
-        else:
-            twin.run(config.addresses())
-        if not args.no_report:
-            from coordinator.report import write_report
-
-            printer("report", {"path": str(write_report(run_dir))})
-    finally:
-        printer.close()
+    _run_with_workers(Twin, config, _new_run_dir(Path(config.out)), args)
     return 0
 
 

@@ -11,10 +11,11 @@ each one runs is what its Describe says.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -240,6 +241,31 @@ class Relay:
             self._call(worker, f"restore {name} (SetWeights)", None, lambda w=worker, ws=weights: w.client.set_weights(ws))
 
     # -- the whole run -------------------------------------------------------------------
+    @contextmanager
+    def _recorded(self, resumable: bool = True) -> Iterator[None]:
+        """Around a whole run: its final status in results.json whatever happens (complete, interrupted,
+        failed with the error and, where rounds can be resumed, how), and the channels closed."""
+        try:
+            yield
+            self.results["status"] = "complete"
+        except KeyboardInterrupt:
+            self.results["status"] = "interrupted"
+            raise
+        except CoordinatorError as exc:
+            self.results["status"] = "failed"
+            if resumable and (self.results["rounds"] or not isinstance(exc, (UsageError, IncompatibleWorkers))):
+                done = len(self.results["rounds"])
+                kept = f"rounds 0-{done - 1} are kept" if done else "no round finished"
+                exc.args = (f"{exc}; {kept}: continue with `coordinator run --resume {self.run_dir}`",)
+            self.results["error"] = str(exc)
+            raise
+        finally:
+            self.results["finished_at"] = _now()
+            self._save()
+            for worker in self.workers.values():
+                worker.client.close()
+        self.on_event("done", {"run_dir": str(self.run_dir), "results": str(self.run_dir / RESULTS_FILE)})
+
     def _start(self, previous: dict[str, Any] | None) -> None:
         if previous is not None:
             self.results = previous
@@ -291,7 +317,7 @@ class Relay:
         unfinished round, with the weights saved after the last finished one."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._start(previous)
-        try:
+        with self._recorded():
             names = self.config.ring(list(addresses))
             self.connect({name: addresses[name] for name in names})
             self.pairs = swap_pairs([w.objective for w in self.workers.values()])
@@ -321,22 +347,4 @@ class Relay:
                 if previous_checkpoint and previous_checkpoint["round"] != r:
                     checkpoint.remove_round(self.run_dir, previous_checkpoint["round"], list(self.workers))
                 self.on_event("round_done", {"round": r, "rounds": self.config.rounds, "wall_seconds": item["wall_seconds"]})
-            self.results["status"] = "complete"
-        except KeyboardInterrupt:
-            self.results["status"] = "interrupted"
-            raise
-        except CoordinatorError as exc:
-            self.results["status"] = "failed"
-            if self.results["rounds"] or not isinstance(exc, (UsageError, IncompatibleWorkers)):
-                done = len(self.results["rounds"])
-                kept = f"rounds 0-{done - 1} are kept" if done else "no round finished"
-                exc.args = (f"{exc}; {kept}: continue with `coordinator run --resume {self.run_dir}`",)
-            self.results["error"] = str(exc)
-            raise
-        finally:
-            self.results["finished_at"] = _now()
-            self._save()
-            for worker in self.workers.values():
-                worker.client.close()
-        self.on_event("done", {"run_dir": str(self.run_dir), "results": str(self.run_dir / RESULTS_FILE)})
         return self.results

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 import weightrelay
-from coordinator.errors import CoordinatorError, UsageError
+from coordinator.errors import UsageError
 from coordinator.relay import Relay, Worker
-from coordinator.results import RESULTS_FILE, SCHEMA_VERSION, message_to_dict
+from coordinator.results import SCHEMA_VERSION, message_to_dict
 from weightrelay import codec
 from weightrelay.v1 import worker_pb2 as pb
 
@@ -101,7 +101,7 @@ class Twin(Relay):
             "status": "running", "started_at": _now(), "finished_at": None, "config": self.config.to_dict(),
             "workers": {}, "order": list(addresses), "objectives": {}, "checkpoints": [],
         }
-        try:
+        with self._recorded(resumable=False):
             self.connect(addresses)
             for worker in self.workers.values():
                 worker.objective = self.config.twin_objective
@@ -134,18 +134,4 @@ class Twin(Relay):
                     self.results["checkpoints"].append(record)
                     self._save()
                     done = step
-            self.results["status"] = "complete"
-        except KeyboardInterrupt:
-            self.results["status"] = "interrupted"
-            raise
-        except CoordinatorError as exc:
-            self.results["status"] = "failed"
-            self.results["error"] = str(exc)
-            raise
-        finally:
-            self.results["finished_at"] = _now()
-            self._save()
-            for worker in self.workers.values():
-                worker.client.close()
-        self.on_event("done", {"run_dir": str(self.run_dir), "results": str(self.run_dir / RESULTS_FILE)})
         return self.results

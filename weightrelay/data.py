@@ -214,11 +214,6 @@ def download_files(spec: DatasetSpec, data_dir: Path, names: list[str], timeout:
                 raise DataError(_missing_message(spec, data_dir, [name], "download failed: " + "; ".join(errors)))
 
 
-def download_mnist(data_dir: Path, stems: list[str], timeout: float = 30.0) -> None:
-    """Fetch missing gzipped MNIST files into `data_dir` (see download_files)."""
-    download_files(DATASETS["mnist"], data_dir, [f"{stem}.gz" for stem in stems], timeout)
-
-
 @dataclass
 class Split:
     """Preprocessed inputs (float32 [n, C, H, W]) and true labels (int64 [n])."""
@@ -245,9 +240,6 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-
-MnistData = Dataset  # the name from when MNIST was the only data set
 
 
 def preprocess(images: np.ndarray, mean: tuple[float, ...] = (MEAN,), std: tuple[float, ...] = (STD,)) -> np.ndarray:

@@ -8,12 +8,10 @@ import subprocess
 import sys
 
 import grpc
-import numpy as np
 import pytest
 
 from coordinator.moves import forward, move
 from tests.support import REPO, free_port
-from weightrelay import codec
 from weightrelay.v1 import worker_pb2 as pb
 
 pytestmark = pytest.mark.integration

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import abc
 import math
+import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -204,14 +206,21 @@ class ModelThread:
     OPERATIONS = frozenset({"build", "get_weights", "set_weights", "train", "predict_logits"})
 
     def __init__(self, adapter: "FrameworkAdapter"):
-        from concurrent.futures import ThreadPoolExecutor
-
         self._adapter = adapter
-        self._thread: threading.Thread | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model", initializer=self._remember_thread)
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        # A daemon thread: a worker that is told to stop never waits for it at exit.
+        self._thread = threading.Thread(target=self._serve, name="model", daemon=True)
+        self._thread.start()
 
-    def _remember_thread(self) -> None:
-        self._thread = threading.current_thread()
+    def _serve(self) -> None:
+        while True:
+            function, args, kwargs, future = self._tasks.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(function(*args, **kwargs))
+            except BaseException as exc:  # handed to the caller
+                future.set_exception(exc)
 
     def __getattr__(self, name: str):
         attribute = getattr(self._adapter, name)
@@ -221,7 +230,9 @@ class ModelThread:
         def on_model_thread(*args, **kwargs):
             if threading.current_thread() is self._thread:
                 return attribute(*args, **kwargs)
-            return self._executor.submit(attribute, *args, **kwargs).result()
+            future: Future = Future()
+            self._tasks.put((attribute, args, kwargs, future))
+            return future.result()
 
         return on_model_thread
 

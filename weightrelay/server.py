@@ -254,4 +254,8 @@ def worker_main(adapter_factory: Callable[[str], FrameworkAdapter], framework: s
     log.info("shutting down: no new calls; the calls in flight get %g s", args.grace)
     running.stop(args.grace)
     log.info("stopped")
-    return 0
+    # The grace is over: calls still unwinding (a cancelled Train finishing its batch, a stalled stream's
+    # reader) must not hold the process, so leave now rather than wait for their threads at exit.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)

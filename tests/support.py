@@ -100,3 +100,21 @@ def write_cifar10(directory: Path, per_batch: int = 100, test: int = 100, seed: 
         for name, payload in files.items():
             (directory / "cifar-10-batches-bin" / name).write_bytes(payload)
     return directory
+
+
+def wait_until_free(worker, within: float, message: str, poll: float = 0.1) -> None:
+    """Call Evaluate until the worker takes model calls again (it answers FAILED_PRECONDITION while training);
+    fail with `message` if that takes longer than `within` seconds."""
+    import time
+
+    import grpc
+
+    started = time.monotonic()
+    while True:
+        try:
+            worker.client.evaluate()
+            return
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert time.monotonic() - started < within, message
+            time.sleep(poll)

@@ -114,6 +114,15 @@ class TokenInterceptor(grpc.ServerInterceptor):
                                   "(coordinator --token-file, or $WEIGHTRELAY_TOKEN)")
 
 
+#: (request streaming, response streaming) -> gRPC's constructor of a method handler of that shape
+HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that answers UNAUTHENTICATED."""
 
@@ -124,14 +133,8 @@ def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHan
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - a generator, as stream responses need
 
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
     shape = (handler.request_streaming, handler.response_streaming)
-    return kinds[shape](deny_stream if shape[1] else deny, request_deserializer=handler.request_deserializer,
+    return HANDLER_KINDS[shape](deny_stream if shape[1] else deny, request_deserializer=handler.request_deserializer,
                         response_serializer=handler.response_serializer)
 
 

@@ -23,7 +23,7 @@ from weightrelay import codec, models
 from weightrelay.adapter import FrameworkAdapter
 from weightrelay.data import DATA_DIR_ENV, DATA_ROOT_ENV, DATASETS, DEFAULT_DATASET, DataError, load_dataset
 from weightrelay.files import write_json_atomic
-from weightrelay.security import ClientSecurity, SecurityError, ServerSecurity, resolve_token
+from weightrelay.security import HANDLER_KINDS, ClientSecurity, SecurityError, ServerSecurity, resolve_token
 from weightrelay.service import MAX_MODEL_CALLS, InitializeError, WorkerServicer, abort
 from weightrelay.v1 import worker_pb2 as pb
 
@@ -109,12 +109,7 @@ def worker_handler(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
     for method in pb.DESCRIPTOR.services_by_name["Worker"].methods:
         request_class, reply_class = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
         behaviour = getattr(servicer, method.name)
-        kind = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(method.client_streaming, method.server_streaming)]
+        kind = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         wrapped = _checked_stream(behaviour) if method.client_streaming else _checked_unary(behaviour)
         handlers[method.name] = kind(wrapped, request_deserializer=_lenient(request_class), response_serializer=reply_class.SerializeToString)
     return grpc.method_handlers_generic_handler(WORKER_SERVICE, handlers)

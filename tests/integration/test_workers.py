@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import grpc
 import numpy as np
@@ -13,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from tests.support import seed_manifest as canonical_manifest
+from tests.support import wait_until_free
 from weightrelay import codec, models
 from weightrelay.data import load_mnist
 from weightrelay.v1 import worker_pb2 as pb
@@ -191,16 +191,7 @@ def test_calls_during_training_get_failed_precondition_and_cancel_stops_training
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     stream.cancel()
     # The worker stops training at its next progress report and serves again.
-    deadline = 60
-    start = time.monotonic()
-    while True:
-        try:
-            worker.client.evaluate()
-            break
-        except grpc.RpcError as exc:
-            assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-            assert time.monotonic() - start < deadline, "the worker kept training after the client cancelled"
-            time.sleep(0.2)
+    wait_until_free(worker, 60, "the worker kept training after the client cancelled", poll=0.2)
 
 
 def test_torch_weights_give_keras_the_same_predictions(torch_worker, keras_worker):

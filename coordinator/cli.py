@@ -17,6 +17,7 @@ from coordinator.progress import make_printer
 from coordinator.relay import Relay
 from coordinator.results import RESULTS_FILE, load_results
 from weightrelay import models
+from weightrelay.buffers import keep_freed_memory
 from weightrelay.data import DATASETS
 from weightrelay.security import add_client_flags
 
@@ -318,6 +319,7 @@ COMMANDS = {"run": command_run, "twin": command_twin, "move": command_move, "rep
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    keep_freed_memory()  # forwarded weight streams reuse their message memory
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

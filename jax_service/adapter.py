@@ -120,8 +120,9 @@ class JaxAdapter(FrameworkAdapter):
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         params, stats = canonical_to_flax(weights, self.resolved)
-        self.params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params), self._device)
-        self.stats = jax.device_put(jax.tree_util.tree_map(jnp.asarray, stats), self._device)
+        # jnp.array copies: on the CPU jnp.asarray may alias the numpy memory, which the worker reuses
+        self.params = jax.device_put(jax.tree_util.tree_map(jnp.array, params), self._device)
+        self.stats = jax.device_put(jax.tree_util.tree_map(jnp.array, stats), self._device)
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         params, stats = self.params, self.stats

@@ -91,6 +91,12 @@ class TorchAdapter(FrameworkAdapter):
         state = self.model.state_dict()  # also holds num_batches_tracked, which is not canonical
         return {name: state[name].detach().cpu().numpy().copy() for name in self.names}
 
+    def read_weights(self, out: WeightSet) -> None:
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name in self.names:
+                torch.from_numpy(out[name]).copy_(state[name])
+
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         state = self.model.state_dict()
         with torch.no_grad():

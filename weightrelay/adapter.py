@@ -203,7 +203,7 @@ class ModelThread:
     rest (names, versions, the device) is read directly, so Describe still answers during training.
     """
 
-    OPERATIONS = frozenset({"build", "get_weights", "set_weights", "train", "predict_logits"})
+    OPERATIONS = frozenset({"build", "get_weights", "read_weights", "set_weights", "train", "predict_logits"})
 
     def __init__(self, adapter: "FrameworkAdapter"):
         self._adapter = adapter
@@ -266,9 +266,21 @@ class FrameworkAdapter(abc.ABC):
     def get_weights(self) -> WeightSet:
         """A copy of the manifest's tensors (parameters and buffers) in the canonical layout, float32."""
 
+    def read_weights(self, out: WeightSet) -> None:
+        """Copy the manifest's tensors into `out`'s arrays (each of its tensor's shape and dtype).
+
+        The worker reuses those arrays from move to move (weightrelay.buffers: fresh memory is slow
+        to touch); this default copies `get_weights()`, adapters override it to copy once.
+        """
+        for name, array in self.get_weights().items():
+            np.copyto(out[name], array)
+
     @abc.abstractmethod
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Replace all of the manifest's tensors; `weights` is already checked against it."""
+        """Replace all of the manifest's tensors; `weights` is already checked against it.
+
+        Copy the values: the arrays' memory is reused for the next weight set once this returns.
+        """
 
     @abc.abstractmethod
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:

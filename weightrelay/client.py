@@ -106,7 +106,8 @@ class WorkerClient:
         return codec.assemble_weights(self.stub.GetWeights(request, timeout=self._deadline(timeout)))
 
     def set_weights(self, weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, timeout: float | None = None) -> pb.SetWeightsReply:
-        return self.stub.SetWeights(codec.iter_weight_chunks(weights, max_chunk_bytes), timeout=self._deadline(timeout))
+        send = self.channel.stream_unary("/weightrelay.v1.Worker/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
+        return send(codec.encode_weight_chunks(weights, max_chunk_bytes), timeout=self._deadline(timeout))  # serialized already
 
     def set_weights_stream(self, chunks: Iterator[pb.WeightsChunk], timeout: float | None = None) -> pb.SetWeightsReply:
         """Send a raw weights stream (for tools and tests that build their own)."""

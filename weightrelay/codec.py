@@ -8,8 +8,10 @@ back, checking everything a receiver must check before it applies a weight set.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -22,6 +24,8 @@ MAX_CHUNK_BYTES = 4 * 1024 * 1024 - 4 * 1024
 #: Fewest tensor bytes a GetWeights request may ask per message (smaller requests get this):
 #: one small request must not make a worker send millions of messages.
 MIN_CHUNK_BYTES = 64 * 1024
+#: Pieces at least this large are hashed on a thread beside the receive (see _BackgroundHash).
+_BACKGROUND_HASH_BYTES = 256 * 1024
 #: Longest tensor name accepted from the wire.
 MAX_NAME_LENGTH = 256
 
@@ -95,6 +99,11 @@ def dtype_from_proto(value: int, tensor_name: str = "?") -> str:
             f"use one of {', '.join(n.upper() for n in SUPPORTED_DTYPES)}"
         )
     return pb.DType.Name(value).lower()
+
+
+def storage_dtype(name: str) -> np.dtype:
+    """The little-endian dtype a tensor of wire dtype `name` is received into (bfloat16 as its 16-bit pattern)."""
+    return np.dtype("<u2") if name == "bfloat16" else _NUMPY_DTYPES[name]
 
 
 def tensor_bytes(array: np.ndarray) -> bytes:
@@ -171,27 +180,68 @@ def _le_view(array: np.ndarray) -> memoryview:
     return memoryview(contiguous.reshape(-1)).cast("B")
 
 
-def iter_weight_chunks(weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, sha256: str | None = None) -> Iterator[pb.WeightsChunk]:
-    """A weights stream: each tensor in pieces of at most `max_chunk_bytes`, in name order (so a receiver
-    can hash as the bytes arrive), then the digest. `sha256`: the set's checksum where the sender
-    already knows it (a worker keeps its own), so it is not computed again."""
+def _pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> Iterator[tuple[str, TensorSpec, int, memoryview]]:
+    """(name, spec, offset, bytes) of each piece of a weights stream: tensors in name order, each in
+    pieces of at most `max_chunk_bytes` (0: MAX_CHUNK_BYTES); an empty tensor is one empty piece."""
     chunk = MAX_CHUNK_BYTES if max_chunk_bytes <= 0 else min(max_chunk_bytes, MAX_CHUNK_BYTES)
-    total = 0
     for name in sorted(weights):
         array = weights[name]
         spec = TensorSpec.of(name, array)
         data = _le_view(array)
-        total += len(data)
         offset = 0
         while True:
             piece = data[offset : offset + chunk]
-            tensor = pb.Tensor(name=name, dtype=dtype_to_proto(spec.dtype), shape=spec.shape, data=bytes(piece))
-            yield pb.WeightsChunk(piece=pb.TensorPiece(tensor=tensor, offset=offset))
+            yield name, spec, offset, piece
             offset += len(piece)
             if offset >= len(data):
                 break
-    digest = pb.WeightsDigest(tensor_count=len(weights), total_bytes=total, sha256=sha256 or weights_sha256(weights))
-    yield pb.WeightsChunk(digest=digest)
+
+
+def _digest(weights: Mapping[str, np.ndarray], sha256: str | None) -> pb.WeightsChunk:
+    total = sum(_le_view(array).nbytes for array in weights.values())
+    return pb.WeightsChunk(digest=pb.WeightsDigest(tensor_count=len(weights), total_bytes=total, sha256=sha256 or weights_sha256(weights)))
+
+
+def iter_weight_chunks(weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, sha256: str | None = None) -> Iterator[pb.WeightsChunk]:
+    """A weights stream: each tensor in pieces of at most `max_chunk_bytes`, in name order (so a receiver
+    can hash as the bytes arrive), then the digest. `sha256`: the set's checksum where the sender
+    already knows it (a worker keeps its own), so it is not computed again."""
+    for name, spec, offset, piece in _pieces(weights, max_chunk_bytes):
+        tensor = pb.Tensor(name=name, dtype=dtype_to_proto(spec.dtype), shape=spec.shape, data=bytes(piece))
+        yield pb.WeightsChunk(piece=pb.TensorPiece(tensor=tensor, offset=offset))
+    yield _digest(weights, sha256)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _length_key(field: int) -> bytes:
+    return _varint(field << 3 | 2)  # wire type 2: length-delimited
+
+
+_PIECE_KEY = _length_key(pb.WeightsChunk.DESCRIPTOR.fields_by_name["piece"].number)
+_TENSOR_KEY = _length_key(pb.TensorPiece.DESCRIPTOR.fields_by_name["tensor"].number)
+_DATA_KEY = _length_key(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number)
+_OFFSET_KEY = _varint(pb.TensorPiece.DESCRIPTOR.fields_by_name["offset"].number << 3)  # wire type 0: varint
+
+
+def encode_weight_chunks(weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, sha256: str | None = None) -> Iterator[bytes]:
+    """The stream of `iter_weight_chunks`, already serialized: the same bytes, made with one copy of the
+    tensor data per message instead of three (bytes, message, serialization); for senders of large sets."""
+    for name, spec, offset, piece in _pieces(weights, max_chunk_bytes):
+        head = pb.Tensor(name=name, dtype=dtype_to_proto(spec.dtype), shape=spec.shape).SerializeToString()
+        data_head = _DATA_KEY + _varint(len(piece)) if len(piece) else b""  # proto3 leaves empty bytes out
+        tensor_length = len(head) + len(data_head) + len(piece)
+        tail = _OFFSET_KEY + _varint(offset) if offset else b""
+        piece_length = len(_TENSOR_KEY) + len(_varint(tensor_length)) + tensor_length + len(tail)
+        yield b"".join((_PIECE_KEY, _varint(piece_length), _TENSOR_KEY, _varint(tensor_length), head, data_head, piece, tail))
+    yield _digest(weights, sha256).SerializeToString()
 
 
 def check_against_manifest(spec: TensorSpec, manifest: Mapping[str, TensorSpec]) -> None:
@@ -207,12 +257,21 @@ def check_against_manifest(spec: TensorSpec, manifest: Mapping[str, TensorSpec])
         raise TensorError(f"tensor {spec.name}: expected dtype {expected.dtype.upper()}, got {spec.dtype.upper()}")
 
 
+#: Elements checked at a time by check_finite.
+_FINITE_BLOCK = 1 << 20
+
+
 def check_finite(name: str, array: np.ndarray) -> None:
     kind = dtype_name(array.dtype)
     if kind not in _FLOAT_DTYPES:
         return
     values = array if kind in ("float32", "float64") else array.astype(np.float32)
-    if np.isfinite(values).all():  # the common case: one pass, no copy
+    flat = values.reshape(-1)
+    # The common case, all finite: checked a block at a time into one small mask, because a mask
+    # of the whole tensor is fresh memory (slow to touch) and as large as a quarter of it.
+    mask = np.empty(min(len(flat), _FINITE_BLOCK), dtype=bool)
+    blocks = (flat[i : i + _FINITE_BLOCK] for i in range(0, len(flat), _FINITE_BLOCK))
+    if all(np.isfinite(block, out=mask[: len(block)]).all() for block in blocks):
         return
     bad = ~np.isfinite(values)
     if bad.any():
@@ -234,8 +293,47 @@ def _tensor_header(spec: TensorSpec) -> bytes:
     return spec.name.encode() + b"\0" + spec.dtype.upper().encode() + b"\0" + ",".join(str(d) for d in spec.shape).encode() + b"\0"
 
 
+def _empty(spec: TensorSpec) -> np.ndarray:
+    return np.empty(spec.shape, dtype=storage_dtype(spec.dtype))
+
+
+class _BackgroundHash:
+    """SHA-256 on a thread of its own, fed as bytes arrive: hashlib releases the GIL on large buffers,
+    so hashing a piece overlaps receiving the next instead of adding to it."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+    def update(self, data: bytes | memoryview) -> None:
+        if len(data) < _BACKGROUND_HASH_BYTES and self._thread is None:
+            self._hash.update(data)  # small sets: a thread would cost more than it saves
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+            self._thread.start()
+        self._queue.put(data)
+
+    def close(self) -> None:
+        """Wait until everything given is hashed (the data must not change before)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._hash.hexdigest()
+
+
 def receive_weights(
-    chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpec] | None = None
+    chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpec] | None = None,
+    allocate: Callable[[TensorSpec], np.ndarray] = _empty,
 ) -> tuple[WeightSet, str]:
     """Rebuild a weight set from a weights stream, checking it all along; also return its verified checksum.
 
@@ -246,14 +344,24 @@ def receive_weights(
 
     Pieces are written straight into the arrays that are returned (no second copy), and while the
     tensors arrive in name order (as `iter_weight_chunks` sends them) the checksum is computed as
-    the bytes come, overlapping the transfer; other orders are hashed once complete.
+    the bytes come, overlapping the transfer; other orders are hashed once complete. `allocate`
+    gives the array a tensor is received into (little-endian, `storage_dtype`); a worker passes
+    buffers it reuses (weightrelay.buffers).
     """
+    hasher = _BackgroundHash()
+    try:
+        return _receive(chunks, manifest, allocate, hasher)
+    finally:
+        hasher.close()  # nothing reads the arrays once this returns
+
+
+def _receive(chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpec] | None,
+             allocate: Callable[[TensorSpec], np.ndarray], hasher: _BackgroundHash) -> tuple[WeightSet, str]:
     specs: dict[str, TensorSpec] = {}
     arrays: dict[str, np.ndarray] = {}
     views: dict[str, memoryview] = {}
     filled: dict[str, int] = {}
     digest: pb.WeightsDigest | None = None
-    hasher = hashlib.sha256()
     in_order = True
     last_name = ""
     for message in chunks:
@@ -275,8 +383,7 @@ def receive_weights(
             if manifest is None and spec.nbytes > (1 << 36):
                 raise TensorError(f"tensor {spec.name}: shape {_fmt_shape(spec.shape)} is larger than 64 GiB")
             specs[spec.name] = spec
-            storage = np.uint16 if spec.dtype == "bfloat16" else _NUMPY_DTYPES[spec.dtype]
-            arrays[spec.name] = np.empty(spec.shape, dtype=np.dtype(storage).newbyteorder("<"))
+            arrays[spec.name] = allocate(spec)
             views[spec.name] = memoryview(arrays[spec.name].reshape(-1)).cast("B")
             filled[spec.name] = 0
             if last_name and (spec.name <= last_name or filled[last_name] != specs[last_name].nbytes):
@@ -307,7 +414,7 @@ def receive_weights(
         views[spec.name][done : done + len(data)] = data
         filled[spec.name] = done + len(data)
         if in_order:
-            hasher.update(data)
+            hasher.update(views[spec.name][done : done + len(data)])
 
     if digest is None:
         raise TensorError("the weights stream ended without its digest message")
@@ -327,7 +434,7 @@ def receive_weights(
             f"digest says {digest.tensor_count} tensors and {digest.total_bytes} bytes, "
             f"the stream held {len(specs)} tensors and {total} bytes"
         )
-    weights = {name: _native(specs[name], arrays[name]) for name in specs}
+    weights = {name: native_view(specs[name], arrays[name]) for name in specs}
     actual = hasher.hexdigest() if in_order else weights_sha256(weights)
     if digest.sha256.lower() != actual:
         raise TensorError(f"checksum mismatch: the digest says sha256 {digest.sha256!r}, the tensors received hash to {actual!r}")
@@ -337,7 +444,7 @@ def receive_weights(
     return weights, actual
 
 
-def _native(spec: TensorSpec, received: np.ndarray) -> np.ndarray:
+def native_view(spec: TensorSpec, received: np.ndarray) -> np.ndarray:
     """The received little-endian array in its real dtype and native byte order (no copy on little-endian machines)."""
     if spec.dtype == "bfloat16":
         return received.astype(np.uint16, copy=False).view(ml_dtypes.bfloat16)

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from weightrelay import codec, models
 from weightrelay.adapter import FrameworkAdapter
+from weightrelay.buffers import keep_freed_memory
 from weightrelay.data import DATA_DIR_ENV, DATA_ROOT_ENV, DATASETS, DEFAULT_DATASET, DataError, load_dataset
 from weightrelay.files import write_json_atomic
 from weightrelay.security import HANDLER_KINDS, ClientSecurity, SecurityError, ServerSecurity, resolve_token
@@ -103,6 +104,16 @@ def _checked_stream(behaviour: Callable) -> Callable:
     return handle
 
 
+def _serializer(message_class) -> Callable[[object], bytes]:
+    """Replies are messages, or bytes a servicer serialized itself (GetWeights' large pieces: codec.encode_weight_chunks)."""
+    serialize = message_class.SerializeToString
+
+    def encode(reply: object) -> bytes:
+        return reply if isinstance(reply, bytes) else serialize(reply)
+
+    return encode
+
+
 def worker_handler(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
     """The Worker service's method handlers, each parsing its requests leniently (bad bytes: INVALID_ARGUMENT)."""
     handlers = {}
@@ -111,7 +122,7 @@ def worker_handler(servicer: WorkerServicer) -> grpc.GenericRpcHandler:
         behaviour = getattr(servicer, method.name)
         kind = HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
         wrapped = _checked_stream(behaviour) if method.client_streaming else _checked_unary(behaviour)
-        handlers[method.name] = kind(wrapped, request_deserializer=_lenient(request_class), response_serializer=reply_class.SerializeToString)
+        handlers[method.name] = kind(wrapped, request_deserializer=_lenient(request_class), response_serializer=_serializer(reply_class))
     return grpc.method_handlers_generic_handler(WORKER_SERVICE, handlers)
 
 
@@ -191,6 +202,7 @@ def worker_main(adapter_factory: Callable[[str], FrameworkAdapter], framework: s
     """Run a worker until SIGINT or SIGTERM. Returns the process exit code."""
     args = worker_parser(framework, default_port).parse_args(argv)
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {framework}-worker %(levelname)s %(message)s", stream=sys.stderr)
+    keep_freed_memory()
     try:
         spec = models.load_model(args.model)
     except models.SpecError as exc:

@@ -16,6 +16,7 @@ import numpy as np
 
 import weightrelay
 from weightrelay import codec, models
+from weightrelay.buffers import SpareBuffer, arena_bytes
 from weightrelay.adapter import FrameworkAdapter, ModelThread, NonFiniteLoss, ProgressTracker, TrainConfig, TrainingCancelled, TrainResult
 from weightrelay.data import DataError, Dataset, UnknownDataset
 from weightrelay.metrics import evaluate_logits
@@ -98,6 +99,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.stream_idle_seconds = STREAM_IDLE_SECONDS
         self._training = False
         self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
+        self.spare = SpareBuffer()  # a set's worth of memory reused by every send and receive
 
     def initialize(self, spec: ModelSpec, seed: int, dataset: str = "", objective: str = "") -> ResolvedModel:
         """Build `spec` with fresh weights from `seed`, optionally on another data set, and reset the
@@ -122,6 +124,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise InitializeError(grpc.StatusCode.INTERNAL, f"building model {resolved.spec.name!r} failed, the previous model was kept: "
                                   f"{type(exc).__name__}: {exc}") from None
         self.model, self.manifest, self.data, self.objective = resolved, resolved.manifest, data, new_objective
+        self.spare.fit(arena_bytes(list(resolved.manifest.values())))
         self._dataset_key = dataset or self._dataset_key
         self._weights_sha = codec.weights_sha256(self.adapter.get_weights())
         log.info("initialized %s, seed %d, data %s, objective %s: sha256 %s", resolved.describe(), seed, data.name,
@@ -390,25 +393,51 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def GetWeights(self, request: pb.GetWeightsRequest, context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk]:
         self._admit(context, "GetWeights")
+        arena = None
         try:
             self._hold_model(context)
             try:
-                weights, sha = self.adapter.get_weights(), self._weights_sha
+                # A snapshot into the spare buffer: the model is free again while the stream goes out.
+                manifest = self.manifest
+                arena = self.spare.take(arena_bytes(list(manifest.values())))
+                weights = {name: codec.native_view(spec, arena.array(spec)) for name, spec in manifest.items()}
+                self.adapter.read_weights(weights)
+                sha = self._weights_sha
             finally:
                 self._model_lock.release()
+        except BaseException:
+            if arena is not None:
+                self.spare.give_back(arena)
+            raise
         finally:
             self._leave()
         chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
-        yield from codec.iter_weight_chunks(weights, chunk, sha256=sha)
+        try:
+            yield from codec.encode_weight_chunks(weights, chunk, sha256=sha)  # serialized already (see server.py)
+        finally:
+            self.spare.give_back(arena)
+
+    def _receive(self, chunks: Iterator[pb.WeightsChunk]) -> tuple[codec.WeightSet, str, Callable[[], None]]:
+        """A checked set received into the spare buffer; call the returned function once it has been applied."""
+        arena = self.spare.take(arena_bytes(list(self.manifest.values())))
+        try:
+            weights, sha = codec.receive_weights(chunks, self.manifest, allocate=arena.array)
+        except BaseException:
+            self.spare.give_back(arena)
+            raise
+        return weights, sha, lambda: self.spare.give_back(arena)
 
     def SetWeights(self, request_iterator: Iterator[pb.WeightsChunk], context: grpc.ServicerContext) -> pb.SetWeightsReply:
         self._admit(context, "SetWeights")
         try:
             try:
-                weights, expected_sha = codec.receive_weights(self._idle_guarded(request_iterator, context), self.manifest)
+                weights, expected_sha, done = self._receive(self._idle_guarded(request_iterator, context))
             except codec.TensorError as exc:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            return self._apply(weights, expected_sha, context)
+            try:
+                return self._apply(weights, expected_sha, context)
+            finally:
+                done()
         finally:
             self._leave()
 
@@ -423,16 +452,19 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 with self.peer_security.channel(request.address, CHANNEL_OPTIONS) as channel:
                     stream = pb_grpc.WorkerStub(channel).GetWeights(pb.GetWeightsRequest(max_chunk_bytes=chunk),
                                                                      timeout=context.time_remaining() or None)
-                    weights, sha = codec.receive_weights(stream, self.manifest)
+                    weights, sha, done = self._receive(stream)
             except grpc.RpcError as exc:
                 code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else grpc.StatusCode.FAILED_PRECONDITION
                 abort(context, code, f"pulling from {request.address}: {exc.code().name}: {exc.details()}")
             except codec.TensorError as exc:
                 abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"the weights of {request.address} do not fit this model: {exc}")
-            if request.expected_sha256 and sha != request.expected_sha256.lower():
-                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                      f"{request.address} sent sha256 {sha[:12]}..., expected {request.expected_sha256[:12]}...: is that the right worker?")
-            return self._apply(weights, sha, context)
+            try:
+                if request.expected_sha256 and sha != request.expected_sha256.lower():
+                    abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{request.address} sent sha256 {sha[:12]}..., expected {request.expected_sha256[:12]}...: is that the right worker?")
+                return self._apply(weights, sha, context)
+            finally:
+                done()
         finally:
             self._leave()
 

@@ -140,6 +140,22 @@ def test_get_set_weights_round_trip_is_bit_exact(worker):
     assert all(restored[name].tobytes() == original[name].tobytes() for name in original)
 
 
+def test_an_applied_set_owns_its_memory(worker):
+    """A worker receives every set into one buffer it reuses (weightrelay.buffers): the model must have
+    copied the last set out of it, so a later stream that fills the buffer and is refused changes nothing."""
+    original = worker.client.get_weights()
+    applied = {name: array * np.float32(0.25) for name, array in original.items()}
+    worker.client.set_weights(applied)
+    refused = list(codec.iter_weight_chunks({name: array + np.float32(3) for name, array in original.items()}))
+    refused[-1].digest.sha256 = codec.weights_sha256(applied)  # every piece lands, then the checksum fails
+    with pytest.raises(grpc.RpcError) as info:
+        worker.client.set_weights_stream(iter(refused))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checksum mismatch" in info.value.details()
+    after = worker.client.get_weights()
+    assert all(after[name].tobytes() == applied[name].tobytes() for name in applied)
+    worker.client.set_weights(original)
+
+
 def _bad_streams(weights: dict[str, np.ndarray]):
     """(case, chunks, text the error must hold), each wrong in one way."""
     w = dict(weights)

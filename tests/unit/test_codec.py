@@ -151,3 +151,30 @@ def test_short_tensor_data_is_refused_with_byte_counts():
     bias.piece.tensor.data = bias.piece.tensor.data[:-4]
     with pytest.raises(codec.TensorError, match=r"tensor fc3.bias: received 36 bytes, expected 40 \(shape \[10\] of FLOAT32\)"):
         codec.assemble_weights(chunks, canonical_manifest())
+
+
+@pytest.mark.parametrize("chunk", [0, 70_000])
+def test_encoded_stream_is_byte_for_byte_the_serialized_messages(chunk):
+    weights = {name: sample(dtype, shape) for name, dtype, shape in [
+        ("b", "float32", (300, 70)), ("a", "bfloat16", (5,)), ("c", "int8", (0, 3)), ("d", "float64", (40_000,))]}
+    encoded = list(codec.encode_weight_chunks(weights, chunk))
+    assert encoded == [m.SerializeToString() for m in codec.iter_weight_chunks(weights, chunk)]
+    back, sha = codec.receive_weights(pb.WeightsChunk.FromString(m) for m in encoded)
+    assert sha == codec.weights_sha256(weights) and all(back[n].tobytes() == weights[n].tobytes() for n in weights)
+
+
+def test_large_sets_are_hashed_beside_the_receive_and_still_checked():
+    weights = {"big": RNG.standard_normal((1000, 700)).astype(np.float32), "small": sample("float32")}
+    chunks = list(codec.iter_weight_chunks(weights, 300_000))  # pieces large enough for the hashing thread
+    assert codec.receive_weights(iter(chunks))[1] == codec.weights_sha256(weights)
+    chunks[1].piece.tensor.data = chunks[1].piece.tensor.data[:-4] + b"\0\0\0\0"
+    with pytest.raises(codec.TensorError, match="checksum mismatch"):
+        codec.receive_weights(iter(chunks))
+
+
+def test_a_non_finite_value_past_the_first_block_is_found():
+    values = np.zeros(3 * codec._FINITE_BLOCK + 7, dtype=np.float32)
+    codec.check_finite("w", values)
+    values[2 * codec._FINITE_BLOCK + 5] = np.nan
+    with pytest.raises(codec.TensorError, match=rf"tensor w: 1 non-finite value\(s\) \(NaN or Inf\), the first at index \[{2 * codec._FINITE_BLOCK + 5}\]"):
+        codec.check_finite("w", values)

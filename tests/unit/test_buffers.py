@@ -1,0 +1,39 @@
+import numpy as np
+
+from weightrelay import buffers, codec
+
+
+def specs():
+    return [codec.TensorSpec("a", "float32", (3, 5)), codec.TensorSpec("b", "bfloat16", (7,)), codec.TensorSpec("c", "float64", (2,))]
+
+
+def test_an_arena_hands_out_aligned_separate_arrays_of_each_spec():
+    arena = buffers.Arena(buffers.arena_bytes(specs()))
+    arrays = [arena.array(spec) for spec in specs()]
+    assert [a.shape for a in arrays] == [(3, 5), (7,), (2,)]
+    assert [a.dtype for a in arrays] == [np.dtype("<f4"), np.dtype("<u2"), np.dtype("<f8")]
+    assert all(a.ctypes.data % buffers.ALIGNMENT == 0 for a in arrays)
+    for i, a in enumerate(arrays):
+        a[...] = i + 1
+    assert [int(a.flat[0]) for a in arrays] == [1, 2, 3]  # no overlap
+    assert not np.shares_memory(arena.array(specs()[0]), arrays[0])  # full: a fresh array
+
+
+def test_the_spare_is_reused_and_dropped_when_the_model_changes_size():
+    spare = buffers.SpareBuffer()
+    size = buffers.arena_bytes(specs())
+    first = spare.take(size)
+    spare.give_back(first)
+    assert spare.take(size) is first  # reused: its pages are touched already
+    second = spare.take(size)  # the first is lent out: a second move gets its own
+    assert second is not first
+    spare.give_back(first)
+    spare.fit(size)  # the same size: kept
+    assert spare.take(size) is first
+    spare.fit(size * 2)  # a model of another size: the arena lent now is not kept when it comes back
+    spare.give_back(first)
+    assert spare.take(size) is not first
+
+
+def test_glibc_keeps_freed_memory_for_reuse():
+    assert buffers.keep_freed_memory()  # these machines run glibc; elsewhere it returns False and changes nothing

@@ -90,11 +90,13 @@ class KerasAdapter(FrameworkAdapter):
         configure_devices(device)
         self.model: keras.Model | None = None
         self.resolved: ResolvedModel | None = None
+        self._compiled_for: tuple[float, int] | None = None  # (momentum, steps per execution) of the compiled model
+        self._epoch_inputs: np.ndarray | None = None  # one epoch's inputs in batch order, reused from Train to Train
 
     def build(self, model: ResolvedModel, seed: int) -> None:
         keras.utils.set_random_seed(seed32(seed))
         built = build_model(model)
-        self.model, self.resolved = built, model
+        self.model, self.resolved, self._compiled_for = built, model, None
 
     def _layers_with_tensors(self) -> list[str]:
         return [r.name for r in self.resolved.layers if r.params]
@@ -117,20 +119,48 @@ class KerasAdapter(FrameworkAdapter):
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         keras.utils.set_random_seed(seed32(config.seed + config.start_step))  # dropout
-        if not (config.keep_optimizer and self.model.optimizer is not None and self.model.compiled):
-            self.model.compile(
-                optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                metrics=["accuracy"],
-                # progress every N batches needs a call back at least every N batches
-                steps_per_execution=min(STEPS_PER_EXECUTION, config.progress_every_batches or STEPS_PER_EXECUTION),
-            )
+        self._prepare_optimizer(config)
         inputs = to_nhwc(x)
         for steps in schedule(config, len(inputs)):  # the core's batches, not Keras' shuffling
             tracker.start_epoch()
             index = np.concatenate([step.indices for step in steps])  # full batches, a smaller one only at the epoch's end
-            self.model.fit(inputs[index], y[index], batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
+            self.model.fit(self._in_order(inputs, index), y[index], batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
                            callbacks=[_ReportProgress(tracker, steps[0].epoch, steps[0].batch, steps[-1].batch)])
+
+    def _prepare_optimizer(self, config: TrainConfig) -> None:
+        """SGD at the config's rate: the previous Train's (keep_optimizer), or a fresh one.
+
+        A fresh optimizer on a model compiled for the same momentum and pace is the compiled one with
+        its state zeroed and the new rate set: compiling again would retrace the train and predict
+        functions, about half a second a Train for the seed's MLP, every round of a relay.
+        """
+        # progress every N batches needs a call back at least every N batches
+        pace = min(STEPS_PER_EXECUTION, config.progress_every_batches or STEPS_PER_EXECUTION)
+        optimizer = self.model.optimizer if self.model.compiled else None
+        if config.keep_optimizer and optimizer is not None:
+            return
+        if optimizer is not None and self._compiled_for == (config.momentum, pace):
+            optimizer.learning_rate = config.learning_rate
+            if optimizer.built:
+                optimizer.iterations.assign(0)
+                for slot in optimizer.momentums:
+                    slot.assign(keras.ops.zeros(slot.shape, slot.dtype))
+            return
+        self.model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            steps_per_execution=pace,
+        )
+        self._compiled_for = (config.momentum, pace)
+
+    def _in_order(self, inputs: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """inputs[index] in a buffer kept from epoch to epoch: an epoch of MNIST is 188 MB, and fresh memory
+        is slow to touch on some machines (weightrelay.buffers)."""
+        shape = (len(index),) + inputs.shape[1:]
+        if self._epoch_inputs is None or self._epoch_inputs.shape != shape or self._epoch_inputs.dtype != inputs.dtype:
+            self._epoch_inputs = np.empty(shape, dtype=inputs.dtype)
+        return np.take(inputs, index, axis=0, out=self._epoch_inputs, mode="clip")  # "raise" would buffer a copy
 
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         return np.asarray(self.model.predict(to_nhwc(x), batch_size=batch_size, verbose=0), dtype=np.float32)

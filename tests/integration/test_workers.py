@@ -140,6 +140,16 @@ def test_get_set_weights_round_trip_is_bit_exact(worker):
     assert all(restored[name].tobytes() == original[name].tobytes() for name in original)
 
 
+def test_every_train_starts_with_a_fresh_optimizer(worker):
+    """Momentum from one Train never leaks into the next (Keras reuses its compiled model and zeroes its optimizer)."""
+    start = worker.client.get_weights()
+    request = pb.TrainRequest(max_samples=640, seed=5, learning_rate=0.05, momentum=0.9)
+    first = worker.client.train_to_end(request).weights_sha256
+    worker.client.set_weights(start)
+    assert worker.client.train_to_end(request).weights_sha256 == first
+    worker.client.set_weights(start)
+
+
 def test_an_applied_set_owns_its_memory(worker):
     """A worker receives every set into one buffer it reuses (weightrelay.buffers): the model must have
     copied the last set out of it, so a later stream that fills the buffer and is refused changes nothing."""

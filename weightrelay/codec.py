@@ -166,7 +166,7 @@ def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
         digest.update(name.encode())
         digest.update(b"\0" + spec.dtype.upper().encode() + b"\0")
         digest.update(",".join(str(d) for d in spec.shape).encode() + b"\0")
-        digest.update(tensor_bytes(weights[name]))
+        digest.update(_le_view(weights[name]))  # no copy for little-endian, C-order arrays
     return digest.hexdigest()
 
 

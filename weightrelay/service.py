@@ -16,7 +16,7 @@ import numpy as np
 
 import weightrelay
 from weightrelay import codec, models
-from weightrelay.buffers import SpareBuffer, arena_bytes
+from weightrelay.buffers import Arena, SpareBuffer, arena_bytes
 from weightrelay.adapter import FrameworkAdapter, ModelThread, NonFiniteLoss, ProgressTracker, TrainConfig, TrainingCancelled, TrainResult
 from weightrelay.data import DataError, Dataset, UnknownDataset
 from weightrelay.metrics import evaluate_logits
@@ -137,10 +137,24 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.model, self.manifest, self.data, self.objective = resolved, resolved.manifest, data, new_objective
         self.spare.fit(arena_bytes(list(resolved.manifest.values())))
         self._dataset_key = dataset or self._dataset_key
-        self._weights_sha = codec.weights_sha256(self.adapter.get_weights())
+        self._weights_sha = self._model_sha()
         log.info("initialized %s, seed %d, data %s, objective %s: sha256 %s", resolved.describe(), seed, data.name,
                  new_objective.name, self._weights_sha[:12])
         return resolved
+
+    def _snapshot(self, arena: Arena) -> codec.WeightSet:
+        """The model's weights copied into `arena` (the spare buffer: no fresh memory for a large set)."""
+        weights = {name: codec.native_view(spec, arena.array(spec)) for name, spec in self.manifest.items()}
+        self.adapter.read_weights(weights)
+        return weights
+
+    def _model_sha(self) -> str:
+        """The checksum of what the model holds, read through the spare buffer."""
+        arena = self.spare.take(arena_bytes(list(self.manifest.values())))
+        try:
+            return codec.weights_sha256(self._snapshot(arena))
+        finally:
+            self.spare.give_back(arena)
 
     def _dataset_info(self) -> pb.DatasetInfo:
         return pb.DatasetInfo(
@@ -409,10 +423,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self._hold_model(context)
             try:
                 # A snapshot into the spare buffer: the model is free again while the stream goes out.
-                manifest = self.manifest
-                arena = self.spare.take(arena_bytes(list(manifest.values())))
-                weights = {name: codec.native_view(spec, arena.array(spec)) for name, spec in manifest.items()}
-                self.adapter.read_weights(weights)
+                arena = self.spare.take(arena_bytes(list(self.manifest.values())))
+                weights = self._snapshot(arena)
                 sha = self._weights_sha
             finally:
                 self._model_lock.release()

@@ -5,9 +5,9 @@ seeds, so the weights differ), and `coordinator move` moves the sender's set int
 by pull (worker to worker, the default) and forwarded through the coordinator. Reported per move:
 GB/s from the move's start to the receiver's weights applied and verified, the coordinator's peak
 RSS, and the receiving worker's peak RSS during the move (its high-water mark is reset first) as a
-multiple of the set. With --flower, the same arrays also go through Flower's parameter codec
-(`ndarrays_to_parameters`, one unary gRPC message, `parameters_to_ndarrays`), run in a separate
-virtual environment because flwr pins an older protobuf than this project's.
+multiple of the set. Beside them, the same arrays go through Flower's parameter codec
+(`ndarrays_to_parameters`, one unary gRPC message, `parameters_to_ndarrays`: bench/flower_peer.py),
+run in a virtual environment of its own because flwr pins an older protobuf than this project's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from bench.common import REPO, Worker, table, write
 from weightrelay import models
@@ -48,14 +51,48 @@ def coordinator_move(sender: str, receiver: str, via: bool) -> dict:
     return json.loads(done.stdout)
 
 
+FLOWER_VENV = REPO / "bench" / ".flower-venv"
+#: What the Flower environment installs (flwr 1.42 needs protobuf < 7; this project uses 7).
+FLOWER_REQUIREMENTS = ["flwr==1.42.0", "numpy"]
+
+
+def flower_python(given: str | None) -> str:
+    """An interpreter with flwr: --flower-python, else bench/.flower-venv, made on first use."""
+    if given:
+        return given
+    python = FLOWER_VENV / "bin" / "python"
+    if not python.exists():
+        print(f"making {FLOWER_VENV} with {' '.join(FLOWER_REQUIREMENTS)} (once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(FLOWER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *FLOWER_REQUIREMENTS], check=True)
+    return str(python)
+
+
+def flower_move(python: str, sender: Worker, repeats: int) -> dict:
+    """Flower's codec and one unary message on the sender's set (bench/flower_peer.py), in its own environment."""
+    with tempfile.TemporaryDirectory(prefix="bench-flower-") as directory:
+        for name, array in sender.client.get_weights().items():  # the same arrays as our moves
+            np.save(Path(directory) / f"{name}.npy", array)
+        sender.client.initialize("mlp", seed=1)  # the workers let go of the large set while Flower runs
+        done = subprocess.run([python, str(REPO / "bench" / "flower_peer.py"), directory, str(repeats)],
+                              capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        cause = "killed (out of memory?)" if done.returncode in (-9, 137) else f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
+        return {"error": cause}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.transfer", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)} (default all)")
-    parser.add_argument("--repeats", type=int, default=2, help="moves per size and path; the best is reported (default 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="moves per size and path; the best is reported (default 3)")
+    parser.add_argument("--no-flower", action="store_true", help="leave out Flower's codec")
+    parser.add_argument("--flower-python", default=None, help=f"an interpreter with flwr (default {FLOWER_VENV.relative_to(REPO)}, made on first use)")
     parser.add_argument("--out", type=Path, default=None, help="directory for transfer.json (default bench/results)")
     args = parser.parse_args(argv)
+    python = None if args.no_flower else flower_python(args.flower_python)
     sender, receiver = Worker("torch", ["--seed", "1"]), Worker("torch", ["--seed", "2"])
-    rows, records = [], []
+    rows, records, flower = [], [], {}
     try:
         for size in args.sizes.split(","):
             model = SIZES[size]
@@ -64,24 +101,35 @@ def main(argv: list[str] | None = None) -> int:
             for path, via in (("pull", False), ("forward", True)):
                 best = None
                 for _ in range(args.repeats):
-                    receiver.client.initialize(model, seed=2)
+                    receiver.client.initialize(model, seed=2)  # other weights than the sender's before every move
                     reset_peak(receiver.process.process.pid)
                     moved = coordinator_move(sender.address, receiver.address, via)
                     moved["receiver_peak_rss_bytes"] = peak_rss(receiver.process.process.pid)
                     assert moved["checksum_matches"], moved
                     if best is None or moved["seconds"] < best["seconds"]:
                         best = moved
-                record = {"size": size, "model": model, "set_bytes": nbytes, **best,
-                          "receiver_peak_over_set": best["receiver_peak_rss_bytes"] / nbytes}
-                records.append(record)
-                rows.append([size, path, best["gb_per_second"], best["seconds"], best["coordinator_peak_rss_bytes"] / 2**20,
-                             record["receiver_peak_over_set"]])
+                records.append({"size": size, "model": model, "set_bytes": nbytes, **best,
+                                "receiver_peak_over_set": best["receiver_peak_rss_bytes"] / nbytes})
                 print(f"{size} {path}: {best['gb_per_second']:.2f} GB/s", flush=True)
+            receiver.client.initialize("mlp", seed=2)
+            if python:
+                flower[size] = {"set_bytes": nbytes, **flower_move(python, sender, args.repeats)}
+                print(f"{size} flower: {flower[size].get('gb_per_second', 0):.2f} GB/s {flower[size].get('error', '')}", flush=True)
     finally:
         sender.stop()
         receiver.stop()
-    print(table(["size", "path", "GB/s", "seconds", "coordinator peak MiB", "receiver peak / set"], rows))
-    print(f"written: {write('transfer', {'moves': records}, args.out)}")
+    for record in records:
+        theirs = flower.get(record["size"], {})
+        record["vs_flower"] = (record["gb_per_second"] / theirs["gb_per_second"]) if "gb_per_second" in theirs else None
+        rows.append([record["size"], record["path"], record["gb_per_second"], record["seconds"], record["coordinator_peak_rss_bytes"] / 2**20,
+                     record["receiver_peak_over_set"], "-" if not theirs else ("Flower failed" if record["vs_flower"] is None else f"{record['vs_flower']:.1f}x")])
+    for size, theirs in flower.items():
+        if "error" in theirs:
+            rows.append([size, "flower", "failed", theirs["error"][:60], "-", "-", "-"])
+        else:
+            rows.append([size, "flower", theirs["gb_per_second"], theirs["seconds"], "-", theirs["receiver_peak_rss_bytes"] / theirs["set_bytes"], "-"])
+    print(table(["size", "path", "GB/s", "seconds", "coordinator peak MiB", "receiver peak / set", "ours / Flower"], rows))
+    print(f"written: {write('transfer', {'repeats': args.repeats, 'moves': records, 'flower': flower}, args.out)}")
     return 0
 
 

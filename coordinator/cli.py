@@ -266,6 +266,7 @@ def command_move(args: argparse.Namespace) -> int:
     with WorkerClient(args.sender, timeout=60, security=security) as sender, WorkerClient(args.receiver, timeout=60, security=security) as receiver:
         try:
             expected = sender.describe().weights_sha256
+            receiver.describe()  # both channels connected before the clock starts
             done = move(sender, receiver, args.via_coordinator, expected, args.timeout)
             received = receiver.describe().weights_sha256
         except grpc.RpcError as exc:

@@ -40,10 +40,10 @@ MAX_MODEL_CALLS = 8
 STREAM_IDLE_SECONDS = 30.0
 #: Error details longer than this are cut: they may quote what a client sent.
 MAX_DETAILS = 1024
-#: Sets up to this size are backed up before they are applied, and checked after; larger ones are
-#: applied after the complete check of the stream only, so that a receiver holds about twice the set
-#: (its model and the set received) instead of four times.
-BACKUP_LIMIT_BYTES = 256 * 1024 * 1024
+#: Sets up to this size are backed up before they are applied (into a buffer kept for it), and read
+#: back and checked after; larger ones are applied after the complete check of the stream only, so
+#: that a receiver holds about twice the set (its model and the set received) instead of three times.
+BACKUP_LIMIT_BYTES = 64 * 1024 * 1024
 #: Open channels to peers kept by PullWeights (the least recently used is closed first).
 MAX_PEERS = 8
 _DONE = object()
@@ -111,6 +111,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._training = False
         self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
         self.spare = SpareBuffer()  # a set's worth of memory reused by every send and receive
+        self._backup = SpareBuffer()  # the model's weights while a small set is applied (see _apply)
 
     def initialize(self, spec: ModelSpec, seed: int, dataset: str = "", objective: str = "") -> ResolvedModel:
         """Build `spec` with fresh weights from `seed`, optionally on another data set, and reset the
@@ -135,7 +136,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise InitializeError(grpc.StatusCode.INTERNAL, f"building model {resolved.spec.name!r} failed, the previous model was kept: "
                                   f"{type(exc).__name__}: {exc}") from None
         self.model, self.manifest, self.data, self.objective = resolved, resolved.manifest, data, new_objective
-        self.spare.fit(arena_bytes(list(resolved.manifest.values())))
+        for spare in (self.spare, self._backup):
+            spare.fit(arena_bytes(list(resolved.manifest.values())))
         self._dataset_key = dataset or self._dataset_key
         self._weights_sha = self._model_sha()
         log.info("initialized %s, seed %d, data %s, objective %s: sha256 %s", resolved.describe(), seed, data.name,
@@ -524,11 +526,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if not context.is_active():  # cancelled (or past its deadline) after the digest: the caller was told so, apply nothing
                 abort(context, grpc.StatusCode.CANCELLED, "the call ended before the weights were applied; nothing was applied")
             small = sum(w.nbytes for w in weights.values()) <= BACKUP_LIMIT_BYTES
-            previous = self.adapter.get_weights() if small else None
+            backup = self._backup.take(arena_bytes(list(self.manifest.values()))) if small else None
+            previous = self._snapshot(backup) if backup is not None else None
             try:
                 self.adapter.set_weights(weights)
                 if small:
-                    applied_sha = codec.weights_sha256(self.adapter.get_weights())
+                    self.adapter.read_weights(weights)  # read back into the received set's own buffer: it was copied
+                    applied_sha = codec.weights_sha256(weights)
                     if applied_sha != expected_sha:
                         raise RuntimeError(f"the model holds sha256 {applied_sha} after applying {expected_sha}")
                 self._weights_sha = expected_sha
@@ -540,6 +544,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 self.adapter.set_weights(previous)  # all or nothing
                 log.exception("set_weights failed; previous weights restored")
                 abort(context, grpc.StatusCode.INTERNAL, f"applying the weights failed, the previous weights were kept: {exc}")
+            finally:
+                if backup is not None:
+                    self._backup.give_back(backup)
         finally:
             self._model_lock.release()
         log.info("weights set: sha256 %s", expected_sha[:12])

@@ -12,6 +12,7 @@ bytes, GB/s and the receiver's peak RSS, or the error that stopped the move.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -49,13 +50,15 @@ def serve() -> None:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)
-    server.wait_for_termination()
+    parent = os.getppid()
+    while os.getppid() == parent:  # the sender may be killed (out of memory at 3 GiB): then leave too
+        time.sleep(0.5)
 
 
 def send(directory: Path, repeats: int) -> dict:
     """The best of `repeats` moves over one connection (as bench.transfer reports its own)."""
     arrays = [np.load(path) for path in sorted(directory.glob("*.npy"))]
-    receiver = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, text=True)
+    receiver = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         port = int(receiver.stdout.readline())
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=UNLIMITED) as channel:

@@ -45,6 +45,11 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+#: Clients of workers (the coordinator above all) go without gRPC's BDP probing: with it gRPC widens
+#: a stream's receive window as fast as data comes, and a coordinator forwarding a 1 GiB set held
+#: over 200 MiB of it in flight; without, about 100 MiB, at the same speed (measured here).
+CLIENT_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.bdp_probe", 0)]
+
 
 class WorkerClient:
     """`timeout` is the default deadline (seconds) of each call; None waits as long as it takes."""
@@ -52,7 +57,7 @@ class WorkerClient:
     def __init__(self, address: str, timeout: float | None = None, security: ClientSecurity | None = None):
         self.address = address
         self.timeout = timeout
-        self.channel = (security or ClientSecurity()).channel(address, CHANNEL_OPTIONS)
+        self.channel = (security or ClientSecurity()).channel(address, CLIENT_OPTIONS)
         self.stub = pb_grpc.WorkerStub(self.channel)
 
     def __enter__(self) -> "WorkerClient":

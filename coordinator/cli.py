@@ -255,7 +255,7 @@ def command_move(args: argparse.Namespace) -> int:
     import grpc
 
     from coordinator.errors import RoundFailed
-    from coordinator.moves import move
+    from coordinator.moves import SenderFailed, move
     from weightrelay.client import WorkerClient
     from weightrelay.security import ClientSecurity, SecurityError, resolve_token
 
@@ -269,6 +269,8 @@ def command_move(args: argparse.Namespace) -> int:
             receiver.describe()  # both channels connected before the clock starts
             done = move(sender, receiver, args.via_coordinator, expected, args.timeout)
             received = receiver.describe().weights_sha256
+        except SenderFailed as exc:
+            raise RoundFailed(f"move {args.sender} -> {args.receiver} failed on the sender: {exc}") from None
         except grpc.RpcError as exc:
             raise RoundFailed(f"move {args.sender} -> {args.receiver} failed: {exc.code().name}: {exc.details()}") from None
     record = {"from": args.sender, "to": args.receiver, **done.to_dict(), "expected_sha256": expected,

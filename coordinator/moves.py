@@ -39,11 +39,33 @@ class Move:
         return {**asdict(self), "gb_per_second": self.gb_per_second}
 
 
+class SenderFailed(Exception):
+    """A forwarded move failed on the sender's side (its GetWeights stream broke): `error` is its gRPC error."""
+
+    def __init__(self, sender: WorkerClient, error: grpc.RpcError):
+        super().__init__(f"{sender.address}: {error.code().name}: {error.details()}")
+        self.sender, self.error = sender, error
+
+
 def forward(sender: WorkerClient, receiver: WorkerClient, timeout: float | None = None) -> pb.SetWeightsReply:
-    """Relay the sender's GetWeights messages into the receiver's SetWeights as raw bytes, as they arrive."""
+    """Relay the sender's GetWeights messages into the receiver's SetWeights as raw bytes, as they arrive.
+    Raises SenderFailed when the sender's stream broke (the receiver then refused a stream without its digest)."""
     get = sender.channel.unary_stream("/weightrelay.v1.Worker/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString)
     put = receiver.channel.stream_unary("/weightrelay.v1.Worker/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
-    return put(get(pb.GetWeightsRequest(), timeout=timeout), timeout=timeout)
+    broken: list[grpc.RpcError] = []
+
+    def pieces():
+        try:
+            yield from get(pb.GetWeightsRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            broken.append(exc)  # end the stream here: the receiver refuses it, nothing is applied
+
+    try:
+        return put(pieces(), timeout=timeout)
+    except grpc.RpcError:
+        if broken:
+            raise SenderFailed(sender, broken[0]) from None
+        raise
 
 
 def move(sender: WorkerClient, receiver: WorkerClient, via_coordinator: bool = False, expected_sha256: str = "",

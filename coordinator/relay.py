@@ -1,8 +1,8 @@
 """The experiment: relay one set of weights around a ring of named workers for N rounds.
 
 Each round, for each worker W of the ring in turn, with N the next one (the last hands back
-to the first): W trains -> evaluate W (`W_trained`) -> move the weights W to N -> evaluate N
-(`N_from_W`). With the default ring torch, keras that is torch_trained, keras_from_torch,
+to the first): W trains -> the weights move from W to N -> W and N evaluate them at the same
+time (`W_trained`, `N_from_W`). With the default ring torch, keras that is torch_trained, keras_from_torch,
 keras_trained, torch_from_keras. At each move the receiver's predictions are compared with the
 sender's on the whole test set. The coordinator speaks of named workers only; which framework
 each one runs is what its Describe says.
@@ -11,6 +11,7 @@ each one runs is what its Describe says.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -56,6 +57,7 @@ class Relay:
     workers: dict[str, Worker] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
     pairs: list[tuple[int, int]] = field(default_factory=lambda: [(1, 7)])
+    _beside: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="evaluate"))
 
     # -- plumbing ------------------------------------------------------------------------
     def _call(self, worker: Worker, what: str, round_index: int | None, fn: Callable[[], Any]) -> Any:
@@ -63,16 +65,23 @@ class Relay:
         where = f"round {round_index}, " if round_index is not None else "before round 0, "
         try:
             return fn()
+        except moves.SenderFailed as failed:  # a forwarded move whose sender's stream broke: name the sender
+            sender = next((w for w in self.workers.values() if w.client is failed.sender), worker)
+            raise self._failure(sender, f"{where}{what}", failed.error) from None
         except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                raise WorkerUnreachable(worker.name, worker.client.address, f"{where}{what}: {details}") from None
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise RoundFailed(f"{where}{what}: the {worker.name} worker at {worker.client.address} did not finish within its deadline "
-                                  "(DEADLINE_EXCEEDED); is it stopped or overloaded? (--call-timeout, --train-timeout)") from None
-            raise RoundFailed(f"{where}{what} on the {worker.name} worker at {worker.client.address} failed: {code.name}: {details}") from None
+            raise self._failure(worker, f"{where}{what}", exc) from None
         except codec.TensorError as exc:
             raise RoundFailed(f"{where}{what} on the {worker.name} worker at {worker.client.address}: bad weights stream: {exc}") from None
+
+    @staticmethod
+    def _failure(worker: Worker, step: str, exc: grpc.RpcError) -> CoordinatorError:
+        code, details = exc.code(), exc.details()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return WorkerUnreachable(worker.name, worker.client.address, f"{step}: {details}")
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return RoundFailed(f"{step}: the {worker.name} worker at {worker.client.address} did not finish within its deadline "
+                               "(DEADLINE_EXCEEDED); is it stopped or overloaded? (--call-timeout, --train-timeout)")
+        return RoundFailed(f"{step} on the {worker.name} worker at {worker.client.address} failed: {code.name}: {details}")
 
     def _security(self) -> ClientSecurity:
         c = self.config
@@ -182,10 +191,13 @@ class Relay:
 
     def evaluate(self, worker: Worker, phase: str, round_index: int | None) -> tuple[dict[str, Any], pb.EvaluateReply]:
         self.on_event("step", {"round": round_index, "step": f"{worker.name}: evaluate"})
-        reply = self._call(worker, f"{phase} (Evaluate)", round_index, lambda: worker.client.evaluate(True, True))
-        record = evaluation_record(worker.name, phase, reply, self.pairs)
+        record, reply = self._scored(worker, phase, round_index)
         self.on_event("evaluation", {"round": round_index, **record})
         return record, reply
+
+    def _scored(self, worker: Worker, phase: str, round_index: int | None) -> tuple[dict[str, Any], pb.EvaluateReply]:
+        reply = self._call(worker, f"{phase} (Evaluate)", round_index, lambda: worker.client.evaluate(True, True))
+        return evaluation_record(worker.name, phase, reply, self.pairs), reply
 
     def move(self, sender: Worker, receiver: Worker, round_index: int | None, expected_sha256: str = "") -> dict[str, Any]:
         """The weights sender -> receiver, pulled by the receiver or forwarded (coordinator.moves); never held here."""
@@ -219,6 +231,24 @@ class Relay:
         transfer.update(self.agreement(sent, received), receiver_phase=phase)
         self.on_event("transfer", {"round": round_index, **transfer})
         return transfer, record, received
+
+    def _hand_on(self, sender: Worker, receiver: Worker, trained_sha256: str, round_index: int) -> tuple[dict, dict, dict]:
+        """After `sender` trained: its weights move to `receiver`, then both evaluate them at once (two
+        processes, each its own model), instead of the sender evaluating before the move and the
+        receiver after. Returns the move, the sender's evaluation and the receiver's."""
+        phase = f"{receiver.name}_from_{sender.name}"
+        transfer = self.move(sender, receiver, round_index, trained_sha256)
+        self.on_event("step", {"round": round_index, "step": f"{sender.name} and {receiver.name}: evaluate"})
+        pending = self._beside.submit(self._scored, sender, f"{sender.name}_trained", round_index)
+        try:
+            received_record, received = self._scored(receiver, phase, round_index)
+        finally:
+            trained_record, sent = pending.result()  # also when the receiver's failed: never leave it running
+        for record in (trained_record, received_record):  # events in the order of the round, from this thread
+            self.on_event("evaluation", {"round": round_index, **record})
+        transfer.update(self.agreement(sent, received), receiver_phase=phase)
+        self.on_event("transfer", {"round": round_index, **transfer})
+        return transfer, trained_record, received_record
 
     # -- checkpoints ---------------------------------------------------------------------
     def _checkpoint(self, round_index: int) -> dict[str, Any]:
@@ -262,6 +292,7 @@ class Relay:
         finally:
             self.results["finished_at"] = _now()
             self._save()
+            self._beside.shutdown(wait=False)
             for worker in self.workers.values():
                 worker.client.close()
         self.on_event("done", {"run_dir": str(self.run_dir), "results": str(self.run_dir / RESULTS_FILE)})
@@ -306,8 +337,7 @@ class Relay:
         for i, worker in enumerate(ring):
             receiver = ring[(i + 1) % len(ring)]
             train[worker.name] = self.train(worker, r)
-            trained, reply = self.evaluate(worker, f"{worker.name}_trained", r)
-            move, received, _ = self._measured_move(worker, receiver, reply, f"{receiver.name}_from_{worker.name}", r)
+            move, trained, received = self._hand_on(worker, receiver, train[worker.name]["weights_sha256"], r)
             evaluations += [trained, received]
             moves.append(move)
         return {"round": r, "evaluations": evaluations, "train": train, "moves": moves, "wall_seconds": time.perf_counter() - started}

@@ -44,8 +44,10 @@ MAX_DETAILS = 1024
 #: back and checked after; larger ones are applied after the complete check of the stream only, so
 #: that a receiver holds about twice the set (its model and the set received) instead of three times.
 BACKUP_LIMIT_BYTES = 64 * 1024 * 1024
-#: Open channels to peers kept by PullWeights (the least recently used is closed first).
-MAX_PEERS = 8
+#: A pull's channel to its peer, without the client's retries: a sender killed as the pull began left
+#: the retried GetWeights waiting until the caller's deadline; now the pull fails at once, UNAVAILABLE,
+#: and the coordinator reports the sender unreachable (or forwards, which meets the same end).
+PEER_OPTIONS = [option for option in CHANNEL_OPTIONS if option[0] not in ("grpc.service_config", "grpc.enable_retries")] + [("grpc.enable_retries", 0)]
 _DONE = object()
 
 
@@ -105,8 +107,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._model_lock = threading.Lock()
         self._admission = threading.BoundedSemaphore(MAX_MODEL_CALLS)
         self.peer_security: ClientSecurity = ClientSecurity()  # how PullWeights reaches a peer
-        self._peers: dict[str, grpc.Channel] = {}  # open channels to the peers pulled from (see _peer)
-        self._peers_lock = threading.Lock()
         self.stream_idle_seconds = STREAM_IDLE_SECONDS
         self._training = False
         self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
@@ -474,12 +474,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
             chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
             try:
-                stream = pb_grpc.WorkerStub(self._peer(request.address)).GetWeights(pb.GetWeightsRequest(max_chunk_bytes=chunk),
-                                                                                     timeout=_remaining(context))
-                weights, sha, done = self._receive(stream)
+                with self.peer_security.channel(request.address, PEER_OPTIONS) as channel:
+                    stream = pb_grpc.WorkerStub(channel).GetWeights(pb.GetWeightsRequest(max_chunk_bytes=chunk), timeout=_remaining(context))
+                    weights, sha, done = self._receive(stream)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    self._drop_peer(request.address)
                 code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else grpc.StatusCode.FAILED_PRECONDITION
                 abort(context, code, f"pulling from {request.address}: {exc.code().name}: {exc.details()}")
             except codec.TensorError as exc:
@@ -493,24 +491,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 done()
         finally:
             self._leave()
-
-    def _peer(self, address: str) -> grpc.Channel:
-        """The channel to a peer, kept open between pulls: a relay pulls from the same few peers every round,
-        and connecting anew costs more than moving a small model. At most MAX_PEERS are kept."""
-        with self._peers_lock:
-            channel = self._peers.pop(address, None)
-            if channel is None:
-                channel = self.peer_security.channel(address, CHANNEL_OPTIONS)
-            self._peers[address] = channel  # the most recently used last
-            while len(self._peers) > MAX_PEERS:
-                self._peers.pop(next(iter(self._peers))).close()
-            return channel
-
-    def _drop_peer(self, address: str) -> None:
-        with self._peers_lock:
-            channel = self._peers.pop(address, None)
-        if channel is not None:
-            channel.close()
 
     def _apply(self, weights: codec.WeightSet, expected_sha: str, context: grpc.ServicerContext) -> pb.SetWeightsReply:
         """Apply a complete, checked set all or nothing."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from bench.common import REPO, Worker, table, write
 from weightrelay import models
+from weightrelay.buffers import peak_rss_bytes
 
 #: name -> model whose canonical weights are about that size (float32)
 SIZES = {"1MiB": "mlp:256,256", "64MiB": "mlp:4096,3328", "1GiB": "mlp:16384,16384", "3GiB": "mlp:16384,16384,16384,16384"}
@@ -34,13 +35,6 @@ def set_bytes(model: str) -> int:
 
 def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets VmHWM (needs the same user or root)
-
-
-def peak_rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def coordinator_move(sender: str, receiver: str, via: bool) -> dict:
@@ -104,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                     receiver.client.initialize(model, seed=2)  # other weights than the sender's before every move
                     reset_peak(receiver.process.process.pid)
                     moved = coordinator_move(sender.address, receiver.address, via)
-                    moved["receiver_peak_rss_bytes"] = peak_rss(receiver.process.process.pid)
+                    moved["receiver_peak_rss_bytes"] = peak_rss_bytes(receiver.process.process.pid)
                     assert moved["checksum_matches"], moved
                     if best is None or moved["seconds"] < best["seconds"]:
                         best = moved

@@ -17,7 +17,7 @@ from coordinator.progress import make_printer
 from coordinator.relay import Relay
 from coordinator.results import RESULTS_FILE, load_results
 from weightrelay import models
-from weightrelay.buffers import keep_freed_memory
+from weightrelay.buffers import keep_freed_memory, peak_rss_bytes
 from weightrelay.data import DATASETS
 from weightrelay.security import add_client_flags
 
@@ -236,19 +236,6 @@ def command_twin(args: argparse.Namespace) -> int:
     return 0
 
 
-def _peak_rss_bytes() -> int:
-    """This process's peak resident set (VmHWM; getrusage's ru_maxrss keeps the parent's peak across exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def command_move(args: argparse.Namespace) -> int:
     import json
 
@@ -275,7 +262,7 @@ def command_move(args: argparse.Namespace) -> int:
             raise RoundFailed(f"move {args.sender} -> {args.receiver} failed: {exc.code().name}: {exc.details()}") from None
     record = {"from": args.sender, "to": args.receiver, **done.to_dict(), "expected_sha256": expected,
               "receiver_sha256": received, "checksum_matches": received == expected == done.sha256,
-              "coordinator_peak_rss_bytes": _peak_rss_bytes()}
+              "coordinator_peak_rss_bytes": peak_rss_bytes()}
     if args.json:
         print(json.dumps(record))
     else:

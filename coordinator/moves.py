@@ -50,18 +50,16 @@ class SenderFailed(Exception):
 def forward(sender: WorkerClient, receiver: WorkerClient, timeout: float | None = None) -> pb.SetWeightsReply:
     """Relay the sender's GetWeights messages into the receiver's SetWeights as raw bytes, as they arrive.
     Raises SenderFailed when the sender's stream broke (the receiver then refused a stream without its digest)."""
-    get = sender.channel.unary_stream("/weightrelay.v1.Worker/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString)
-    put = receiver.channel.stream_unary("/weightrelay.v1.Worker/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
     broken: list[grpc.RpcError] = []
 
     def pieces():
         try:
-            yield from get(pb.GetWeightsRequest(), timeout=timeout)
+            yield from sender.get_weights_serialized(timeout=timeout)
         except grpc.RpcError as exc:
             broken.append(exc)  # end the stream here: the receiver refuses it, nothing is applied
 
     try:
-        return put(pieces(), timeout=timeout)
+        return receiver.set_weights_serialized(pieces(), timeout=timeout)
     except grpc.RpcError:
         if broken:
             raise SenderFailed(sender, broken[0]) from None

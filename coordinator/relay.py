@@ -228,9 +228,14 @@ class Relay:
     def _measured_move(self, sender: Worker, receiver: Worker, sent: pb.EvaluateReply, phase: str, round_index: int | None) -> tuple[dict, dict, pb.EvaluateReply]:
         transfer = self.move(sender, receiver, round_index, sent.weights_sha256)
         record, received = self.evaluate(receiver, phase, round_index)
+        return self._compared(transfer, sent, received, phase, round_index), record, received
+
+    def _compared(self, transfer: dict[str, Any], sent: pb.EvaluateReply, received: pb.EvaluateReply, phase: str,
+                  round_index: int | None) -> dict[str, Any]:
+        """A move's record with how the receiver's predictions compare with the sender's, announced."""
         transfer.update(self.agreement(sent, received), receiver_phase=phase)
         self.on_event("transfer", {"round": round_index, **transfer})
-        return transfer, record, received
+        return transfer
 
     def _hand_on(self, sender: Worker, receiver: Worker, trained_sha256: str, round_index: int) -> tuple[dict, dict, dict]:
         """After `sender` trained: its weights move to `receiver`, then both evaluate them at once (two
@@ -246,9 +251,7 @@ class Relay:
             trained_record, sent = pending.result()  # also when the receiver's failed: never leave it running
         for record in (trained_record, received_record):  # events in the order of the round, from this thread
             self.on_event("evaluation", {"round": round_index, **record})
-        transfer.update(self.agreement(sent, received), receiver_phase=phase)
-        self.on_event("transfer", {"round": round_index, **transfer})
-        return transfer, trained_record, received_record
+        return self._compared(transfer, sent, received, phase, round_index), trained_record, received_record
 
     # -- checkpoints ---------------------------------------------------------------------
     def _checkpoint(self, round_index: int) -> dict[str, Any]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
+from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -48,7 +50,19 @@ def keep_freed_memory() -> bool:
 ALIGNMENT = 64
 
 
-def arena_bytes(specs: list[TensorSpec]) -> int:
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """A process's peak resident set, VmHWM (getrusage's ru_maxrss keeps a parent's peak across exec); 0 where
+    /proc is missing. Writing 5 to /proc/PID/clear_refs resets it (bench.transfer, before each move)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def arena_bytes(specs: Iterable[TensorSpec]) -> int:
     """Bytes an arena needs to hold one array of each spec."""
     return sum(-(-spec.nbytes // ALIGNMENT) * ALIGNMENT for spec in specs)
 

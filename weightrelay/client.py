@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import json
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import grpc
 import numpy as np
@@ -19,12 +19,14 @@ from weightrelay.security import ClientSecurity
 from weightrelay.v1 import worker_pb2 as pb
 from weightrelay.v1 import worker_pb2_grpc as pb_grpc
 
+#: The full name of the contract's service ("weightrelay.v1.Worker").
+WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 #: Calls that change nothing, or end in the same state when repeated, are retried with backoff
 #: while the worker is UNAVAILABLE (starting, restarting); Train and SetWeights are not.
 RETRIED_METHODS = ("Describe", "Initialize", "Evaluate", "GetWeights")
 SERVICE_CONFIG = json.dumps({
     "methodConfig": [{
-        "name": [{"service": "weightrelay.v1.Worker", "method": method} for method in RETRIED_METHODS],
+        "name": [{"service": WORKER_SERVICE, "method": method} for method in RETRIED_METHODS],
         "retryPolicy": {
             "maxAttempts": 5,
             "initialBackoff": "0.5s",
@@ -111,8 +113,17 @@ class WorkerClient:
         return codec.assemble_weights(self.stub.GetWeights(request, timeout=self._deadline(timeout)))
 
     def set_weights(self, weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, timeout: float | None = None) -> pb.SetWeightsReply:
-        send = self.channel.stream_unary("/weightrelay.v1.Worker/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
-        return send(codec.encode_weight_chunks(weights, max_chunk_bytes), timeout=self._deadline(timeout))  # serialized already
+        return self.set_weights_serialized(codec.encode_weight_chunks(weights, max_chunk_bytes), timeout)
+
+    def get_weights_serialized(self, max_chunk_bytes: int = 0, timeout: float | None = None) -> Iterator[bytes]:
+        """The GetWeights stream as the wire bytes of its messages, never decoded (for forwarding)."""
+        get = self.channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString)
+        return get(pb.GetWeightsRequest(max_chunk_bytes=max_chunk_bytes), timeout=self._deadline(timeout))
+
+    def set_weights_serialized(self, chunks: Iterable[bytes], timeout: float | None = None) -> pb.SetWeightsReply:
+        """SetWeights from messages already serialized (codec.encode_weight_chunks, or a forwarded stream)."""
+        send = self.channel.stream_unary(f"/{WORKER_SERVICE}/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
+        return send(chunks, timeout=self._deadline(timeout))
 
     def set_weights_stream(self, chunks: Iterator[pb.WeightsChunk], timeout: float | None = None) -> pb.SetWeightsReply:
         """Send a raw weights stream (for tools and tests that build their own)."""

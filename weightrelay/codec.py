@@ -198,7 +198,7 @@ def _pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> Iterator
 
 
 def _digest(weights: Mapping[str, np.ndarray], sha256: str | None) -> pb.WeightsChunk:
-    total = sum(_le_view(array).nbytes for array in weights.values())
+    total = sum(array.nbytes for array in weights.values())
     return pb.WeightsChunk(digest=pb.WeightsDigest(tensor_count=len(weights), total_bytes=total, sha256=sha256 or weights_sha256(weights)))
 
 

@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from weightrelay import codec, models
 from weightrelay.adapter import FrameworkAdapter
 from weightrelay.buffers import keep_freed_memory
+from weightrelay.client import WORKER_SERVICE
 from weightrelay.data import DATA_DIR_ENV, DATA_ROOT_ENV, DATASETS, DEFAULT_DATASET, DataError, load_dataset
 from weightrelay.files import write_json_atomic
 from weightrelay.security import HANDLER_KINDS, ClientSecurity, SecurityError, ServerSecurity, resolve_token
@@ -31,7 +32,6 @@ from weightrelay.v1 import worker_pb2 as pb
 log = logging.getLogger("weightrelay.worker")
 
 NO_DOWNLOAD_ENV = "WEIGHTRELAY_NO_DOWNLOAD"
-WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
 #: grpcio-reflection serves only v1alpha; v1 has the same messages byte for byte under another
 #: package name, so the same servicer answers it too (grpcurl and newer clients ask v1 first).
 REFLECTION_V1_SERVICE = "grpc.reflection.v1.ServerReflection"

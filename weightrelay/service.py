@@ -137,12 +137,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                   f"{type(exc).__name__}: {exc}") from None
         self.model, self.manifest, self.data, self.objective = resolved, resolved.manifest, data, new_objective
         for spare in (self.spare, self._backup):
-            spare.fit(arena_bytes(list(resolved.manifest.values())))
+            spare.fit(arena_bytes(resolved.manifest.values()))
         self._dataset_key = dataset or self._dataset_key
         self._weights_sha = self._model_sha()
         log.info("initialized %s, seed %d, data %s, objective %s: sha256 %s", resolved.describe(), seed, data.name,
                  new_objective.name, self._weights_sha[:12])
         return resolved
+
+    def _lend(self, spare: SpareBuffer) -> Arena:
+        """An arena the size of the model's set, from `spare`; give it back there."""
+        return spare.take(arena_bytes(self.manifest.values()))
 
     def _snapshot(self, arena: Arena) -> codec.WeightSet:
         """The model's weights copied into `arena` (the spare buffer: no fresh memory for a large set)."""
@@ -152,7 +156,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def _model_sha(self) -> str:
         """The checksum of what the model holds, read through the spare buffer."""
-        arena = self.spare.take(arena_bytes(list(self.manifest.values())))
+        arena = self._lend(self.spare)
         try:
             return codec.weights_sha256(self._snapshot(arena))
         finally:
@@ -425,7 +429,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self._hold_model(context)
             try:
                 # A snapshot into the spare buffer: the model is free again while the stream goes out.
-                arena = self.spare.take(arena_bytes(list(self.manifest.values())))
+                arena = self._lend(self.spare)
                 weights = self._snapshot(arena)
                 sha = self._weights_sha
             finally:
@@ -444,7 +448,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def _receive(self, chunks: Iterator[pb.WeightsChunk]) -> tuple[codec.WeightSet, str, Callable[[], None]]:
         """A checked set received into the spare buffer; call the returned function once it has been applied."""
-        arena = self.spare.take(arena_bytes(list(self.manifest.values())))
+        arena = self._lend(self.spare)
         try:
             weights, sha = codec.receive_weights(chunks, self.manifest, allocate=arena.array)
         except BaseException:
@@ -506,7 +510,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if not context.is_active():  # cancelled (or past its deadline) after the digest: the caller was told so, apply nothing
                 abort(context, grpc.StatusCode.CANCELLED, "the call ended before the weights were applied; nothing was applied")
             small = sum(w.nbytes for w in weights.values()) <= BACKUP_LIMIT_BYTES
-            backup = self._backup.take(arena_bytes(list(self.manifest.values()))) if small else None
+            backup = self._lend(self._backup) if small else None
             previous = self._snapshot(backup) if backup is not None else None
             try:
                 self.adapter.set_weights(weights)

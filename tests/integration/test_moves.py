@@ -12,6 +12,7 @@ import pytest
 
 from coordinator.moves import forward, move
 from tests.support import REPO, free_port
+from weightrelay.client import WorkerClient
 from weightrelay.v1 import worker_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -55,11 +56,10 @@ def test_an_unreachable_sender_falls_back_to_forwarding(moved_pair):
         receiver.client.stub.PullWeights(unreachable, timeout=30)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "pulling from 127.0.0.1" in info.value.details()
 
-    class Elsewhere:  # the sender as the coordinator sees it, at an address the receiver cannot reach
-        address = unreachable.address
-        channel = sender.client.channel
-
-    done = move(Elsewhere(), receiver.client, timeout=60)
+    elsewhere = WorkerClient(sender.address)  # the sender as the coordinator sees it,
+    elsewhere.address = unreachable.address  # at an address the receiver cannot reach
+    done = move(elsewhere, receiver.client, timeout=60)
+    elsewhere.close()
     assert done.path == "forward" and "UNAVAILABLE" in done.why_forward
     assert receiver.client.describe().weights_sha256 == sender.client.describe().weights_sha256
 

@@ -67,6 +67,11 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
+def _on_cpu_for_numpy(tensor: torch.Tensor) -> bool:
+    """Whether numpy can copy into and out of this tensor's memory directly."""
+    return tensor.is_cpu and tensor.dtype != torch.bfloat16
+
+
 class TorchAdapter(FrameworkAdapter):
     framework = "torch"
 
@@ -95,13 +100,21 @@ class TorchAdapter(FrameworkAdapter):
         state = self.model.state_dict()
         with torch.no_grad():
             for name in self.names:
-                torch.from_numpy(out[name]).copy_(state[name])
+                if _on_cpu_for_numpy(state[name]):
+                    np.copyto(out[name], state[name].numpy())  # numpy's copy: see set_weights
+                else:
+                    torch.from_numpy(out[name]).copy_(state[name])
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         state = self.model.state_dict()
         with torch.no_grad():
             for name in self.names:
-                state[name].copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
+                if _on_cpu_for_numpy(state[name]):
+                    # numpy copies on this thread; torch's copy_ would wake its OpenMP threads, which then
+                    # busy-wait for more work, taking CPU from the gRPC threads that move the weights.
+                    np.copyto(state[name].numpy(), weights[name])
+                else:
+                    state[name].copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         xs = torch.from_numpy(x).to(self._device)

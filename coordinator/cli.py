@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument("--to", dest="receiver", required=True, type=_flag_type(cfg.address), metavar="HOST:PORT", help="the worker that receives them")
     move.add_argument("--via-coordinator", action="store_true", help="stream through this coordinator instead of the receiver pulling from the sender")
     move.add_argument("--timeout", type=float, default=3600.0, help="deadline in seconds (default 3600)")
+    move.add_argument("--repeat", type=_flag_type(cfg.positive_int), default=1, metavar="N",
+                      help="move N times in this process and report the fastest, with the median (default 1; the first "
+                           "move of a process also pays for warming it up)")
     move.add_argument("--json", action="store_true", help="print one JSON object")
     add_client_flags(move)
 
@@ -238,6 +241,7 @@ def command_twin(args: argparse.Namespace) -> int:
 
 def command_move(args: argparse.Namespace) -> int:
     import json
+    import statistics
 
     import grpc
 
@@ -254,19 +258,22 @@ def command_move(args: argparse.Namespace) -> int:
         try:
             expected = sender.describe().weights_sha256
             receiver.describe()  # both channels connected before the clock starts
-            done = move(sender, receiver, args.via_coordinator, expected, args.timeout)
+            moves = [move(sender, receiver, args.via_coordinator, expected, args.timeout) for _ in range(args.repeat)]
             received = receiver.describe().weights_sha256
         except SenderFailed as exc:
             raise RoundFailed(f"move {args.sender} -> {args.receiver} failed on the sender: {exc}") from None
         except grpc.RpcError as exc:
             raise RoundFailed(f"move {args.sender} -> {args.receiver} failed: {exc.code().name}: {exc.details()}") from None
-    record = {"from": args.sender, "to": args.receiver, **done.to_dict(), "expected_sha256": expected,
+    done = min(moves, key=lambda m: m.seconds)
+    median = statistics.median(m.seconds for m in moves)
+    record = {"from": args.sender, "to": args.receiver, **done.to_dict(), "repeats": args.repeat, "median_seconds": median, "expected_sha256": expected,
               "receiver_sha256": received, "checksum_matches": received == expected == done.sha256,
               "coordinator_peak_rss_bytes": peak_rss_bytes()}
     if args.json:
         print(json.dumps(record))
     else:
-        print(f"moved {done.bytes} bytes ({done.tensors} tensors) {args.sender} -> {args.receiver} by {done.path} in {done.seconds:.3f} s: "
+        times = f" (fastest of {args.repeat}, median {median:.3f} s)" if args.repeat > 1 else ""
+        print(f"moved {done.bytes} bytes ({done.tensors} tensors) {args.sender} -> {args.receiver} by {done.path} in {done.seconds:.3f} s{times}: "
               f"{done.gb_per_second:.2f} GB/s; receiver checksum {'matches' if record['checksum_matches'] else 'DIFFERS'} "
               f"({received[:12]}); coordinator peak RSS {record['coordinator_peak_rss_bytes'] / 2**20:.0f} MiB"
               + (f"; forwarded because {done.why_forward}" if done.why_forward else ""))

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
+from weightrelay import codec
 from weightrelay.client import WorkerClient
 from weightrelay.v1 import worker_pb2 as pb
 
@@ -48,13 +49,19 @@ class SenderFailed(Exception):
 
 
 def forward(sender: WorkerClient, receiver: WorkerClient, timeout: float | None = None) -> pb.SetWeightsReply:
-    """Relay the sender's GetWeights messages into the receiver's SetWeights as raw bytes, as they arrive.
+    """Relay the sender's GetWeights messages into the receiver's SetWeights as raw bytes, as they arrive
+    (packed where the receiver's last Describe said it takes that: a small set is one message).
     Raises SenderFailed when the sender's stream broke (the receiver then refused a stream without its digest)."""
     broken: list[grpc.RpcError] = []
+    # Asked for before the receiver's call starts: the sender takes its snapshot meanwhile.
+    stream = sender.get_weights_serialized(timeout=timeout, pack=receiver.accepts_packed_pieces)
 
     def pieces():
         try:
-            yield from sender.get_weights_serialized(timeout=timeout)
+            for message in stream:
+                yield message
+                if codec.holds_digest(message):  # the stream's last message: the receiver need not wait for the sender's end
+                    return
         except grpc.RpcError as exc:
             broken.append(exc)  # end the stream here: the receiver refuses it, nothing is applied
 
@@ -64,6 +71,8 @@ def forward(sender: WorkerClient, receiver: WorkerClient, timeout: float | None 
         if broken:
             raise SenderFailed(sender, broken[0]) from None
         raise
+    finally:
+        stream.cancel()  # when the receiver failed first; after the digest, the sender's stream has nothing left
 
 
 def move(sender: WorkerClient, receiver: WorkerClient, via_coordinator: bool = False, expected_sha256: str = "",

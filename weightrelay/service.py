@@ -40,14 +40,17 @@ MAX_MODEL_CALLS = 8
 STREAM_IDLE_SECONDS = 30.0
 #: Error details longer than this are cut: they may quote what a client sent.
 MAX_DETAILS = 1024
-#: Sets up to this size are backed up before they are applied (into a buffer kept for it), and read
-#: back and checked after; larger ones are applied after the complete check of the stream only, so
-#: that a receiver holds about twice the set (its model and the set received) instead of three times.
+#: Sets up to this size are backed up before they are applied and read back after, to be compared with
+#: what was sent (each into a buffer kept for it); larger ones are applied after the complete check of
+#: the stream only, so that a receiver holds about twice the set (its model and the set received)
+#: instead of four times.
 BACKUP_LIMIT_BYTES = 64 * 1024 * 1024
 #: A pull's channel to its peer, without the client's retries: a sender killed as the pull began left
 #: the retried GetWeights waiting until the caller's deadline; now the pull fails at once, UNAVAILABLE,
 #: and the coordinator reports the sender unreachable (or forwards, which meets the same end).
 PEER_OPTIONS = [option for option in CHANNEL_OPTIONS if option[0] not in ("grpc.service_config", "grpc.enable_retries")] + [("grpc.enable_retries", 0)]
+#: Open channels to peers kept by PullWeights (the least recently used is closed first).
+MAX_PEERS = 8
 _DONE = object()
 
 
@@ -107,11 +110,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._model_lock = threading.Lock()
         self._admission = threading.BoundedSemaphore(MAX_MODEL_CALLS)
         self.peer_security: ClientSecurity = ClientSecurity()  # how PullWeights reaches a peer
+        self._peers: dict[str, grpc.Channel] = {}  # open channels to the peers pulled from (see _peer)
+        self._peers_lock = threading.Lock()
         self.stream_idle_seconds = STREAM_IDLE_SECONDS
         self._training = False
         self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
         self.spare = SpareBuffer()  # a set's worth of memory reused by every send and receive
         self._backup = SpareBuffer()  # the model's weights while a small set is applied (see _apply)
+        self._readback = SpareBuffer()  # a small set as the model holds it once applied (see _apply)
 
     def initialize(self, spec: ModelSpec, seed: int, dataset: str = "", objective: str = "") -> ResolvedModel:
         """Build `spec` with fresh weights from `seed`, optionally on another data set, and reset the
@@ -136,7 +142,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise InitializeError(grpc.StatusCode.INTERNAL, f"building model {resolved.spec.name!r} failed, the previous model was kept: "
                                   f"{type(exc).__name__}: {exc}") from None
         self.model, self.manifest, self.data, self.objective = resolved, resolved.manifest, data, new_objective
-        for spare in (self.spare, self._backup):
+        for spare in (self.spare, self._backup, self._readback):
             spare.fit(arena_bytes(resolved.manifest.values()))
         self._dataset_key = dataset or self._dataset_key
         self._weights_sha = self._model_sha()
@@ -273,6 +279,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             worker_version=weightrelay.__version__,
             python_version=platform.python_version(),
             model=models.to_proto(self.model.spec),
+            accepts_packed_pieces=True,
         )
 
     def Initialize(self, request: pb.InitializeRequest, context: grpc.ServicerContext) -> pb.InitializeReply:
@@ -442,7 +449,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self._leave()
         chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
         try:
-            yield from codec.encode_weight_chunks(weights, chunk, sha256=sha)  # serialized already (see server.py)
+            yield from codec.encode_weight_chunks(weights, chunk, sha256=sha, pack=request.pack_pieces)  # serialized already (see server.py)
         finally:
             self.spare.give_back(arena)
 
@@ -478,10 +485,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
             chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
             try:
-                with self.peer_security.channel(request.address, PEER_OPTIONS) as channel:
-                    stream = pb_grpc.WorkerStub(channel).GetWeights(pb.GetWeightsRequest(max_chunk_bytes=chunk), timeout=_remaining(context))
-                    weights, sha, done = self._receive(stream)
+                stream = pb_grpc.WorkerStub(self._peer(request.address)).GetWeights(pb.GetWeightsRequest(max_chunk_bytes=chunk, pack_pieces=True),
+                                                                                     timeout=_remaining(context))
+                try:
+                    weights, sha, done = self._receive(codec.until_digest(stream))
+                finally:
+                    stream.cancel()  # the digest was the last message: nothing of the stream is left but its end
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._drop_peer(request.address)
                 code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else grpc.StatusCode.FAILED_PRECONDITION
                 abort(context, code, f"pulling from {request.address}: {exc.code().name}: {exc.details()}")
             except codec.TensorError as exc:
@@ -495,6 +507,32 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 done()
         finally:
             self._leave()
+
+    def _peer(self, address: str) -> grpc.Channel:
+        """The channel to a peer, kept open between pulls: a relay pulls from the same few peers every round,
+        and a new channel costs a connection and starts with a small flow-control window (a 1 MiB pull took
+        a third longer). At most MAX_PEERS are kept."""
+        with self._peers_lock:
+            channel = self._peers.pop(address, None)
+            if channel is None:
+                channel = self.peer_security.channel(address, PEER_OPTIONS)
+            self._peers[address] = channel  # the most recently used last
+            while len(self._peers) > MAX_PEERS:
+                self._peers.pop(next(iter(self._peers))).close()
+            return channel
+
+    def _drop_peer(self, address: str) -> None:
+        with self._peers_lock:
+            channel = self._peers.pop(address, None)
+        if channel is not None:
+            channel.close()
+
+    def close(self) -> None:
+        """Close the channels to peers (the server has stopped)."""
+        with self._peers_lock:
+            channels, self._peers = list(self._peers.values()), {}
+        for channel in channels:
+            channel.close()
 
     def _apply(self, weights: codec.WeightSet, expected_sha: str, context: grpc.ServicerContext) -> pb.SetWeightsReply:
         """Apply a complete, checked set all or nothing."""
@@ -511,16 +549,28 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 abort(context, grpc.StatusCode.CANCELLED, "the call ended before the weights were applied; nothing was applied")
             small = sum(w.nbytes for w in weights.values()) <= BACKUP_LIMIT_BYTES
             backup = self._lend(self._backup) if small else None
-            previous = self._snapshot(backup) if backup is not None else None
-            try:
+            readback = self._lend(self._readback) if small else None
+            previous: codec.WeightSet | None = None
+            applied: codec.WeightSet = {}
+
+            def swap_in() -> None:  # on the model thread, in one hand-over
+                nonlocal previous, applied
+                if backup is not None:
+                    previous = self._snapshot(backup)
                 self.adapter.set_weights(weights)
-                if small:
-                    self.adapter.read_weights(weights)  # read back into the received set's own buffer: it was copied
-                    applied_sha = codec.weights_sha256(weights)
-                    if applied_sha != expected_sha:
-                        raise RuntimeError(f"the model holds sha256 {applied_sha} after applying {expected_sha}")
+                if readback is not None:
+                    applied = self._snapshot(readback)
+
+            try:
+                self.adapter.run(swap_in)
+                differ = [name for name in sorted(applied) if not codec.same_bytes(applied[name], weights[name])]
+                if differ:
+                    raise RuntimeError(f"the model holds other values than were applied in {', '.join(differ)}")
                 self._weights_sha = expected_sha
             except Exception as exc:
+                if small and previous is None:  # reading the model's weights failed, before anything was applied
+                    log.exception("reading the model's weights failed")
+                    abort(context, grpc.StatusCode.INTERNAL, f"reading the model's weights failed, nothing was applied: {exc}")
                 if previous is None:
                     self._weights_sha = codec.weights_sha256(self.adapter.get_weights())
                     log.exception("set_weights failed on a large set; the model may hold part of it")
@@ -531,6 +581,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             finally:
                 if backup is not None:
                     self._backup.give_back(backup)
+                    self._readback.give_back(readback)
         finally:
             self._model_lock.release()
         log.info("weights set: sha256 %s", expected_sha[:12])

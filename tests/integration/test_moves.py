@@ -27,11 +27,13 @@ def moved_pair(torch_worker, keras_worker):
         w.client.initialize("mlp", 0, "mnist", "")
 
 
-@pytest.mark.parametrize("via_coordinator", [False, True], ids=["pull", "forward"])
-def test_a_move_lands_the_senders_exact_weights(moved_pair, via_coordinator):
+@pytest.mark.parametrize("via_coordinator,packed", [(False, True), (True, True), (True, False)], ids=["pull", "forward", "forward-unpacked"])
+def test_a_move_lands_the_senders_exact_weights(moved_pair, via_coordinator, packed):
     sender, receiver = moved_pair
     expected = sender.client.describe().weights_sha256
     assert receiver.client.describe().weights_sha256 != expected
+    assert receiver.client.accepts_packed_pieces  # learnt from its Describe
+    receiver.client.accepts_packed_pieces = packed  # as a coordinator would treat an older worker
     done = move(sender.client, receiver.client, via_coordinator, expected, timeout=60)
     assert done.path == ("forward" if via_coordinator else "pull") and done.sha256 == expected
     assert done.bytes == 437544 and done.tensors == 6
@@ -64,6 +66,31 @@ def test_an_unreachable_sender_falls_back_to_forwarding(moved_pair):
     assert receiver.client.describe().weights_sha256 == sender.client.describe().weights_sha256
 
 
+def test_pulls_keep_their_channel_and_reach_a_restarted_sender(torch_worker, start_worker):
+    """The receiver keeps its channel to a peer between pulls; when the peer restarts at the same address,
+    the next pull reaches the new process (and gets its weights)."""
+    port = free_port()
+    first = start_worker("torch", extra=["--port", str(port), "--seed", "11"])
+    try:
+        first_sha = first.client.describe().weights_sha256
+        for _ in range(2):
+            assert move(first.client, torch_worker.client, timeout=60).sha256 == first_sha
+    finally:
+        first.stop()
+    with pytest.raises(grpc.RpcError) as info:
+        torch_worker.client.stub.PullWeights(pb.PullWeightsRequest(address=f"127.0.0.1:{port}"), timeout=30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    second = start_worker("torch", extra=["--port", str(port), "--seed", "12"])
+    try:
+        expected = second.client.describe().weights_sha256
+        assert expected != first_sha
+        assert move(second.client, torch_worker.client, timeout=60).path == "pull"
+        assert torch_worker.client.describe().weights_sha256 == expected
+    finally:
+        second.stop()
+        torch_worker.client.initialize("mlp", 0, "mnist", "")
+
+
 def test_a_pull_from_the_wrong_worker_is_refused_and_changes_nothing(moved_pair):
     sender, receiver = moved_pair
     before = receiver.client.describe().weights_sha256
@@ -84,11 +111,12 @@ def test_forwarding_passes_a_bad_stream_on_to_be_refused(moved_pair, start_worke
 
 def test_coordinator_move_prints_the_measurement(moved_pair):
     sender, receiver = moved_pair
-    done = subprocess.run([sys.executable, "-m", "coordinator", "move", "--from", sender.address, "--to", receiver.address, "--json"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "coordinator", "move", "--from", sender.address, "--to", receiver.address, "--json",
+                           "--repeat", "3"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert record["path"] == "pull" and record["checksum_matches"] and record["bytes"] == 437544
+    assert record["repeats"] == 3 and record["seconds"] <= record["median_seconds"]
     assert record["gb_per_second"] > 0 and 0 < record["coordinator_peak_rss_bytes"] < 256 * 2**20
     plain = subprocess.run([sys.executable, "-m", "coordinator", "move", "--from", sender.address, "--to", receiver.address, "--via-coordinator"],
                            capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -140,6 +140,21 @@ def test_get_set_weights_round_trip_is_bit_exact(worker):
     assert all(restored[name].tobytes() == original[name].tobytes() for name in original)
 
 
+def test_packed_weight_streams_both_ways(worker):
+    """Every worker takes packed streams and sends one when asked: the seed's MLP in one message."""
+    assert worker.client.describe().accepts_packed_pieces
+    packed = list(worker.client.get_weights_serialized(pack=True))
+    assert len(packed) == 1 and codec.holds_digest(packed[0])
+    assert len(list(worker.client.get_weights_serialized())) == 7  # unpacked unless asked: six pieces and the digest
+    original = codec.assemble_weights(pb.WeightsChunk.FromString(m) for m in packed)
+    altered = {name: array * np.float32(0.5) for name, array in original.items()}
+    reply = worker.client.set_weights_serialized(codec.encode_weight_chunks(altered, pack=True))
+    assert reply.sha256 == codec.weights_sha256(altered)
+    back = worker.client.get_weights()
+    assert all(back[name].tobytes() == altered[name].tobytes() for name in altered)
+    worker.client.set_weights(original)
+
+
 def test_every_train_starts_with_a_fresh_optimizer(worker):
     """Momentum from one Train never leaks into the next (Keras reuses its compiled model and zeroes its optimizer)."""
     start = worker.client.get_weights()
@@ -185,9 +200,11 @@ def _bad_streams(weights: dict[str, np.ndarray]):
     bad_sum[-1].digest.sha256 = codec.weights_sha256(w)
     yield "checksum", bad_sum, "checksum mismatch"
     yield "missing", list(codec.iter_weight_chunks({n: a for n, a in w.items() if n != "fc1.bias"})), "missing tensor(s) fc1.bias"
+    packed_nan = list(codec.iter_weight_chunks(nan, pack=True))  # one message: the pieces land, the check refuses
+    yield "packed-nan", packed_nan, "tensor fc2.weight: 1 non-finite value(s)"
 
 
-@pytest.mark.parametrize("case", ["name", "shape", "dtype", "byte-length", "nan", "checksum", "missing"])
+@pytest.mark.parametrize("case", ["name", "shape", "dtype", "byte-length", "nan", "checksum", "missing", "packed-nan"])
 def test_bad_set_weights_is_refused_and_changes_nothing(worker, case):
     before = worker.client.get_weights()
     # Every tensor of the bad set differs from the worker's, so any partial write would show.

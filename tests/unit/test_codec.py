@@ -165,7 +165,7 @@ def test_encoded_stream_is_byte_for_byte_the_serialized_messages(chunk):
 
 def test_large_sets_are_hashed_beside_the_receive_and_still_checked():
     weights = {"big": RNG.standard_normal((1000, 700)).astype(np.float32), "small": sample("float32")}
-    chunks = list(codec.iter_weight_chunks(weights, 300_000))  # pieces large enough for the hashing thread
+    chunks = list(codec.iter_weight_chunks(weights, 1_200_000))  # pieces large enough for the hashing thread
     assert codec.receive_weights(iter(chunks))[1] == codec.weights_sha256(weights)
     chunks[1].piece.tensor.data = chunks[1].piece.tensor.data[:-4] + b"\0\0\0\0"
     with pytest.raises(codec.TensorError, match="checksum mismatch"):
@@ -178,3 +178,47 @@ def test_a_non_finite_value_past_the_first_block_is_found():
     values[2 * codec._FINITE_BLOCK + 5] = np.nan
     with pytest.raises(codec.TensorError, match=rf"tensor w: 1 non-finite value\(s\) \(NaN or Inf\), the first at index \[{2 * codec._FINITE_BLOCK + 5}\]"):
         codec.check_finite("w", values)
+
+
+PACKABLE = [("b", "float32", (300, 70)), ("a", "bfloat16", (5,)), ("c", "int8", (0, 3)), ("d", "float64", (40_000,)), ("e", "float32", (7,))]
+
+
+@pytest.mark.parametrize("chunk", [0, 70_000, 200_000])
+def test_packed_streams_are_the_serialized_messages_in_fewer_of_them(chunk):
+    weights = {name: sample(dtype, shape) for name, dtype, shape in PACKABLE}
+    packed = list(codec.encode_weight_chunks(weights, chunk, pack=True))
+    assert packed == [m.SerializeToString() for m in codec.iter_weight_chunks(weights, chunk, pack=True)]
+    assert len(packed) < len(list(codec.encode_weight_chunks(weights, chunk)))
+    assert all(len(m) <= 4 * 1024 * 1024 for m in packed)  # gRPC's default message limit
+    assert [codec.holds_digest(m) for m in packed] == [False] * (len(packed) - 1) + [True]
+    back, sha = codec.receive_weights(pb.WeightsChunk.FromString(m) for m in packed)
+    assert sha == codec.weights_sha256(weights) and all(back[n].tobytes() == weights[n].tobytes() for n in weights)
+
+
+def test_a_small_set_packs_into_one_message_with_its_digest():
+    original = weights()
+    (only,) = codec.iter_weight_chunks(original, pack=True)
+    assert only.WhichOneof("part") == "digest" and [p.tensor.name for p in only.pieces] == sorted(original)
+    back = codec.assemble_weights([only], canonical_manifest())
+    assert all(back[n].tobytes() == original[n].tobytes() for n in original)
+    assert not any(codec.holds_digest(m) for m in list(codec.encode_weight_chunks(original))[:-1])
+
+
+def test_a_messages_packed_pieces_come_before_its_part():
+    original = weights()
+    pieces = [c.piece for c in codec.iter_weight_chunks(original) if c.WhichOneof("part") == "piece"]
+    mixed = [pb.WeightsChunk(pieces=pieces[:-1], piece=pieces[-1]), next(codec.iter_weight_chunks({}, sha256="x"))]
+    mixed[-1].digest.CopyFrom(pb.WeightsDigest(tensor_count=len(original), total_bytes=sum(a.nbytes for a in original.values()),
+                                               sha256=codec.weights_sha256(original)))
+    assert codec.receive_weights(mixed, canonical_manifest())[1] == codec.weights_sha256(original)
+    after_digest = list(codec.iter_weight_chunks(original, pack=True)) + [pb.WeightsChunk(pieces=pieces[:1])]
+    with pytest.raises(codec.TensorError, match="goes on after its digest"):
+        codec.receive_weights(after_digest, canonical_manifest())
+    assert list(codec.until_digest(iter(after_digest))) == after_digest[:-1]  # a pull stops reading there
+
+
+def test_same_bytes_compares_bits():
+    a = np.array([0.0, 1.5, np.inf], dtype=np.float32)
+    assert codec.same_bytes(a, a.copy())
+    assert not codec.same_bytes(a, np.array([-0.0, 1.5, np.inf], dtype=np.float32))  # equal values, other bits
+    assert not codec.same_bytes(a, a.astype(np.float64)) and not codec.same_bytes(a, a[:2])

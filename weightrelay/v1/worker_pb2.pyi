@@ -73,12 +73,14 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
-    __slots__ = ("piece", "digest")
+    __slots__ = ("piece", "digest", "pieces")
     PIECE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PIECES_FIELD_NUMBER: _ClassVar[int]
     piece: TensorPiece
     digest: WeightsDigest
-    def __init__(self, piece: _Optional[_Union[TensorPiece, _Mapping]] = ..., digest: _Optional[_Union[WeightsDigest, _Mapping]] = ...) -> None: ...
+    pieces: _containers.RepeatedCompositeFieldContainer[TensorPiece]
+    def __init__(self, piece: _Optional[_Union[TensorPiece, _Mapping]] = ..., digest: _Optional[_Union[WeightsDigest, _Mapping]] = ..., pieces: _Optional[_Iterable[_Union[TensorPiece, _Mapping]]] = ...) -> None: ...
 
 class TensorPiece(_message.Message):
     __slots__ = ("tensor", "offset")
@@ -99,10 +101,12 @@ class WeightsDigest(_message.Message):
     def __init__(self, tensor_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class GetWeightsRequest(_message.Message):
-    __slots__ = ("max_chunk_bytes",)
+    __slots__ = ("max_chunk_bytes", "pack_pieces")
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PACK_PIECES_FIELD_NUMBER: _ClassVar[int]
     max_chunk_bytes: int
-    def __init__(self, max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    pack_pieces: bool
+    def __init__(self, max_chunk_bytes: _Optional[int] = ..., pack_pieces: _Optional[bool] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
     __slots__ = ("address", "max_chunk_bytes", "expected_sha256")
@@ -381,7 +385,7 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., data_dir: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("framework", "framework_version", "backend", "device", "architecture", "parameters", "dataset", "objective", "weights_sha256", "worker_version", "python_version", "model")
+    __slots__ = ("framework", "framework_version", "backend", "device", "architecture", "parameters", "dataset", "objective", "weights_sha256", "worker_version", "python_version", "model", "accepts_packed_pieces")
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
     FRAMEWORK_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -394,6 +398,7 @@ class DescribeReply(_message.Message):
     WORKER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_PACKED_PIECES_FIELD_NUMBER: _ClassVar[int]
     framework: str
     framework_version: str
     backend: str
@@ -406,4 +411,5 @@ class DescribeReply(_message.Message):
     worker_version: str
     python_version: str
     model: ModelSpec
-    def __init__(self, framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., objective: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., worker_version: _Optional[str] = ..., python_version: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
+    accepts_packed_pieces: bool
+    def __init__(self, framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., objective: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., worker_version: _Optional[str] = ..., python_version: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., accepts_packed_pieces: _Optional[bool] = ...) -> None: ...

@@ -6,8 +6,10 @@ its predictions are scored (confusion matrix), the weights go to Keras and are s
 Keras trains (true labels), is scored, and the weights go back and are scored. The reference
 does it in one process with both frameworks (torch's optimizer created before Keras is imported:
 the other way round segfaults), copying weights in memory and calling `model.fit` with its
-defaults. The system is `coordinator run --local`. Reported: the median of rounds 1-5 of each
-(round 0 pays for warm-up), and the ratio system / reference.
+defaults. The system is `coordinator run --local`. The two take turns, in --blocks blocks of
+--rounds rounds each (this machine has slow spells that last minutes: one long run of each put a
+spell on one side only). Reported: the median of every block's rounds but its first (which pays
+for warm-up), and the ratio system / reference; also each block's own ratio.
 """
 
 from __future__ import annotations
@@ -78,18 +80,27 @@ def system_rounds(rounds: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6, help="rounds of each (default 6: round 0 warms up, rounds 1-5 count)")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of each per block (default 4: round 0 warms up, the rest count)")
+    parser.add_argument("--blocks", type=int, default=3, help="blocks, each the reference then the system (default 3)")
     parser.add_argument("--out", type=Path, default=None, help="directory for relay.json (default bench/results)")
     args = parser.parse_args(argv)
-    reference = run_python(REFERENCE.replace("DATA", repr(data_dir())).replace("ROUNDS", str(args.rounds)))["seconds"]
-    system = system_rounds(args.rounds)
-    rows = [[r, system[r], reference[r], system[r] / reference[r]] for r in range(args.rounds)]
     counted = slice(1, None) if args.rounds > 1 else slice(None)
-    ratio = median(system[counted]) / median(reference[counted])
-    print(table(["round", "system s", "single-process s", "ratio"], rows))
-    print(f"median of rounds {'1-' + str(args.rounds - 1) if args.rounds > 1 else '0'}: system {median(system[counted]):.3f} s, "
-          f"single-process {median(reference[counted]):.3f} s, ratio {ratio:.3f} (goal <= 0.7)")
-    print(f"written: {write('relay', {'rounds': args.rounds, 'system_seconds': system, 'reference_seconds': reference, 'ratio': ratio}, args.out)}")
+    system: list[list[float]] = []
+    reference: list[list[float]] = []
+    rows = []
+    for block in range(args.blocks):
+        reference.append(run_python(REFERENCE.replace("DATA", repr(data_dir())).replace("ROUNDS", str(args.rounds)))["seconds"])
+        system.append(system_rounds(args.rounds))
+        rows += [[block, r, system[-1][r], reference[-1][r], system[-1][r] / reference[-1][r]] for r in range(args.rounds)]
+        print(f"block {block}: ratio {median(system[-1][counted]) / median(reference[-1][counted]):.3f}", flush=True)
+    all_system = [t for times in system for t in times[counted]]
+    all_reference = [t for times in reference for t in times[counted]]
+    ratio = median(all_system) / median(all_reference)
+    print(table(["block", "round", "system s", "single-process s", "ratio"], rows))
+    print(f"median of {len(all_system)} rounds (each block's first left out): system {median(all_system):.3f} s, "
+          f"single-process {median(all_reference):.3f} s, ratio {ratio:.3f} (goal <= 0.7)")
+    block_ratios = [median(s[counted]) / median(r[counted]) for s, r in zip(system, reference)]
+    print(f"written: {write('relay', {'rounds': args.rounds, 'blocks': args.blocks, 'system_seconds': system, 'reference_seconds': reference, 'block_ratios': block_ratios, 'ratio': ratio}, args.out)}")
     return 0
 
 

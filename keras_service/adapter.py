@@ -83,6 +83,32 @@ class _ReportProgress(keras.callbacks.Callback):
         self.next_batch = last + 1
 
 
+class _InputTensor:
+    """The last array given, in N, H, W, C as a TensorFlow tensor, made again only when another array comes.
+
+    The worker hands over its data set (a new view of the same memory each call); Keras copied numpy
+    inputs into fresh tensors on every fit and predict, 0.1 to 0.6 s an epoch for MNIST here.
+    """
+
+    def __init__(self) -> None:
+        self._array: np.ndarray | None = None  # kept alive, so its memory cannot be another array's
+        self._tensor: tf.Tensor | None = None
+
+    def __call__(self, x: np.ndarray) -> tf.Tensor:
+        if self._array is None or not (self._array is x or _same_view(self._array, x)):
+            self._array, self._tensor = None, None  # let the previous one go first
+            self._tensor = tf.constant(to_nhwc(x))
+            self._array = x
+        return self._tensor
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays show the same memory the same way (same base, address, shape, strides and dtype)."""
+    base_a = a.base if a.base is not None else a
+    base_b = b.base if b.base is not None else b
+    return base_a is base_b and a.__array_interface__ == b.__array_interface__
+
+
 class KerasAdapter(FrameworkAdapter):
     framework = "keras"
 
@@ -91,12 +117,14 @@ class KerasAdapter(FrameworkAdapter):
         self.model: keras.Model | None = None
         self.resolved: ResolvedModel | None = None
         self._compiled_for: tuple[float, int] | None = None  # (momentum, steps per execution) of the compiled model
-        self._epoch_inputs: np.ndarray | None = None  # one epoch's inputs in batch order, reused from Train to Train
+        self._train_inputs = _InputTensor()
+        self._predict_inputs = _InputTensor()
+        self._forward: tf.types.experimental.PolymorphicFunction | None = None  # the model's inference pass, traced once
 
     def build(self, model: ResolvedModel, seed: int) -> None:
         keras.utils.set_random_seed(seed32(seed))
         built = build_model(model)
-        self.model, self.resolved, self._compiled_for = built, model, None
+        self.model, self.resolved, self._compiled_for, self._forward = built, model, None, None
 
     def _layers_with_tensors(self) -> list[str]:
         return [r.name for r in self.resolved.layers if r.params]
@@ -120,12 +148,12 @@ class KerasAdapter(FrameworkAdapter):
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         keras.utils.set_random_seed(seed32(config.seed + config.start_step))  # dropout
         self._prepare_optimizer(config)
-        inputs = to_nhwc(x)
-        for steps in schedule(config, len(inputs)):  # the core's batches, not Keras' shuffling
+        inputs, labels = self._train_inputs(x), tf.constant(y)
+        for steps in schedule(config, len(x)):  # the core's batches, not Keras' shuffling
             tracker.start_epoch()
-            index = np.concatenate([step.indices for step in steps])  # full batches, a smaller one only at the epoch's end
-            self.model.fit(self._in_order(inputs, index), y[index], batch_size=config.batch_size, epochs=1, shuffle=False, verbose=0,
-                           callbacks=[_ReportProgress(tracker, steps[0].epoch, steps[0].batch, steps[-1].batch)])
+            index = tf.constant(np.concatenate([step.indices for step in steps]))  # full batches, a smaller one only at the epoch's end
+            self.model.fit(tf.gather(inputs, index), tf.gather(labels, index), batch_size=config.batch_size, epochs=1, shuffle=False,
+                           verbose=0, callbacks=[_ReportProgress(tracker, steps[0].epoch, steps[0].batch, steps[-1].batch)])
 
     def _prepare_optimizer(self, config: TrainConfig) -> None:
         """SGD at the config's rate: the previous Train's (keep_optimizer), or a fresh one.
@@ -154,13 +182,13 @@ class KerasAdapter(FrameworkAdapter):
         )
         self._compiled_for = (config.momentum, pace)
 
-    def _in_order(self, inputs: np.ndarray, index: np.ndarray) -> np.ndarray:
-        """inputs[index] in a buffer kept from epoch to epoch: an epoch of MNIST is 188 MB, and fresh memory
-        is slow to touch on some machines (weightrelay.buffers)."""
-        shape = (len(index),) + inputs.shape[1:]
-        if self._epoch_inputs is None or self._epoch_inputs.shape != shape or self._epoch_inputs.dtype != inputs.dtype:
-            self._epoch_inputs = np.empty(shape, dtype=inputs.dtype)
-        return np.take(inputs, index, axis=0, out=self._epoch_inputs, mode="clip")  # "raise" would buffer a copy
-
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
-        return np.asarray(self.model.predict(to_nhwc(x), batch_size=batch_size, verbose=0), dtype=np.float32)
+        """The model's inference pass over `x` in batches, as predict() computes it without predict()'s own
+        machinery (data adapter, iterator, callbacks): 25 ms instead of 70-90 for MNIST's test set here."""
+        if self._forward is None:
+            model = self.model
+            batch = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32)
+            self._forward = tf.function(lambda inputs: model(inputs, training=False), input_signature=[batch])
+        inputs = self._predict_inputs(x)
+        logits = [self._forward(inputs[i : i + batch_size]).numpy() for i in range(0, len(x), batch_size)]
+        return np.concatenate(logits).astype(np.float32, copy=False) if logits else np.zeros((0,) + tuple(self.model.output_shape[1:]), np.float32)

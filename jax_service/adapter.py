@@ -139,8 +139,7 @@ class JaxAdapter(FrameworkAdapter):
                 tracker.start_epoch()
                 totals = (jnp.zeros(()), jnp.zeros((), jnp.int32))
                 for step in steps:
-                    xb = jax.device_put(inputs[step.indices], self._device)
-                    yb = jax.device_put(labels[step.indices], self._device)
+                    xb, yb = inputs[step.indices], labels[step.indices]  # the jitted step's own dispatch moves them to the device
                     params, stats, opt_state, totals = self._step(params, stats, opt_state, totals, xb, yb, key, step_index)
                     step_index += 1
                     if tracker.wants(step.batch):

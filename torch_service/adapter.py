@@ -67,9 +67,14 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _on_cpu_for_numpy(tensor: torch.Tensor) -> bool:
-    """Whether numpy can copy into and out of this tensor's memory directly."""
-    return tensor.is_cpu and tensor.dtype != torch.bfloat16
+#: Tensors below this size are copied in and out by numpy on the model thread (see set_weights); larger
+#: ones by torch, whose copy runs on all its threads (a 1 GiB set went into the model in half the time).
+NUMPY_COPY_BYTES = 16 * 1024 * 1024
+
+
+def _numpy_copies(tensor: torch.Tensor) -> bool:
+    """Whether numpy copies into and out of this tensor's memory (see NUMPY_COPY_BYTES)."""
+    return tensor.is_cpu and tensor.dtype != torch.bfloat16 and tensor.numel() * tensor.element_size() < NUMPY_COPY_BYTES
 
 
 class TorchAdapter(FrameworkAdapter):
@@ -100,7 +105,7 @@ class TorchAdapter(FrameworkAdapter):
         state = self.model.state_dict()
         with torch.no_grad():
             for name in self.names:
-                if _on_cpu_for_numpy(state[name]):
+                if _numpy_copies(state[name]):
                     np.copyto(out[name], state[name].numpy())  # numpy's copy: see set_weights
                 else:
                     torch.from_numpy(out[name]).copy_(state[name])
@@ -109,9 +114,9 @@ class TorchAdapter(FrameworkAdapter):
         state = self.model.state_dict()
         with torch.no_grad():
             for name in self.names:
-                if _on_cpu_for_numpy(state[name]):
+                if _numpy_copies(state[name]):
                     # numpy copies on this thread; torch's copy_ would wake its OpenMP threads, which then
-                    # busy-wait for more work, taking CPU from the gRPC threads that move the weights.
+                    # busy-wait for more work, taking CPU from the gRPC threads that move small sets.
                     np.copyto(state[name].numpy(), weights[name])
                 else:
                     state[name].copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))

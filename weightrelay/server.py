@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 from weightrelay import codec, models
 from weightrelay.adapter import FrameworkAdapter
 from weightrelay.buffers import keep_freed_memory
-from weightrelay.client import STREAM_WINDOW_BYTES, WORKER_SERVICE
+from weightrelay.client import WORKER_SERVICE
 from weightrelay.data import DATA_DIR_ENV, DATA_ROOT_ENV, DATASETS, DEFAULT_DATASET, DataError, load_dataset
 from weightrelay.files import write_json_atomic
 from weightrelay.security import HANDLER_KINDS, ClientSecurity, SecurityError, ServerSecurity, resolve_token
@@ -58,8 +58,6 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
     ("grpc.http2.max_ping_strikes", 0),
-    # A SetWeights stream's window starts this wide (as the clients' do, see weightrelay.client).
-    ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
 ]
 
 

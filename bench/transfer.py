@@ -81,8 +81,8 @@ def flower_move(python: str, sender: Worker, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.transfer", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)} (default all)")
-    parser.add_argument("--repeats", type=int, default=3, help="moves per size and path, in one coordinator process as Flower's run "
-                        "in one; the fastest is reported (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="moves per size and path, in one coordinator process as Flower's run "
+                        "in one; the fastest is reported (default 5)")
     parser.add_argument("--no-flower", action="store_true", help="leave out Flower's codec")
     parser.add_argument("--flower-python", default=None, help=f"an interpreter with flwr (default {FLOWER_VENV.relative_to(REPO)}, made on first use)")
     parser.add_argument("--out", type=Path, default=None, help="directory for transfer.json (default bench/results)")

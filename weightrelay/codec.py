@@ -281,7 +281,7 @@ def holds_digest(message: bytes) -> bool:
 
 def until_digest(messages: Iterable[pb.WeightsChunk]) -> Iterator[pb.WeightsChunk]:
     """A weights stream up to its digest, without waiting for the stream's end after it (a receiver that
-    pulls need not wait for the sender's trailing status: about half a millisecond a move)."""
+    pulls need not wait for the sender's trailing status: a few tenths of a millisecond a move)."""
     for message in messages:
         yield message
         if message.WhichOneof("part") == "digest":

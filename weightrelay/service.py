@@ -510,8 +510,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def _peer(self, address: str) -> grpc.Channel:
         """The channel to a peer, kept open between pulls: a relay pulls from the same few peers every round,
-        and a new channel costs a connection and starts with a small flow-control window (a 1 MiB pull took
-        a third longer). At most MAX_PEERS are kept."""
+        and a new channel costs a connection and starts again from gRPC's smallest flow-control window,
+        which its BDP probing widens as data comes. At most MAX_PEERS are kept."""
         with self._peers_lock:
             channel = self._peers.pop(address, None)
             if channel is None:

@@ -64,6 +64,9 @@ class WorkerClient:
         self.stub = pb_grpc.WorkerStub(self.channel)
         #: what the last Describe said: SetWeights takes packed streams (worker.proto, WeightsChunk)
         self.accepts_packed_pieces = False
+        # GetWeights and SetWeights as wire bytes, never decoded (see get/set_weights_serialized)
+        self._get_raw = self.channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString)
+        self._set_raw = self.channel.stream_unary(f"/{WORKER_SERVICE}/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
 
     def __enter__(self) -> "WorkerClient":
         return self
@@ -125,13 +128,11 @@ class WorkerClient:
     def get_weights_serialized(self, max_chunk_bytes: int = 0, timeout: float | None = None, pack: bool = False) -> Iterator[bytes]:
         """The GetWeights stream as the wire bytes of its messages, never decoded (for forwarding);
         `pack`: a packed stream, for a receiver that takes them (accepts_packed_pieces)."""
-        get = self.channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString)
-        return get(pb.GetWeightsRequest(max_chunk_bytes=max_chunk_bytes, pack_pieces=pack), timeout=self._deadline(timeout))
+        return self._get_raw(pb.GetWeightsRequest(max_chunk_bytes=max_chunk_bytes, pack_pieces=pack), timeout=self._deadline(timeout))
 
     def set_weights_serialized(self, chunks: Iterable[bytes], timeout: float | None = None) -> pb.SetWeightsReply:
         """SetWeights from messages already serialized (codec.encode_weight_chunks, or a forwarded stream)."""
-        send = self.channel.stream_unary(f"/{WORKER_SERVICE}/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
-        return send(chunks, timeout=self._deadline(timeout))
+        return self._set_raw(chunks, timeout=self._deadline(timeout))
 
     def set_weights_stream(self, chunks: Iterator[pb.WeightsChunk], timeout: float | None = None) -> pb.SetWeightsReply:
         """Send a raw weights stream (for tools and tests that build their own)."""

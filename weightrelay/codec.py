@@ -228,30 +228,15 @@ def _packed(sized: Iterable[tuple[object, int]], limit: int) -> Iterator[list]:
     yield group
 
 
-def _field_bytes(key: bytes, length: int) -> int:
-    """Bytes a length-delimited field of `length` bytes takes in its message."""
-    return len(key) + len(_varint(length)) + length
-
-
 def iter_weight_chunks(weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, sha256: str | None = None,
                        pack: bool = False) -> Iterator[pb.WeightsChunk]:
     """A weights stream: each tensor in pieces of at most `max_chunk_bytes`, in name order (so a receiver
     can hash as the bytes arrive), then the digest. `sha256`: the set's checksum where the sender
     already knows it (a worker keeps its own), so it is not computed again. `pack`: a packed stream
-    (worker.proto, WeightsChunk): pieces share messages, the digest rides in the last one."""
-    pieces = (pb.TensorPiece(tensor=pb.Tensor(name=name, dtype=dtype_to_proto(spec.dtype), shape=spec.shape, data=bytes(piece)),
-                             offset=offset) for name, spec, offset, piece in _pieces(weights, max_chunk_bytes))
-    if not pack:
-        for piece in pieces:
-            yield pb.WeightsChunk(piece=piece)
-        yield _digest(weights, sha256)
-        return
-    groups = list(_packed(((p, _field_bytes(_PIECES_KEY, p.ByteSize())) for p in pieces), _chunk_bytes(max_chunk_bytes)))
-    for group in groups[:-1]:
-        yield pb.WeightsChunk(pieces=group)
-    last = _digest(weights, sha256)
-    last.pieces.extend(groups[-1])
-    yield last
+    (worker.proto, WeightsChunk): pieces share messages, the digest rides in the last one.
+    As messages, for tools and tests that change them; senders use `encode_weight_chunks`."""
+    for message in encode_weight_chunks(weights, max_chunk_bytes, sha256, pack):
+        yield pb.WeightsChunk.FromString(message)
 
 
 def _varint(value: int) -> bytes:
@@ -270,6 +255,9 @@ def _length_key(field: int) -> bytes:
 _PIECE_KEY = _length_key(pb.WeightsChunk.DESCRIPTOR.fields_by_name["piece"].number)
 _PIECES_KEY = _length_key(pb.WeightsChunk.DESCRIPTOR.fields_by_name["pieces"].number)
 _DIGEST_KEY = _length_key(pb.WeightsChunk.DESCRIPTOR.fields_by_name["digest"].number)
+_TENSOR_KEY = _length_key(pb.TensorPiece.DESCRIPTOR.fields_by_name["tensor"].number)
+_DATA_KEY = _length_key(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number)
+_OFFSET_KEY = _varint(pb.TensorPiece.DESCRIPTOR.fields_by_name["offset"].number << 3)  # wire type 0: varint
 
 
 def holds_digest(message: bytes) -> bool:
@@ -286,9 +274,6 @@ def until_digest(messages: Iterable[pb.WeightsChunk]) -> Iterator[pb.WeightsChun
         yield message
         if message.WhichOneof("part") == "digest":
             return
-_TENSOR_KEY = _length_key(pb.TensorPiece.DESCRIPTOR.fields_by_name["tensor"].number)
-_DATA_KEY = _length_key(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number)
-_OFFSET_KEY = _varint(pb.TensorPiece.DESCRIPTOR.fields_by_name["offset"].number << 3)  # wire type 0: varint
 
 
 def _encoded_pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> Iterator[tuple[tuple, int]]:
@@ -304,15 +289,15 @@ def _encoded_pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> 
 
 def encode_weight_chunks(weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, sha256: str | None = None,
                          pack: bool = False) -> Iterator[bytes]:
-    """The stream of `iter_weight_chunks`, already serialized: the same bytes, made with one copy of the
-    tensor data per message instead of three (bytes, message, serialization); for senders of large sets."""
+    """A weights stream (see iter_weight_chunks) as the bytes protobuf would write for its messages, made
+    with one copy of the tensor data per message instead of three (bytes, message, serialization)."""
     pieces = _encoded_pieces(weights, max_chunk_bytes)
     if not pack:
         for parts, length in pieces:
             yield b"".join((_PIECE_KEY, _varint(length), *parts))
         yield _digest(weights, sha256).SerializeToString()
         return
-    sized = (((_PIECES_KEY, _varint(length), *parts), _field_bytes(_PIECES_KEY, length)) for parts, length in pieces)
+    sized = (((_PIECES_KEY, _varint(length), *parts), len(_PIECES_KEY) + len(_varint(length)) + length) for parts, length in pieces)
     groups = _packed(sized, _chunk_bytes(max_chunk_bytes))
     previous = next(groups)
     for group in groups:

@@ -105,7 +105,7 @@ def _checked_stream(behaviour: Callable) -> Callable:
 
 
 def _serializer(message_class) -> Callable[[object], bytes]:
-    """Replies are messages, or bytes a servicer serialized itself (GetWeights' large pieces: codec.encode_weight_chunks)."""
+    """Replies are messages, or bytes a servicer serialized itself (GetWeights' stream: codec.encode_weight_chunks)."""
     serialize = message_class.SerializeToString
 
     def encode(reply: object) -> bytes:

@@ -41,7 +41,7 @@ STREAM_IDLE_SECONDS = 30.0
 #: Error details longer than this are cut: they may quote what a client sent.
 MAX_DETAILS = 1024
 #: Sets up to this size are backed up before they are applied and read back after, to be compared with
-#: what was sent (each into a buffer kept for it); larger ones are applied after the complete check of
+#: what was sent (both into one buffer kept for them); larger ones are applied after the complete check of
 #: the stream only, so that a receiver holds about twice the set (its model and the set received)
 #: instead of four times.
 BACKUP_LIMIT_BYTES = 64 * 1024 * 1024
@@ -116,8 +116,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._training = False
         self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
         self.spare = SpareBuffer()  # a set's worth of memory reused by every send and receive
-        self._backup = SpareBuffer()  # the model's weights while a small set is applied (see _apply)
-        self._readback = SpareBuffer()  # a small set as the model holds it once applied (see _apply)
+        self._swap_room = SpareBuffer()  # two sets: the model's before and after a small set is applied (see _apply)
 
     def initialize(self, spec: ModelSpec, seed: int, dataset: str = "", objective: str = "") -> ResolvedModel:
         """Build `spec` with fresh weights from `seed`, optionally on another data set, and reset the
@@ -142,17 +141,18 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise InitializeError(grpc.StatusCode.INTERNAL, f"building model {resolved.spec.name!r} failed, the previous model was kept: "
                                   f"{type(exc).__name__}: {exc}") from None
         self.model, self.manifest, self.data, self.objective = resolved, resolved.manifest, data, new_objective
-        for spare in (self.spare, self._backup, self._readback):
-            spare.fit(arena_bytes(resolved.manifest.values()))
+        set_bytes = arena_bytes(resolved.manifest.values())
+        self.spare.fit(set_bytes)
+        self._swap_room.fit(2 * set_bytes)
         self._dataset_key = dataset or self._dataset_key
         self._weights_sha = self._model_sha()
         log.info("initialized %s, seed %d, data %s, objective %s: sha256 %s", resolved.describe(), seed, data.name,
                  new_objective.name, self._weights_sha[:12])
         return resolved
 
-    def _lend(self, spare: SpareBuffer) -> Arena:
-        """An arena the size of the model's set, from `spare`; give it back there."""
-        return spare.take(arena_bytes(self.manifest.values()))
+    def _lend(self, spare: SpareBuffer, sets: int = 1) -> Arena:
+        """An arena for `sets` of the model's sets, from `spare`; give it back there."""
+        return spare.take(sets * arena_bytes(self.manifest.values()))
 
     def _snapshot(self, arena: Arena) -> codec.WeightSet:
         """The model's weights copied into `arena` (the spare buffer: no fresh memory for a large set)."""
@@ -548,18 +548,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             if not context.is_active():  # cancelled (or past its deadline) after the digest: the caller was told so, apply nothing
                 abort(context, grpc.StatusCode.CANCELLED, "the call ended before the weights were applied; nothing was applied")
             small = sum(w.nbytes for w in weights.values()) <= BACKUP_LIMIT_BYTES
-            backup = self._lend(self._backup) if small else None
-            readback = self._lend(self._readback) if small else None
+            room = self._lend(self._swap_room, sets=2) if small else None
             previous: codec.WeightSet | None = None
             applied: codec.WeightSet = {}
 
             def swap_in() -> None:  # on the model thread, in one hand-over
                 nonlocal previous, applied
-                if backup is not None:
-                    previous = self._snapshot(backup)
+                if room is not None:
+                    previous = self._snapshot(room)  # the arena's first set
                 self.adapter.set_weights(weights)
-                if readback is not None:
-                    applied = self._snapshot(readback)
+                if room is not None:
+                    applied = self._snapshot(room)  # its second
 
             try:
                 self.adapter.run(swap_in)
@@ -572,16 +571,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     log.exception("reading the model's weights failed")
                     abort(context, grpc.StatusCode.INTERNAL, f"reading the model's weights failed, nothing was applied: {exc}")
                 if previous is None:
-                    self._weights_sha = codec.weights_sha256(self.adapter.get_weights())
+                    self._weights_sha = self._model_sha()
                     log.exception("set_weights failed on a large set; the model may hold part of it")
                     abort(context, grpc.StatusCode.INTERNAL, f"applying the weights failed: {exc}; the model may hold part of the set, send it again")
                 self.adapter.set_weights(previous)  # all or nothing
                 log.exception("set_weights failed; previous weights restored")
                 abort(context, grpc.StatusCode.INTERNAL, f"applying the weights failed, the previous weights were kept: {exc}")
             finally:
-                if backup is not None:
-                    self._backup.give_back(backup)
-                    self._readback.give_back(readback)
+                if room is not None:
+                    self._swap_room.give_back(room)
         finally:
             self._model_lock.release()
         log.info("weights set: sha256 %s", expected_sha[:12])

@@ -3,7 +3,8 @@
 Same data (MNIST, 60,000 images), the seed's MLP, batch 64, SGD lr 0.01 momentum 0.5, one epoch;
 median of --epochs timed epochs after a warm-up. The worker is timed after a SetWeights and an
 Evaluate (as in a relay round), from its Train summary; the idiomatic loop runs alone in a fresh
-process: a plain PyTorch loop, Keras `model.fit` with its defaults, a jitted optax step for JAX.
+process: a plain PyTorch loop, Keras `model.fit` with its defaults, a jitted optax step for JAX. Both
+run where the framework puts them by default (a GPU where there is one), as the worker's --device auto.
 """
 
 from __future__ import annotations
@@ -28,12 +29,15 @@ IDIOMATIC = {
 import torch, torch.nn.functional as F
 from torch import nn
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the worker trains too (--device auto)
+model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
-xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+xs, ys = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 def epoch():
-    for idx in torch.randperm(len(xs)).split(64):
+    for idx in torch.randperm(len(xs), device=device).split(64):
         opt.zero_grad(); loss = F.cross_entropy(model(xs[idx]), ys[idx]); loss.backward(); opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 """,
     "keras": """
 import os; os.environ.setdefault("KERAS_BACKEND", "tensorflow")

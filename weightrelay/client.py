@@ -67,6 +67,8 @@ class WorkerClient:
         # GetWeights and SetWeights as wire bytes, never decoded (see get/set_weights_serialized)
         self._get_raw = self.channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString)
         self._set_raw = self.channel.stream_unary(f"/{WORKER_SERVICE}/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
+        self._get_decoded = self.channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString,
+                                                      response_deserializer=codec.decode_chunk)  # no copies of the tensor bytes
 
     def __enter__(self) -> "WorkerClient":
         return self
@@ -118,7 +120,7 @@ class WorkerClient:
     def get_weights(self, max_chunk_bytes: int = 0, timeout: float | None = None) -> codec.WeightSet:
         """The worker's weights, checked against the stream's digest (asked for packed: fewer messages)."""
         request = pb.GetWeightsRequest(max_chunk_bytes=max_chunk_bytes, pack_pieces=True)
-        return codec.assemble_weights(self.stub.GetWeights(request, timeout=self._deadline(timeout)))
+        return codec.assemble_weights(self._get_decoded(request, timeout=self._deadline(timeout)))
 
     def set_weights(self, weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, timeout: float | None = None) -> pb.SetWeightsReply:
         """Replace the worker's weights; packed when the last Describe said the worker takes that."""

@@ -134,7 +134,7 @@ def to_proto(name: str, array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(name=name, dtype=dtype_to_proto(spec.dtype), shape=spec.shape, data=tensor_bytes(array))
 
 
-def _spec_from_proto(message: pb.Tensor | pb.TensorSpec) -> TensorSpec:
+def _spec_from_proto(message: pb.Tensor | pb.TensorSpec | WirePiece) -> TensorSpec:
     name = message.name
     if not name:
         raise TensorError("a tensor has no name; every tensor needs one (e.g. fc1.weight)")
@@ -267,13 +267,185 @@ def holds_digest(message: bytes) -> bool:
     return message[:1] == _DIGEST_KEY
 
 
-def until_digest(messages: Iterable[pb.WeightsChunk]) -> Iterator[pb.WeightsChunk]:
+def until_digest(messages: Iterable[pb.WeightsChunk | StreamMessage]) -> Iterator[pb.WeightsChunk | StreamMessage]:
     """A weights stream up to its digest, without waiting for the stream's end after it (a receiver that
     pulls need not wait for the sender's trailing status: a few tenths of a millisecond a move)."""
     for message in messages:
         yield message
-        if message.WhichOneof("part") == "digest":
+        if (message.digest is not None) if isinstance(message, StreamMessage) else message.WhichOneof("part") == "digest":
             return
+
+
+@dataclass(frozen=True)
+class WirePiece:
+    """A TensorPiece as a receiver reads it: its tensor's header, the offset, and the bytes (from
+    `decode_chunk`, a view into the received message: not a copy)."""
+
+    name: str
+    dtype: int  # the DType enum's value
+    shape: tuple[int, ...]
+    offset: int
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True)
+class WireDigest:
+    tensor_count: int
+    total_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """One WeightsChunk as a receiver reads it: its pieces in the order they are taken (a packed message's
+    `pieces`, then its `piece` part), and its digest if it holds that."""
+
+    pieces: tuple[WirePiece, ...]
+    digest: WireDigest | None
+
+
+def stream_message(message: pb.WeightsChunk) -> StreamMessage:
+    """A decoded WeightsChunk message as a StreamMessage."""
+    part = message.WhichOneof("part")
+    pieces = [*message.pieces, message.piece] if part == "piece" else list(message.pieces)
+    digest = message.digest if part == "digest" else None
+    return StreamMessage(
+        tuple(WirePiece(p.tensor.name, p.tensor.dtype, tuple(p.tensor.shape), p.offset, p.tensor.data) for p in pieces),
+        None if digest is None else WireDigest(digest.tensor_count, digest.total_bytes, digest.sha256),
+    )
+
+
+def decode_chunk(data: bytes) -> StreamMessage:
+    """A serialized WeightsChunk, decoded without copying its tensor bytes: protobuf's parser copies each
+    piece's data twice (into the message, then out as `bytes`), a fifth of a receiving worker's work on
+    a large set. Messages laid out as protobuf writes them (fields in number order, each once, packed
+    pieces repeated; no unknown fields) are read here; any other bytes go to protobuf's own parser, so
+    both read every input alike (tests/unit/test_codec.py). Raises protobuf's DecodeError for bad bytes."""
+    try:
+        return _decode_chunk_fast(data)
+    except _NotFastPath:
+        return stream_message(pb.WeightsChunk.FromString(data))
+
+
+class _NotFastPath(Exception):
+    """Bytes decode_chunk leaves to protobuf's parser."""
+
+
+def _field_numbers(message, *names: str) -> tuple[int, ...]:
+    return tuple(message.DESCRIPTOR.fields_by_name[name].number for name in names)
+
+
+_CHUNK_PIECE, _CHUNK_DIGEST, _CHUNK_PIECES = _field_numbers(pb.WeightsChunk, "piece", "digest", "pieces")
+_PIECE_TENSOR, _PIECE_OFFSET = _field_numbers(pb.TensorPiece, "tensor", "offset")
+_TENSOR_NAME, _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA = _field_numbers(pb.Tensor, "name", "dtype", "shape", "data")
+_DIGEST_COUNT, _DIGEST_BYTES, _DIGEST_SHA = _field_numbers(pb.WeightsDigest, "tensor_count", "total_bytes", "sha256")
+_VARINT, _LENGTH = 0, 2  # wire types
+# field number -> wire type, per message
+_CHUNK_LAYOUT = {_CHUNK_PIECE: _LENGTH, _CHUNK_DIGEST: _LENGTH, _CHUNK_PIECES: _LENGTH}
+_PIECE_LAYOUT = {_PIECE_TENSOR: _LENGTH, _PIECE_OFFSET: _VARINT}
+_TENSOR_LAYOUT = {_TENSOR_NAME: _LENGTH, _TENSOR_DTYPE: _VARINT, _TENSOR_SHAPE: _LENGTH, _TENSOR_DATA: _LENGTH}
+_DIGEST_LAYOUT = {_DIGEST_COUNT: _VARINT, _DIGEST_BYTES: _VARINT, _DIGEST_SHA: _LENGTH}
+
+
+def _varint_at(data: bytes, position: int, end: int) -> tuple[int, int]:
+    """The varint at `position` (at most 10 bytes, below 2**64) and the position after it."""
+    value = shift = 0
+    while position < end and shift < 70:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if value >> 64:
+                raise _NotFastPath
+            return value, position
+        shift += 7
+    raise _NotFastPath
+
+
+def _fields(data: bytes, position: int, end: int, layout: Mapping[int, int], repeated: int = 0) -> Iterator[tuple[int, int | tuple[int, int]]]:
+    """(number, value) of each field of the message in data[position:end]: a varint's value, or a
+    length-delimited field's (start, end). Fields must have `layout`'s wire types and come in rising
+    number order, each once (`repeated` may come again)."""
+    last = 0
+    while position < end:
+        key, position = _varint_at(data, position, end)
+        number, wire = key >> 3, key & 7
+        if layout.get(number) != wire or number < last or (number == last and number != repeated):
+            raise _NotFastPath
+        last = number
+        if wire == _VARINT:
+            value, position = _varint_at(data, position, end)
+            yield number, value
+        else:
+            length, position = _varint_at(data, position, end)
+            if length > end - position:
+                raise _NotFastPath
+            yield number, (position, position + length)
+            position += length
+
+
+def _text(data: bytes, span: tuple[int, int]) -> str:
+    try:
+        return str(data[span[0] : span[1]], "utf-8")
+    except UnicodeDecodeError:
+        raise _NotFastPath from None
+
+
+def _decode_chunk_fast(data: bytes) -> StreamMessage:
+    view = memoryview(data)
+    pieces: list[WirePiece] = []
+    piece: WirePiece | None = None
+    digest: WireDigest | None = None
+    for number, span in _fields(data, 0, len(data), _CHUNK_LAYOUT, repeated=_CHUNK_PIECES):
+        if number == _CHUNK_DIGEST:
+            digest = _decode_digest_fast(data, span)
+        elif number == _CHUNK_PIECES:
+            pieces.append(_decode_piece_fast(data, view, span))
+        else:
+            piece = _decode_piece_fast(data, view, span)
+    if piece is not None:
+        if digest is not None:  # the oneof set twice (protobuf keeps the later)
+            raise _NotFastPath
+        pieces.append(piece)
+    return StreamMessage(tuple(pieces), digest)
+
+
+def _decode_piece_fast(data: bytes, view: memoryview, span: tuple[int, int]) -> WirePiece:
+    name, dtype, shape, payload, offset = "", 0, (), b"", 0
+    for number, value in _fields(data, *span, _PIECE_LAYOUT):
+        if number == _PIECE_OFFSET:
+            offset = value
+            continue
+        for field, content in _fields(data, *value, _TENSOR_LAYOUT):
+            if field == _TENSOR_NAME:
+                name = _text(data, content)
+            elif field == _TENSOR_DTYPE:
+                if content >= 1 << 31:  # an enum is an int32: protobuf reads larger varints its own way
+                    raise _NotFastPath
+                dtype = content
+            elif field == _TENSOR_SHAPE:  # packed int64s
+                dims, position = [], content[0]
+                while position < content[1]:
+                    dim, position = _varint_at(data, position, content[1])
+                    dims.append(dim - (1 << 64) if dim >> 63 else dim)
+                shape = tuple(dims)
+            else:
+                payload = view[content[0] : content[1]]
+    return WirePiece(name, dtype, shape, offset, payload)
+
+
+def _decode_digest_fast(data: bytes, span: tuple[int, int]) -> WireDigest:
+    count, total, sha = 0, 0, ""
+    for number, value in _fields(data, *span, _DIGEST_LAYOUT):
+        if number == _DIGEST_COUNT:
+            if value >> 32:  # a uint32: protobuf reads larger varints its own way
+                raise _NotFastPath
+            count = value
+        elif number == _DIGEST_BYTES:
+            total = value
+        else:
+            sha = _text(data, value)
+    return WireDigest(count, total, sha)
 
 
 def _encoded_pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> Iterator[tuple[tuple, int]]:
@@ -345,7 +517,7 @@ def check_finite(name: str, array: np.ndarray) -> None:
 
 
 def assemble_weights(
-    chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpec] | None = None
+    chunks: Iterable[pb.WeightsChunk | StreamMessage], manifest: Mapping[str, TensorSpec] | None = None
 ) -> WeightSet:
     """Rebuild a weight set from a weights stream, checking it all along (see receive_weights)."""
     return receive_weights(chunks, manifest)[0]
@@ -395,7 +567,7 @@ class _BackgroundHash:
 
 
 def receive_weights(
-    chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpec] | None = None,
+    chunks: Iterable[pb.WeightsChunk | StreamMessage], manifest: Mapping[str, TensorSpec] | None = None,
     allocate: Callable[[TensorSpec], np.ndarray] = _empty,
 ) -> tuple[WeightSet, str]:
     """Rebuild a weight set from a weights stream, checking it all along; also return its verified checksum.
@@ -424,13 +596,13 @@ def _receive(chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpe
     arrays: dict[str, np.ndarray] = {}
     views: dict[str, memoryview] = {}
     filled: dict[str, int] = {}
-    digest: pb.WeightsDigest | None = None
+    digest: WireDigest | None = None
     in_order = True
     last_name = ""
 
-    def take(piece: pb.TensorPiece) -> None:
+    def take(piece: WirePiece) -> None:
         nonlocal in_order, last_name
-        spec = _spec_from_proto(piece.tensor)
+        spec = _spec_from_proto(piece)
         if spec.name not in specs:
             if piece.offset != 0:
                 raise TensorError(f"tensor {spec.name}: first piece starts at offset {piece.offset}, expected 0")
@@ -461,7 +633,7 @@ def _receive(chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpe
                 f"tensor {spec.name}: piece at offset {piece.offset}, expected offset {done} "
                 "(pieces of a tensor must be consecutive and in order)"
             )
-        data = piece.tensor.data
+        data = piece.data
         if done + len(data) > spec.nbytes:
             raise TensorError(
                 f"tensor {spec.name}: received more than {spec.nbytes} bytes "
@@ -475,15 +647,13 @@ def _receive(chunks: Iterable[pb.WeightsChunk], manifest: Mapping[str, TensorSpe
     for message in chunks:
         if digest is not None:
             raise TensorError("the weights stream goes on after its digest; the digest must be the last message")
-        kind = message.WhichOneof("part")
-        if kind is None and not message.pieces:
+        if not isinstance(message, StreamMessage):
+            message = stream_message(message)
+        if not message.pieces and message.digest is None:
             raise TensorError("a weights stream message holds neither a tensor piece nor the digest")
-        for piece in message.pieces:  # a packed message's pieces come before its part
+        for piece in message.pieces:
             take(piece)
-        if kind == "piece":
-            take(message.piece)
-        elif kind == "digest":
-            digest = message.digest
+        digest = message.digest
 
     if digest is None:
         raise TensorError("the weights stream ended without its digest message")

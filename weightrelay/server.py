@@ -69,11 +69,13 @@ class Undecodable:
 
 
 def _lenient(message_class) -> Callable[[bytes], object]:
-    """Parse requests without letting gRPC answer INTERNAL for bad bytes: hand an Undecodable on instead."""
+    """Parse requests without letting gRPC answer INTERNAL for bad bytes: hand an Undecodable on instead.
+    A weights stream's messages are read by codec.decode_chunk (their tensor bytes are not copied)."""
+    decode = codec.decode_chunk if message_class is pb.WeightsChunk else message_class.FromString
 
     def parse(data: bytes) -> object:
         try:
-            return message_class.FromString(data)
+            return decode(data)
         except (DecodeError, ValueError, RuntimeError) as exc:
             return Undecodable(message_class.DESCRIPTOR.full_name, str(exc) or type(exc).__name__)
 

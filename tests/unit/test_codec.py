@@ -1,6 +1,11 @@
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from weightrelay import codec
 from tests.support import seed_manifest as canonical_manifest
@@ -222,3 +227,100 @@ def test_same_bytes_compares_bits():
     assert codec.same_bytes(a, a.copy())
     assert not codec.same_bytes(a, np.array([-0.0, 1.5, np.inf], dtype=np.float32))  # equal values, other bits
     assert not codec.same_bytes(a, a.astype(np.float64)) and not codec.same_bytes(a, a[:2])
+
+
+def _read(message: codec.StreamMessage) -> tuple:
+    """A StreamMessage as plain values, its pieces' bytes copied (a view and bytes compare alike)."""
+    pieces = tuple((p.name, p.dtype, p.shape, p.offset, bytes(p.data)) for p in message.pieces)
+    return pieces, message.digest
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("chunk", [0, 70_000])
+def test_decode_chunk_reads_what_senders_write_without_copying_the_tensor_bytes(chunk, pack):
+    weights = {name: sample(dtype, shape) for name, dtype, shape in PACKABLE}
+    for message in codec.encode_weight_chunks(weights, chunk, pack=pack):
+        decoded = codec.decode_chunk(message)
+        assert _read(decoded) == _read(codec.stream_message(pb.WeightsChunk.FromString(message)))
+        assert all(isinstance(p.data, memoryview) for p in decoded.pieces if len(p.data))  # the fast path, not protobuf's
+    back, sha = codec.receive_weights(codec.decode_chunk(m) for m in codec.encode_weight_chunks(weights, chunk, pack=pack))
+    assert sha == codec.weights_sha256(weights) and all(back[n].tobytes() == weights[n].tobytes() for n in weights)
+
+
+def test_decode_chunk_reads_protobufs_own_serialization_of_odd_values():
+    tensor = pb.Tensor(name="é.weight", dtype=-3, shape=[-1, 2**62, 0], data=b"\x00\x01")
+    piece = pb.TensorPiece(tensor=tensor, offset=2**64 - 1)
+    for message in (pb.WeightsChunk(piece=piece, pieces=[piece, pb.TensorPiece()]),
+                    pb.WeightsChunk(digest=pb.WeightsDigest(tensor_count=2**32 - 1, total_bytes=2**64 - 1, sha256="ü")),
+                    pb.WeightsChunk()):
+        data = message.SerializeToString()
+        assert _read(codec.decode_chunk(data)) == _read(codec.stream_message(message))
+
+
+def test_bytes_protobuf_reads_another_way_are_read_by_protobuf():
+    """Fields repeated or out of order, unknown fields, a oneof set twice: protobuf's parser decides."""
+    piece = pb.TensorPiece(tensor=pb.Tensor(name="w", dtype=pb.FLOAT32, shape=[1], data=b"abcd"))
+    digest = pb.WeightsChunk(digest=pb.WeightsDigest(tensor_count=1, total_bytes=4, sha256="s")).SerializeToString()
+    as_piece = pb.WeightsChunk(piece=piece).SerializeToString()
+    renamed = pb.WeightsChunk(piece=pb.TensorPiece(tensor=pb.Tensor(name="v"))).SerializeToString()
+    for data in (digest + as_piece, as_piece + digest, as_piece + renamed, b"\x08\x01" + as_piece, as_piece + b"\x2a\x00"):
+        expected = pb.WeightsChunk.FromString(data)
+        assert _read(codec.decode_chunk(data)) == _read(codec.stream_message(expected))
+    with pytest.raises(DecodeError):
+        codec.decode_chunk(as_piece[:-1])
+    with pytest.raises(DecodeError):
+        codec.decode_chunk(pb.WeightsChunk(piece=pb.TensorPiece(tensor=pb.Tensor(name="w"))).SerializeToString().replace(b"w", b"\xff"))
+
+
+TENSOR_PIECES = st.builds(
+    lambda name, dtype, shape, data, offset: pb.TensorPiece(tensor=pb.Tensor(name=name, dtype=dtype, shape=shape, data=data), offset=offset),
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=8), st.integers(-(2**31), 2**31 - 1),
+    st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4), st.binary(max_size=40), st.integers(0, 2**64 - 1))
+DIGESTS = st.builds(pb.WeightsDigest, tensor_count=st.integers(0, 2**32 - 1), total_bytes=st.integers(0, 2**64 - 1),
+                    sha256=st.text(st.characters(blacklist_categories=("Cs",)), max_size=8))
+CHUNKS = st.one_of(
+    st.builds(lambda pieces, piece: pb.WeightsChunk(pieces=pieces, piece=piece), st.lists(TENSOR_PIECES, max_size=3), TENSOR_PIECES),
+    st.builds(lambda pieces, digest: pb.WeightsChunk(pieces=pieces, digest=digest), st.lists(TENSOR_PIECES, max_size=3), DIGESTS),
+    st.builds(lambda pieces: pb.WeightsChunk(pieces=pieces), st.lists(TENSOR_PIECES, max_size=3)),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(CHUNKS, st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255), st.sampled_from(["set", "insert", "delete"])), max_size=3))
+def test_decode_chunk_and_protobuf_read_every_input_alike(message, edits):
+    """Valid messages, and the same with bytes changed, inserted or deleted: decode_chunk gives what protobuf
+    decodes, or fails where protobuf fails."""
+    data = bytearray(message.SerializeToString())
+    for position, value, edit in edits:
+        position %= len(data) + 1
+        if edit == "insert":
+            data.insert(position, value)
+        elif position < len(data):
+            if edit == "set":
+                data[position] = value
+            else:
+                del data[position]
+    data = bytes(data)
+    try:
+        expected = pb.WeightsChunk.FromString(data)
+    except DecodeError:
+        with pytest.raises(DecodeError):
+            codec.decode_chunk(data)
+        return
+    assert _read(codec.decode_chunk(data)) == _read(codec.stream_message(expected))
+
+
+@pytest.mark.parametrize("chunk", [0, 65_537])  # one piece; pieces that split float64 values between them
+def test_non_finite_values_in_pieces_that_split_values_are_found_and_named(chunk):
+    values = {"a": RNG.standard_normal(3 * codec._FINITE_BLOCK // 2), "b": RNG.standard_normal((300, 400)).astype(np.float16)}
+    manifest = {name: codec.TensorSpec.of(name, array) for name, array in values.items()}
+    assert codec.assemble_weights(codec.iter_weight_chunks(values, chunk), manifest).keys() == values.keys()
+    for name, index, flat in (("a", (codec._FINITE_BLOCK + 3,), codec._FINITE_BLOCK + 3), ("b", (299, 399), 300 * 400 - 1)):
+        bad = {n: v.copy() for n, v in values.items()}
+        bad[name].reshape(-1)[flat] = np.inf
+        decoded = [codec.decode_chunk(m) for m in codec.encode_weight_chunks(bad, chunk)]
+        with pytest.raises(codec.TensorError, match=rf"tensor {name}: 1 non-finite value\(s\) \(NaN or Inf\), the first at index \[{', '.join(map(str, index))}\]"):
+            codec.receive_weights(decoded, manifest)
+        digest = codec.StreamMessage((), dataclasses.replace(decoded[-1].digest, sha256="0" * 64))
+        with pytest.raises(codec.TensorError, match="checksum mismatch"):  # a damaged stream is named as such first
+            codec.receive_weights(decoded[:-1] + [digest], manifest)

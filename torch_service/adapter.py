@@ -77,6 +77,12 @@ def _numpy_copies(tensor: torch.Tensor) -> bool:
     return tensor.is_cpu and tensor.dtype != torch.bfloat16 and tensor.numel() * tensor.element_size() < NUMPY_COPY_BYTES
 
 
+#: numpy dtypes whose arrays torch.from_numpy shares, and the torch dtype they become
+_ADOPTABLE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64, np.dtype(np.float16): torch.float16,
+              np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.int8): torch.int8,
+              np.dtype(np.uint8): torch.uint8, np.dtype(np.bool_): torch.bool}
+
+
 class TorchAdapter(FrameworkAdapter):
     framework = "torch"
 
@@ -85,11 +91,13 @@ class TorchAdapter(FrameworkAdapter):
         self.model: SpecModel | None = None
         self.names: tuple[str, ...] = ()
         self._optimizer: torch.optim.SGD | None = None
+        self._parameters: frozenset[str] = frozenset()  # which of the manifest's names are parameters (the rest: buffers)
 
     def build(self, model: ResolvedModel, seed: int) -> None:
         torch.manual_seed(seed)
         built = SpecModel(model).to(self._device)
         self.model, self.names, self._optimizer = built, tuple(model.manifest), None
+        self._parameters = frozenset(name for name, _ in built.named_parameters())
 
     def versions(self) -> tuple[str, str]:
         return torch.__version__, f"cuda {torch.version.cuda}" if self._device.type == "cuda" else "cpu"
@@ -120,6 +128,22 @@ class TorchAdapter(FrameworkAdapter):
                     np.copyto(state[name].numpy(), weights[name])
                 else:
                     state[name].copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
+
+    def adopt_weights(self, weights: WeightSet) -> bool:
+        """The arrays become the parameters' and buffers' storage (torch.from_numpy shares their memory);
+        only on the CPU, and only where every array already has its tensor's dtype and shape."""
+        if self._device.type != "cpu":
+            return False
+        tensors = {name: self.model.get_parameter(name) if name in self._parameters else self.model.get_buffer(name) for name in self.names}
+        for name, tensor in tensors.items():
+            array = weights[name]
+            if (array.dtype not in _ADOPTABLE or not array.dtype.isnative or not array.flags.c_contiguous or not array.flags.writeable
+                    or array.shape != tuple(tensor.shape) or _ADOPTABLE[array.dtype] != tensor.dtype):
+                return False
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                tensor.data = torch.from_numpy(weights[name])
+        return True
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         xs = torch.from_numpy(x).to(self._device)

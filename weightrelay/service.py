@@ -22,7 +22,7 @@ from weightrelay.data import DataError, Dataset, UnknownDataset
 from weightrelay.metrics import evaluate_logits
 from weightrelay.models import ModelSpec, ResolvedModel, SpecError
 from weightrelay.objectives import Objective, parse_objective
-from weightrelay.client import CHANNEL_OPTIONS
+from weightrelay.client import CHANNEL_OPTIONS, WORKER_SERVICE
 from weightrelay.security import ClientSecurity
 from weightrelay.v1 import worker_pb2 as pb
 from weightrelay.v1 import worker_pb2_grpc as pb_grpc
@@ -116,6 +116,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._training = False
         self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
         self.spare = SpareBuffer()  # a set's worth of memory reused by every send and receive
+        self._model_arena: Arena | None = None  # the arena a large received set was adopted from (see _apply)
         self._swap_room = SpareBuffer()  # two sets: the model's before and after a small set is applied (see _apply)
 
     def initialize(self, spec: ModelSpec, seed: int, dataset: str = "", objective: str = "") -> ResolvedModel:
@@ -141,6 +142,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise InitializeError(grpc.StatusCode.INTERNAL, f"building model {resolved.spec.name!r} failed, the previous model was kept: "
                                   f"{type(exc).__name__}: {exc}") from None
         self.model, self.manifest, self.data, self.objective = resolved, resolved.manifest, data, new_objective
+        self._model_arena = None  # the new model has storage of its own
         set_bytes = arena_bytes(resolved.manifest.values())
         self.spare.fit(set_bytes)
         self._swap_room.fit(2 * set_bytes)
@@ -453,27 +455,35 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         finally:
             self.spare.give_back(arena)
 
-    def _receive(self, chunks: Iterator[pb.WeightsChunk]) -> tuple[codec.WeightSet, str, Callable[[], None]]:
-        """A checked set received into the spare buffer; call the returned function once it has been applied."""
+    def _receive(self, chunks: Iterator[codec.StreamMessage]) -> tuple[codec.WeightSet, str, Arena]:
+        """A checked set received into an arena lent by the spare buffer; hand it to _apply_received."""
         arena = self._lend(self.spare)
         try:
             weights, sha = codec.receive_weights(chunks, self.manifest, allocate=arena.array)
         except BaseException:
             self.spare.give_back(arena)
             raise
-        return weights, sha, lambda: self.spare.give_back(arena)
+        return weights, sha, arena
 
-    def SetWeights(self, request_iterator: Iterator[pb.WeightsChunk], context: grpc.ServicerContext) -> pb.SetWeightsReply:
+    def _apply_received(self, weights: codec.WeightSet, sha: str, context: grpc.ServicerContext, received: Arena) -> pb.SetWeightsReply:
+        """_apply, then give the spare buffer the arena that is free: the received one, or the model's
+        previous one where the model took the received arena as its own (see _apply)."""
+        free: Arena | None = received
+        try:
+            reply, free = self._apply(weights, sha, context, received)
+            return reply
+        finally:
+            if free is not None:
+                self.spare.give_back(free)
+
+    def SetWeights(self, request_iterator: Iterator[codec.StreamMessage], context: grpc.ServicerContext) -> pb.SetWeightsReply:
         self._admit(context, "SetWeights")
         try:
             try:
-                weights, expected_sha, done = self._receive(self._idle_guarded(request_iterator, context))
+                weights, expected_sha, received = self._receive(self._idle_guarded(request_iterator, context))
             except codec.TensorError as exc:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            try:
-                return self._apply(weights, expected_sha, context)
-            finally:
-                done()
+            return self._apply_received(weights, expected_sha, context, received)
         finally:
             self._leave()
 
@@ -485,10 +495,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
             chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
             try:
-                stream = pb_grpc.WorkerStub(self._peer(request.address)).GetWeights(pb.GetWeightsRequest(max_chunk_bytes=chunk, pack_pieces=True),
-                                                                                     timeout=_remaining(context))
+                get_weights = self._peer(request.address).unary_stream(
+                    f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString,
+                    response_deserializer=codec.decode_chunk)  # the pieces' bytes are not copied out of the messages
+                stream = get_weights(pb.GetWeightsRequest(max_chunk_bytes=chunk, pack_pieces=True), timeout=_remaining(context))
                 try:
-                    weights, sha, done = self._receive(codec.until_digest(stream))
+                    weights, sha, received = self._receive(codec.until_digest(stream))
                 finally:
                     stream.cancel()  # the digest was the last message: nothing of the stream is left but its end
             except grpc.RpcError as exc:
@@ -498,13 +510,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 abort(context, code, f"pulling from {request.address}: {exc.code().name}: {exc.details()}")
             except codec.TensorError as exc:
                 abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"the weights of {request.address} do not fit this model: {exc}")
-            try:
-                if request.expected_sha256 and sha != request.expected_sha256.lower():
-                    abort(context, grpc.StatusCode.FAILED_PRECONDITION,
-                          f"{request.address} sent sha256 {sha[:12]}..., expected {request.expected_sha256[:12]}...: is that the right worker?")
-                return self._apply(weights, sha, context)
-            finally:
-                done()
+            if request.expected_sha256 and sha != request.expected_sha256.lower():
+                self.spare.give_back(received)
+                abort(context, grpc.StatusCode.FAILED_PRECONDITION,
+                      f"{request.address} sent sha256 {sha[:12]}..., expected {request.expected_sha256[:12]}...: is that the right worker?")
+            return self._apply_received(weights, sha, context, received)
         finally:
             self._leave()
 
@@ -534,8 +544,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         for channel in channels:
             channel.close()
 
-    def _apply(self, weights: codec.WeightSet, expected_sha: str, context: grpc.ServicerContext) -> pb.SetWeightsReply:
-        """Apply a complete, checked set all or nothing."""
+    def _apply(self, weights: codec.WeightSet, expected_sha: str, context: grpc.ServicerContext,
+               received: Arena) -> tuple[pb.SetWeightsReply, Arena | None]:
+        """Apply a complete, checked set all or nothing; also return the arena that is free afterwards.
+
+        A large set (over BACKUP_LIMIT_BYTES) is taken by the model as its own storage where the adapter
+        can (adopt_weights: a PyTorch model on the CPU), instead of copied in: `received` becomes the
+        model's, and the arena the model held before (if any) is the one free. Anything else is copied
+        in (set_weights), and `received` is free again."""
         self._hold_model(context)
         try:
             if set(weights) != set(self.manifest):  # an Initialize changed the model while the set streamed in
@@ -561,6 +577,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     applied = self._snapshot(room)  # its second
 
             try:
+                adopted = not small and self.adapter.adopt_weights(weights)
+            except Exception as exc:  # adapters adopt all or nothing
+                log.exception("adopt_weights failed")
+                abort(context, grpc.StatusCode.INTERNAL, f"applying the weights failed, the previous weights were kept: {exc}")
+            if adopted:
+                self._weights_sha = expected_sha
+                free, self._model_arena = self._model_arena, received
+                log.info("weights set (adopted): sha256 %s", expected_sha[:12])
+                return self._reply(weights, expected_sha), free
+            try:
                 self.adapter.run(swap_in)
                 differ = [name for name in sorted(applied) if not codec.same_bytes(applied[name], weights[name])]
                 if differ:
@@ -583,6 +609,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         finally:
             self._model_lock.release()
         log.info("weights set: sha256 %s", expected_sha[:12])
-        return pb.SetWeightsReply(
-            tensor_count=len(weights), total_bytes=sum(w.nbytes for w in weights.values()), sha256=expected_sha
-        )
+        return self._reply(weights, expected_sha), received
+
+    @staticmethod
+    def _reply(weights: codec.WeightSet, sha: str) -> pb.SetWeightsReply:
+        return pb.SetWeightsReply(tensor_count=len(weights), total_bytes=sum(w.nbytes for w in weights.values()), sha256=sha)

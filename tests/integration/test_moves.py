@@ -121,3 +121,45 @@ def test_coordinator_move_prints_the_measurement(moved_pair):
     plain = subprocess.run([sys.executable, "-m", "coordinator", "move", "--from", sender.address, "--to", receiver.address, "--via-coordinator"],
                            capture_output=True, text=True, timeout=120, cwd=REPO)
     assert plain.returncode == 0 and "by forward" in plain.stdout and "checksum matches" in plain.stdout
+
+
+#: 92 MB of float32 weights: over the service's BACKUP_LIMIT_BYTES, so moved the way large sets are
+LARGE = "mlp:8192,2048"
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[n].tobytes() == b[n].tobytes() for n in a)
+
+
+def test_large_sets_land_exactly_and_train_on_in_every_direction(torch_worker, jax_worker, start_worker):
+    """A PyTorch worker on the CPU takes a large received set as its model's own memory instead of copying
+    it in (adopt_weights), and its previous memory becomes its spare: after several moves each way, with
+    training between them and a refused pull among them, every model holds exactly what was sent to it.
+    A JAX worker (which copies) sends and takes the same sets."""
+    other = start_worker("torch")
+    workers = [torch_worker.client, other.client, jax_worker.client]
+    try:
+        for seed, client in enumerate(workers, 1):
+            client.initialize(LARGE, seed=seed)
+        first, second, jax = workers
+        for turn in range(3):  # each PyTorch worker adopts three sets, handing arenas back and forth
+            for sender, receiver in ((first, second), (second, first)):
+                sender.train_to_end(pb.TrainRequest(max_steps=2, batch_size=32, learning_rate=0.05, seed=turn))
+                sent = sender.get_weights()
+                assert move(sender, receiver, via_coordinator=turn == 1, timeout=120).sha256 == sender.describe().weights_sha256
+                assert _same(receiver.get_weights(), sent)
+        held = first.get_weights()
+        with pytest.raises(grpc.RpcError) as info:  # received into the spare, refused: the model keeps its memory
+            first.stub.PullWeights(pb.PullWeightsRequest(address=jax_worker.address, expected_sha256="0" * 64), timeout=120)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert _same(first.get_weights(), held)
+        first.train_to_end(pb.TrainRequest(max_steps=2, batch_size=32, learning_rate=0.05, seed=7))  # trains the adopted memory
+        assert not _same(first.get_weights(), held)
+        for sender, receiver in ((first, jax), (jax, second)):
+            sent = sender.get_weights()
+            assert move(sender, receiver, timeout=120).sha256 == sender.describe().weights_sha256
+            assert _same(receiver.get_weights(), sent)
+    finally:
+        other.stop()
+        for client in (torch_worker.client, jax_worker.client):
+            client.initialize("mlp", 0, "mnist", "")

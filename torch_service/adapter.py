@@ -129,6 +129,15 @@ class TorchAdapter(FrameworkAdapter):
                 else:
                     state[name].copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
 
+    def thread_free(self, operation: str, *args) -> bool:
+        """Pointer swaps, and copies numpy makes (small tensors on the CPU): no OpenMP team is woken."""
+        if operation == "adopt_weights":
+            return True
+        if operation in ("read_weights", "set_weights") and self.model is not None:
+            state = self.model.state_dict()
+            return all(_numpy_copies(state[name]) for name in self.names)
+        return False
+
     def adopt_weights(self, weights: WeightSet) -> bool:
         """The arrays become the parameters' and buffers' storage (torch.from_numpy shares their memory);
         only on the CPU, and only where every array already has its tensor's dtype and shape."""

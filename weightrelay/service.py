@@ -548,10 +548,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                received: Arena) -> tuple[pb.SetWeightsReply, Arena | None]:
         """Apply a complete, checked set all or nothing; also return the arena that is free afterwards.
 
-        A large set (over BACKUP_LIMIT_BYTES) is taken by the model as its own storage where the adapter
-        can (adopt_weights: a PyTorch model on the CPU), instead of copied in: `received` becomes the
-        model's, and the arena the model held before (if any) is the one free. Anything else is copied
-        in (set_weights), and `received` is free again."""
+        Where the adapter can (adopt_weights: a PyTorch model on the CPU), the model takes the set as
+        its own memory instead of a copy: `received` becomes the model's, and the arena the model held
+        before (if any) is the one free; nothing needs a backup, nothing can differ from what was
+        checked. Otherwise the set is copied in (set_weights), and `received` is free again: a small
+        set (up to BACKUP_LIMIT_BYTES) with the model's weights saved first, restored if that fails,
+        and read back to compare."""
         self._hold_model(context)
         try:
             if set(weights) != set(self.manifest):  # an Initialize changed the model while the set streamed in
@@ -563,6 +565,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     abort(context, grpc.StatusCode.FAILED_PRECONDITION, f"the model was re-initialized while the weights arrived: {exc}")
             if not context.is_active():  # cancelled (or past its deadline) after the digest: the caller was told so, apply nothing
                 abort(context, grpc.StatusCode.CANCELLED, "the call ended before the weights were applied; nothing was applied")
+            try:
+                adopted = self.adapter.adopt_weights(weights)
+            except Exception as exc:  # adapters adopt all or nothing
+                log.exception("adopt_weights failed")
+                abort(context, grpc.StatusCode.INTERNAL, f"applying the weights failed, the previous weights were kept: {exc}")
+            if adopted:
+                self._weights_sha = expected_sha
+                free, self._model_arena = self._model_arena, received
+                log.info("weights set (adopted): sha256 %s", expected_sha[:12])
+                return self._reply(weights, expected_sha), free
             small = sum(w.nbytes for w in weights.values()) <= BACKUP_LIMIT_BYTES
             room = self._lend(self._swap_room, sets=2) if small else None
             previous: codec.WeightSet | None = None
@@ -576,16 +588,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 if room is not None:
                     applied = self._snapshot(room)  # its second
 
-            try:
-                adopted = not small and self.adapter.adopt_weights(weights)
-            except Exception as exc:  # adapters adopt all or nothing
-                log.exception("adopt_weights failed")
-                abort(context, grpc.StatusCode.INTERNAL, f"applying the weights failed, the previous weights were kept: {exc}")
-            if adopted:
-                self._weights_sha = expected_sha
-                free, self._model_arena = self._model_arena, received
-                log.info("weights set (adopted): sha256 %s", expected_sha[:12])
-                return self._reply(weights, expected_sha), free
             try:
                 self.adapter.run(swap_in)
                 differ = [name for name in sorted(applied) if not codec.same_bytes(applied[name], weights[name])]

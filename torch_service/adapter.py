@@ -131,12 +131,22 @@ class TorchAdapter(FrameworkAdapter):
 
     def thread_free(self, operation: str, *args) -> bool:
         """Pointer swaps, and copies numpy makes (small tensors on the CPU): no OpenMP team is woken."""
-        if operation == "adopt_weights":
+        if operation in ("adopt_weights", "weight_views"):
             return True
         if operation in ("read_weights", "set_weights") and self.model is not None:
             state = self.model.state_dict()
             return all(_numpy_copies(state[name]) for name in self.names)
         return False
+
+    def weight_views(self) -> WeightSet | None:
+        """numpy views of the parameters and buffers (the canonical layout is PyTorch's), on the CPU."""
+        if self._device.type != "cpu":
+            return None
+        state = self.model.state_dict()
+        tensors = [state[name] for name in self.names]
+        if any(t.dtype == torch.bfloat16 or not t.is_contiguous() for t in tensors):
+            return None
+        return {name: tensor.numpy() for name, tensor in zip(self.names, tensors)}
 
     def adopt_weights(self, weights: WeightSet) -> bool:
         """The arrays become the parameters' and buffers' storage (torch.from_numpy shares their memory);

@@ -205,7 +205,7 @@ class ModelThread:
     rest (names, versions, the device) is read directly, so Describe still answers during training.
     """
 
-    OPERATIONS = frozenset({"build", "get_weights", "read_weights", "set_weights", "adopt_weights", "train", "predict_logits"})
+    OPERATIONS = frozenset({"build", "get_weights", "read_weights", "set_weights", "adopt_weights", "weight_views", "train", "predict_logits"})
 
     def __init__(self, adapter: "FrameworkAdapter"):
         self._adapter = adapter
@@ -298,6 +298,12 @@ class FrameworkAdapter(abc.ABC):
         worker calls model operations only while it holds the model, so nothing else runs on it then.
         This default: none."""
         return False
+
+    def weight_views(self) -> WeightSet | None:
+        """The manifest's tensors as arrays that share the model's memory (canonical layout, little-endian),
+        or None (this default) where the framework has no such view. The worker streams large sets from
+        them while it holds the model (service.DirectRead), instead of from a snapshot."""
+        return None
 
     def adopt_weights(self, weights: WeightSet) -> bool:
         """Make `weights`' arrays the model's own storage instead of copying them, and return True; or

@@ -195,7 +195,9 @@ def _chunk_bytes(max_chunk_bytes: int) -> int:
 
 def _pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> Iterator[tuple[str, TensorSpec, int, memoryview]]:
     """(name, spec, offset, bytes) of each piece of a weights stream: tensors in name order, each in
-    pieces of at most `max_chunk_bytes` (0: MAX_CHUNK_BYTES); an empty tensor is one empty piece."""
+    pieces of at most `max_chunk_bytes` (0: MAX_CHUNK_BYTES); an empty tensor is one empty piece.
+    Each piece is cut from what `weights[name]` is when the piece is made (a worker's direct read
+    swaps the model's memory for a copy mid-stream; see service.DirectRead)."""
     chunk = _chunk_bytes(max_chunk_bytes)
     for name in sorted(weights):
         array = weights[name]
@@ -203,6 +205,9 @@ def _pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> Iterator
         data = _le_view(array)
         offset = 0
         while True:
+            if weights[name] is not array:
+                array = weights[name]
+                data = _le_view(array)
             piece = data[offset : offset + chunk]
             yield name, spec, offset, piece
             offset += len(piece)

@@ -51,6 +51,9 @@ BACKUP_LIMIT_BYTES = 64 * 1024 * 1024
 PEER_OPTIONS = [option for option in CHANNEL_OPTIONS if option[0] not in ("grpc.service_config", "grpc.enable_retries")] + [("grpc.enable_retries", 0)]
 #: Open channels to peers kept by PullWeights (the least recently used is closed first).
 MAX_PEERS = 8
+#: Sets at least this large are streamed straight from the model's memory where the adapter offers it
+#: (FrameworkAdapter.weight_views) instead of from a snapshot; see DirectRead.
+DIRECT_READ_BYTES = 64 * 1024 * 1024
 _DONE = object()
 
 
@@ -89,6 +92,49 @@ class InitializeError(Exception):
         self.code = code
 
 
+class DirectRead:
+    """A GetWeights stream read straight from the model's memory, holding the model meanwhile.
+
+    A snapshot first (as smaller sets go) copies the whole set before its first byte goes out: 70 ms
+    and a sixth of the sender's CPU time in a 1.1 s move of 1 GiB here. Read directly, the model stays
+    held until the stream ends; so that a slow reader cannot keep it, a call that waits for the model
+    `detach`es the read first: the set is copied into a snapshot, the stream goes on from the copy,
+    and the model is let go. Either way the stream carries the weights as they were when it started.
+    """
+
+    def __init__(self, views: codec.WeightSet, let_go: Callable[[], None]):
+        self._lock = threading.Lock()  # a message is made, or the reading detached, never both at once
+        self.arrays = dict(views)  # what the stream reads: the model's memory, after a detach its copy
+        self.arena: Arena | None = None  # the copy's, after a detach
+        self._let_go = let_go
+        self._holding = True
+
+    def messages(self, encoded: Iterator[bytes]) -> Iterator[bytes]:
+        """The messages of `encoded` (made from self.arrays, unpacked: each piece cut as its message is made)."""
+        while True:
+            with self._lock:
+                message = next(encoded, None)
+            if message is None:
+                return
+            yield message
+
+    def detach(self, snapshot: Callable[[], tuple[Arena, codec.WeightSet]]) -> None:
+        """Go on from a copy (`snapshot()`: an arena and the model's weights in it) and let the model go."""
+        with self._lock:
+            if self._holding:
+                self.arena, copies = snapshot()
+                self.arrays.update(copies)
+                self._holding = False
+                self._let_go()
+
+    def finish(self) -> None:
+        """The stream ended (or was cancelled): let the model go, if not done yet."""
+        with self._lock:
+            if self._holding:
+                self._holding = False
+                self._let_go()
+
+
 class WorkerServicer(pb_grpc.WorkerServicer):
     """Serves one adapter's model. One model operation runs at a time; Train holds the model
     for its whole run, and other model calls meanwhile get FAILED_PRECONDITION instead of
@@ -117,6 +163,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
         self.spare = SpareBuffer()  # a set's worth of memory reused by every send and receive
         self._model_arena: Arena | None = None  # the arena a large received set was adopted from (see _apply)
+        self._direct_read: DirectRead | None = None  # a GetWeights reading the model's memory (see _hold_model)
         self._swap_room = SpareBuffer()  # two sets: the model's before and after a small set is applied (see _apply)
 
     def initialize(self, spec: ModelSpec, seed: int, dataset: str = "", objective: str = "") -> ResolvedModel:
@@ -162,6 +209,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.adapter.read_weights(weights)
         return weights
 
+    def _detached_snapshot(self) -> tuple[Arena, codec.WeightSet]:
+        arena = self._lend(self.spare)
+        return arena, self._snapshot(arena)
+
     def _model_sha(self) -> str:
         """The checksum of what the model holds, read through the spare buffer."""
         arena = self._lend(self.spare)
@@ -195,8 +246,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def _hold_model(self, context: grpc.ServicerContext) -> None:
         """Take the model for a short call: wait while another short call holds it, refuse while training,
-        and give up when the caller has gone (cancelled, deadline passed)."""
-        while not self._model_lock.acquire(timeout=0.05):
+        and give up when the caller has gone (cancelled, deadline passed). A GetWeights that reads the
+        model's memory directly is detached from it first (DirectRead)."""
+        while not self._model_lock.acquire(blocking=False):
+            reader = self._direct_read
+            if reader is not None:
+                reader.detach(self._detached_snapshot)
+            if self._model_lock.acquire(timeout=0.05):
+                return
             if self._training:
                 abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
             if not context.is_active():
@@ -433,16 +490,21 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def GetWeights(self, request: pb.GetWeightsRequest, context: grpc.ServicerContext) -> Iterator[pb.WeightsChunk]:
         self._admit(context, "GetWeights")
-        arena = None
+        arena = direct = None
         try:
             self._hold_model(context)
             try:
-                # A snapshot into the spare buffer: the model is free again while the stream goes out.
-                arena = self._lend(self.spare)
-                weights = self._snapshot(arena)
                 sha = self._weights_sha
+                views = self.adapter.weight_views() if arena_bytes(self.manifest.values()) >= DIRECT_READ_BYTES else None
+                if views is not None:
+                    direct = self._direct_read = DirectRead(views, self._model_lock.release)
+                    weights = direct.arrays
+                else:  # a snapshot into the spare buffer: the model is free again while the stream goes out
+                    arena = self._lend(self.spare)
+                    weights = self._snapshot(arena)
             finally:
-                self._model_lock.release()
+                if direct is None:
+                    self._model_lock.release()
         except BaseException:
             if arena is not None:
                 self.spare.give_back(arena)
@@ -450,10 +512,19 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         finally:
             self._leave()
         chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
-        try:
-            yield from codec.encode_weight_chunks(weights, chunk, sha256=sha, pack=request.pack_pieces)  # serialized already (see server.py)
+        try:  # serialized already (see server.py)
+            if direct is None:
+                yield from codec.encode_weight_chunks(weights, chunk, sha256=sha, pack=request.pack_pieces)
+            else:  # a large set's pieces fill messages alone: packing would gain nothing
+                yield from direct.messages(codec.encode_weight_chunks(weights, chunk, sha256=sha))
         finally:
-            self.spare.give_back(arena)
+            if direct is not None:
+                direct.finish()
+                arena = direct.arena
+                if self._direct_read is direct:
+                    self._direct_read = None
+            if arena is not None:
+                self.spare.give_back(arena)
 
     def _receive(self, chunks: Iterator[codec.StreamMessage]) -> tuple[codec.WeightSet, str, Arena]:
         """A checked set received into an arena lent by the spare buffer; hand it to _apply_received."""

@@ -12,6 +12,7 @@ import pytest
 
 from coordinator.moves import forward, move
 from tests.support import REPO, free_port
+from weightrelay import codec
 from weightrelay.client import WorkerClient
 from weightrelay.v1 import worker_pb2 as pb
 
@@ -163,3 +164,37 @@ def test_large_sets_land_exactly_and_train_on_in_every_direction(torch_worker, j
         other.stop()
         for client in (torch_worker.client, jax_worker.client):
             client.initialize("mlp", 0, "mnist", "")
+
+
+def test_a_large_set_read_slowly_leaves_the_model_to_other_calls_and_arrives_as_it_was(torch_worker, start_worker):
+    """A large set streams straight from a PyTorch model's memory (service.DirectRead) while the model is
+    held; a call that wants the model meanwhile (a SetWeights, a Train, a second GetWeights) gets it
+    without waiting for the slow reader, and the reader still receives the weights of when it started."""
+    other = start_worker("torch")
+    worker = torch_worker.client
+    try:
+        worker.initialize(LARGE, seed=1)
+        other.client.initialize(LARGE, seed=2)
+        before, replacement = worker.get_weights(), other.client.get_weights()
+        expected = worker.describe().weights_sha256
+        for interrupt in ("set", "train", "get", "cancel"):
+            worker.initialize(LARGE, seed=1)
+            slow = worker.stub.GetWeights(pb.GetWeightsRequest(), timeout=120)
+            first = next(slow)  # the rest waits in gRPC's buffers and the server's generator
+            if interrupt == "set":
+                assert worker.set_weights(replacement, timeout=30).sha256 == other.client.describe().weights_sha256
+                assert _same(worker.get_weights(), replacement)
+            elif interrupt == "train":
+                worker.train_to_end(pb.TrainRequest(max_steps=1, batch_size=32, learning_rate=0.05), timeout=60)
+                assert not _same(worker.get_weights(), before)
+            elif interrupt == "get":
+                assert _same(worker.get_weights(timeout=60), before)
+            else:
+                slow.cancel()
+                assert worker.set_weights(replacement, timeout=30).sha256 == other.client.describe().weights_sha256
+                continue
+            arrived, sha = codec.receive_weights([first, *slow])
+            assert sha == expected and _same(arrived, before)
+    finally:
+        other.stop()
+        worker.initialize("mlp", 0, "mnist", "")

@@ -94,13 +94,16 @@ def dtype_to_proto(name: str) -> int:
     return pb.DType.Value(name.upper())
 
 
+_DTYPE_NAMES = {value: name.lower() for name, value in pb.DType.items() if value != pb.DTYPE_UNSPECIFIED}
+
+
 def dtype_from_proto(value: int, tensor_name: str = "?") -> str:
-    if value == pb.DTYPE_UNSPECIFIED or value not in pb.DType.values():
+    if value not in _DTYPE_NAMES:
         raise TensorError(
             f"tensor {tensor_name}: dtype {value} is not set or unknown; "
             f"use one of {', '.join(n.upper() for n in SUPPORTED_DTYPES)}"
         )
-    return pb.DType.Name(value).lower()
+    return _DTYPE_NAMES[value]
 
 
 def storage_dtype(name: str) -> np.dtype:

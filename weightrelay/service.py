@@ -162,7 +162,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._training = False
         self._weights_sha = ""  # kept current by Initialize, Train and SetWeights
         self.spare = SpareBuffer()  # a set's worth of memory reused by every send and receive
-        self._model_arena: Arena | None = None  # the arena a large received set was adopted from (see _apply)
+        self._model_arena: Arena | None = None  # the arena of the received set the model adopted last (see _apply)
         self._direct_read: DirectRead | None = None  # a GetWeights reading the model's memory (see _hold_model)
         self._swap_room = SpareBuffer()  # two sets: the model's before and after a small set is applied (see _apply)
 

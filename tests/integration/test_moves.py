@@ -124,7 +124,7 @@ def test_coordinator_move_prints_the_measurement(moved_pair):
     assert plain.returncode == 0 and "by forward" in plain.stdout and "checksum matches" in plain.stdout
 
 
-#: 92 MB of float32 weights: over the service's BACKUP_LIMIT_BYTES, so moved the way large sets are
+#: 92 MB of float32 weights: over the service's BACKUP_LIMIT_BYTES and DIRECT_READ_BYTES, so moved the way large sets are
 LARGE = "mlp:8192,2048"
 
 

@@ -96,7 +96,7 @@ class DirectRead:
     """A GetWeights stream read straight from the model's memory, holding the model meanwhile.
 
     A snapshot first (as smaller sets go) copies the whole set before its first byte goes out: 70 ms
-    and a sixth of the sender's CPU time in a 1.1 s move of 1 GiB here. Read directly, the model stays
+    and a third of the sender's CPU time in a 1.1 s move of 1 GiB here. Read directly, the model stays
     held until the stream ends; so that a slow reader cannot keep it, a call that waits for the model
     `detach`es the read first: the set is copied into a snapshot, the stream goes on from the copy,
     and the model is let go. Either way the stream carries the weights as they were when it started.

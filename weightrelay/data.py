@@ -211,7 +211,8 @@ def download_files(spec: DatasetSpec, data_dir: Path, names: list[str], timeout:
                 write_atomic(data_dir / name, payload)
                 break
             else:
-                raise DataError(_missing_message(spec, data_dir, [name], "download failed: " + "; ".join(errors)))
+                stem = name.removesuffix(".gz") if spec.format == "idx" else name  # the message names IDX files by stem + .gz
+                raise DataError(_missing_message(spec, data_dir, [stem], "download failed: " + "; ".join(errors)))
 
 
 @dataclass

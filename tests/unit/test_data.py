@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import hashlib
 
@@ -10,6 +11,7 @@ from weightrelay.data import (
     FILES,
     DataError,
     default_data_dir,
+    download_files,
     fingerprint,
     load_dataset,
     load_mnist,
@@ -88,6 +90,15 @@ def test_missing_files_name_the_directory_and_the_files(tmp_path):
     assert str(tmp_path) in message
     for stem in FILES.values():
         assert f"{stem}.gz" in message
+
+
+def test_a_failed_download_names_the_file_it_could_not_fetch(tmp_path):
+    unreachable = dataclasses.replace(DATASETS["mnist"], mirrors=((tmp_path / "no-mirror").as_uri() + "/",))
+    name = f"{FILES['train_images']}.gz"
+    with pytest.raises(DataError) as info:
+        download_files(unreachable, tmp_path / "mnist", [name])
+    message = str(info.value)
+    assert f"lacks {name} (download failed: " in message and ".gz.gz" not in message
 
 
 def test_preprocess_is_float32_nchw_per_channel():

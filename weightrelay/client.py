@@ -54,6 +54,13 @@ CHANNEL_OPTIONS = [
 CLIENT_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.bdp_probe", 0)]
 
 
+def decoded_get_weights(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable:
+    """GetWeights on `channel`, its messages read by codec.decode_chunk (the tensor bytes are not copied);
+    built once per channel (by a client, by a worker for each peer it pulls from)."""
+    return channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString,
+                                response_deserializer=codec.decode_chunk)
+
+
 class WorkerClient:
     """`timeout` is the default deadline (seconds) of each call; None waits as long as it takes."""
 
@@ -67,8 +74,7 @@ class WorkerClient:
         # GetWeights and SetWeights as wire bytes, never decoded (see get/set_weights_serialized)
         self._get_raw = self.channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString)
         self._set_raw = self.channel.stream_unary(f"/{WORKER_SERVICE}/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
-        self._get_decoded = self.channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString,
-                                                      response_deserializer=codec.decode_chunk)  # no copies of the tensor bytes
+        self._get_decoded = decoded_get_weights(self.channel)
 
     def __enter__(self) -> "WorkerClient":
         return self

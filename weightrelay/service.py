@@ -22,7 +22,7 @@ from weightrelay.data import DataError, Dataset, UnknownDataset
 from weightrelay.metrics import evaluate_logits
 from weightrelay.models import ModelSpec, ResolvedModel, SpecError
 from weightrelay.objectives import Objective, parse_objective
-from weightrelay.client import CHANNEL_OPTIONS, WORKER_SERVICE
+from weightrelay.client import CHANNEL_OPTIONS, decoded_get_weights
 from weightrelay.security import ClientSecurity
 from weightrelay.v1 import worker_pb2 as pb
 from weightrelay.v1 import worker_pb2_grpc as pb_grpc
@@ -92,6 +92,14 @@ class InitializeError(Exception):
         self.code = code
 
 
+@dataclasses.dataclass(frozen=True)
+class _Peer:
+    """A kept channel to a peer, with its GetWeights call built once (client.decoded_get_weights)."""
+
+    channel: grpc.Channel
+    get_weights: grpc.UnaryStreamMultiCallable
+
+
 class DirectRead:
     """A GetWeights stream read straight from the model's memory, holding the model meanwhile.
 
@@ -156,7 +164,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self._model_lock = threading.Lock()
         self._admission = threading.BoundedSemaphore(MAX_MODEL_CALLS)
         self.peer_security: ClientSecurity = ClientSecurity()  # how PullWeights reaches a peer
-        self._peers: dict[str, grpc.Channel] = {}  # open channels to the peers pulled from (see _peer)
+        self._peers: dict[str, _Peer] = {}  # open channels to the peers pulled from (see _peer)
         self._peers_lock = threading.Lock()
         self.stream_idle_seconds = STREAM_IDLE_SECONDS
         self._training = False
@@ -566,9 +574,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 abort(context, grpc.StatusCode.FAILED_PRECONDITION, "the worker is training; call again when its Train stream has ended")
             chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
             try:
-                get_weights = self._peer(request.address).unary_stream(
-                    f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString,
-                    response_deserializer=codec.decode_chunk)  # the pieces' bytes are not copied out of the messages
+                get_weights = self._peer(request.address).get_weights
                 stream = get_weights(pb.GetWeightsRequest(max_chunk_bytes=chunk, pack_pieces=True), timeout=_remaining(context))
                 try:
                     weights, sha, received = self._receive(codec.until_digest(stream))
@@ -589,31 +595,32 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         finally:
             self._leave()
 
-    def _peer(self, address: str) -> grpc.Channel:
+    def _peer(self, address: str) -> _Peer:
         """The channel to a peer, kept open between pulls: a relay pulls from the same few peers every round,
         and a new channel costs a connection and starts again from gRPC's smallest flow-control window,
         which its BDP probing widens as data comes. At most MAX_PEERS are kept."""
         with self._peers_lock:
-            channel = self._peers.pop(address, None)
-            if channel is None:
+            peer = self._peers.pop(address, None)
+            if peer is None:
                 channel = self.peer_security.channel(address, PEER_OPTIONS)
-            self._peers[address] = channel  # the most recently used last
+                peer = _Peer(channel, decoded_get_weights(channel))
+            self._peers[address] = peer  # the most recently used last
             while len(self._peers) > MAX_PEERS:
-                self._peers.pop(next(iter(self._peers))).close()
-            return channel
+                self._peers.pop(next(iter(self._peers))).channel.close()
+            return peer
 
     def _drop_peer(self, address: str) -> None:
         with self._peers_lock:
-            channel = self._peers.pop(address, None)
-        if channel is not None:
-            channel.close()
+            peer = self._peers.pop(address, None)
+        if peer is not None:
+            peer.channel.close()
 
     def close(self) -> None:
         """Close the channels to peers (the server has stopped)."""
         with self._peers_lock:
-            channels, self._peers = list(self._peers.values()), {}
-        for channel in channels:
-            channel.close()
+            peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            peer.channel.close()
 
     def _apply(self, weights: codec.WeightSet, expected_sha: str, context: grpc.ServicerContext,
                received: Arena) -> tuple[pb.SetWeightsReply, Arena | None]:

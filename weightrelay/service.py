@@ -217,15 +217,20 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.adapter.read_weights(weights)
         return weights
 
-    def _detached_snapshot(self) -> tuple[Arena, codec.WeightSet]:
+    def _lent_snapshot(self) -> tuple[Arena, codec.WeightSet]:
+        """The model's weights copied into an arena lent by the spare buffer (give it back there)."""
         arena = self._lend(self.spare)
-        return arena, self._snapshot(arena)
+        try:
+            return arena, self._snapshot(arena)
+        except BaseException:
+            self.spare.give_back(arena)
+            raise
 
     def _model_sha(self) -> str:
         """The checksum of what the model holds, read through the spare buffer."""
-        arena = self._lend(self.spare)
+        arena, weights = self._lent_snapshot()
         try:
-            return codec.weights_sha256(self._snapshot(arena))
+            return codec.weights_sha256(weights)
         finally:
             self.spare.give_back(arena)
 
@@ -259,7 +264,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         while not self._model_lock.acquire(blocking=False):
             reader = self._direct_read
             if reader is not None:
-                reader.detach(self._detached_snapshot)
+                reader.detach(self._lent_snapshot)
             if self._model_lock.acquire(timeout=0.05):
                 return
             if self._training:
@@ -508,15 +513,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                     direct = self._direct_read = DirectRead(views, self._model_lock.release)
                     weights = direct.arrays
                 else:  # a snapshot into the spare buffer: the model is free again while the stream goes out
-                    arena = self._lend(self.spare)
-                    weights = self._snapshot(arena)
+                    arena, weights = self._lent_snapshot()
             finally:
                 if direct is None:
                     self._model_lock.release()
-        except BaseException:
-            if arena is not None:
-                self.spare.give_back(arena)
-            raise
         finally:
             self._leave()
         chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)

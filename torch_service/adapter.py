@@ -91,13 +91,11 @@ class TorchAdapter(FrameworkAdapter):
         self.model: SpecModel | None = None
         self.names: tuple[str, ...] = ()
         self._optimizer: torch.optim.SGD | None = None
-        self._parameters: frozenset[str] = frozenset()  # which of the manifest's names are parameters (the rest: buffers)
 
     def build(self, model: ResolvedModel, seed: int) -> None:
         torch.manual_seed(seed)
         built = SpecModel(model).to(self._device)
         self.model, self.names, self._optimizer = built, tuple(model.manifest), None
-        self._parameters = frozenset(name for name, _ in built.named_parameters())
 
     def versions(self) -> tuple[str, str]:
         return torch.__version__, f"cuda {torch.version.cuda}" if self._device.type == "cuda" else "cpu"
@@ -153,7 +151,8 @@ class TorchAdapter(FrameworkAdapter):
         only on the CPU, and only where every array already has its tensor's dtype and shape."""
         if self._device.type != "cpu":
             return False
-        tensors = {name: self.model.get_parameter(name) if name in self._parameters else self.model.get_buffer(name) for name in self.names}
+        owned = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}  # the tensors themselves, not state_dict's aliases
+        tensors = {name: owned[name] for name in self.names}
         for name, tensor in tensors.items():
             array = weights[name]
             if (array.dtype not in _ADOPTABLE or not array.dtype.isnative or not array.flags.c_contiguous or not array.flags.writeable

@@ -257,16 +257,24 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _length_key(field: int) -> bytes:
-    return _varint(field << 3 | 2)  # wire type 2: length-delimited
+def _field_numbers(message, *names: str) -> tuple[int, ...]:
+    return tuple(message.DESCRIPTOR.fields_by_name[name].number for name in names)
 
 
-_PIECE_KEY = _length_key(pb.WeightsChunk.DESCRIPTOR.fields_by_name["piece"].number)
-_PIECES_KEY = _length_key(pb.WeightsChunk.DESCRIPTOR.fields_by_name["pieces"].number)
-_DIGEST_KEY = _length_key(pb.WeightsChunk.DESCRIPTOR.fields_by_name["digest"].number)
-_TENSOR_KEY = _length_key(pb.TensorPiece.DESCRIPTOR.fields_by_name["tensor"].number)
-_DATA_KEY = _length_key(pb.Tensor.DESCRIPTOR.fields_by_name["data"].number)
-_OFFSET_KEY = _varint(pb.TensorPiece.DESCRIPTOR.fields_by_name["offset"].number << 3)  # wire type 0: varint
+# The weights stream's field numbers, from the contract: written by encode_weight_chunks, read by decode_chunk.
+_CHUNK_PIECE, _CHUNK_DIGEST, _CHUNK_PIECES = _field_numbers(pb.WeightsChunk, "piece", "digest", "pieces")
+_PIECE_TENSOR, _PIECE_OFFSET = _field_numbers(pb.TensorPiece, "tensor", "offset")
+_TENSOR_NAME, _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA = _field_numbers(pb.Tensor, "name", "dtype", "shape", "data")
+_DIGEST_COUNT, _DIGEST_BYTES, _DIGEST_SHA = _field_numbers(pb.WeightsDigest, "tensor_count", "total_bytes", "sha256")
+_VARINT, _LENGTH = 0, 2  # wire types
+
+
+def _key(field: int, wire: int) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+_PIECE_KEY, _PIECES_KEY, _DIGEST_KEY = (_key(field, _LENGTH) for field in (_CHUNK_PIECE, _CHUNK_PIECES, _CHUNK_DIGEST))
+_TENSOR_KEY, _DATA_KEY, _OFFSET_KEY = _key(_PIECE_TENSOR, _LENGTH), _key(_TENSOR_DATA, _LENGTH), _key(_PIECE_OFFSET, _VARINT)
 
 
 def holds_digest(message: bytes) -> bool:
@@ -340,16 +348,7 @@ class _NotFastPath(Exception):
     """Bytes decode_chunk leaves to protobuf's parser."""
 
 
-def _field_numbers(message, *names: str) -> tuple[int, ...]:
-    return tuple(message.DESCRIPTOR.fields_by_name[name].number for name in names)
-
-
-_CHUNK_PIECE, _CHUNK_DIGEST, _CHUNK_PIECES = _field_numbers(pb.WeightsChunk, "piece", "digest", "pieces")
-_PIECE_TENSOR, _PIECE_OFFSET = _field_numbers(pb.TensorPiece, "tensor", "offset")
-_TENSOR_NAME, _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA = _field_numbers(pb.Tensor, "name", "dtype", "shape", "data")
-_DIGEST_COUNT, _DIGEST_BYTES, _DIGEST_SHA = _field_numbers(pb.WeightsDigest, "tensor_count", "total_bytes", "sha256")
-_VARINT, _LENGTH = 0, 2  # wire types
-# field number -> wire type, per message
+# field number -> wire type, per message (decode_chunk)
 _CHUNK_LAYOUT = {_CHUNK_PIECE: _LENGTH, _CHUNK_DIGEST: _LENGTH, _CHUNK_PIECES: _LENGTH}
 _PIECE_LAYOUT = {_PIECE_TENSOR: _LENGTH, _PIECE_OFFSET: _VARINT}
 _TENSOR_LAYOUT = {_TENSOR_NAME: _LENGTH, _TENSOR_DTYPE: _VARINT, _TENSOR_SHAPE: _LENGTH, _TENSOR_DATA: _LENGTH}

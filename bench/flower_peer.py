@@ -3,16 +3,18 @@
 Run by the Flower virtual environment's interpreter (flwr pins an older protobuf than this
 project, so this file imports nothing from it): `python flower_peer.py DIR` loads the arrays
 DIR/*.npy (the sender's set, saved by bench.transfer), starts a receiver process, and times
-moves the way Flower moves parameters (`python flower_peer.py DIR [REPEATS]`, the best reported): `ndarrays_to_parameters` and `parameters_to_proto` on the
-sender, one unary gRPC message (message size limits lifted), `parameters_from_proto` and
-`parameters_to_ndarrays` on the receiver, which then answers. Prints one JSON line: seconds,
-bytes, GB/s and the receiver's peak RSS, or the error that stopped the move.
+moves the way Flower moves parameters (`python flower_peer.py DIR [REPEATS]`): `ndarrays_to_parameters`
+and `parameters_to_proto` on the sender, one unary gRPC message (message size limits lifted),
+`parameters_from_proto` and `parameters_to_ndarrays` on the receiver, which then answers. Prints one
+JSON line: the fastest move's seconds, bytes, GB/s and the receiver's peak RSS, and the median
+seconds of all moves; or the error that stopped the move.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -56,7 +58,7 @@ def serve() -> None:
 
 
 def send(directory: Path, repeats: int) -> dict:
-    """The best of `repeats` moves over one connection (as bench.transfer reports its own)."""
+    """The fastest of `repeats` moves over one connection, and their median (as bench.transfer reports its own)."""
     arrays = [np.load(path) for path in sorted(directory.glob("*.npy"))]
     receiver = subprocess.Popen([sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -64,7 +66,7 @@ def send(directory: Path, repeats: int) -> dict:
         with grpc.insecure_channel(f"127.0.0.1:{port}", options=UNLIMITED) as channel:
             grpc.channel_ready_future(channel).result(timeout=30)
             call = channel.unary_unary(METHOD, request_serializer=Parameters.SerializeToString)
-            best = None
+            best, times = None, []
             for _ in range(repeats):
                 started = time.perf_counter()
                 try:
@@ -73,12 +75,13 @@ def send(directory: Path, repeats: int) -> dict:
                     detail = exc.details() if isinstance(exc, grpc.RpcError) else f"{type(exc).__name__}: {exc}"
                     return {"error": detail[:300]}
                 seconds = time.perf_counter() - started
+                times.append(seconds)
                 if best is None or seconds < best["seconds"]:
                     best = {"seconds": seconds, "gb_per_second": reply["bytes"] / seconds / 1e9, **reply}
     finally:
         receiver.kill()
         receiver.wait()
-    return best
+    return {**best, "median_seconds": statistics.median(times), "repeats": repeats}
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ For each size a model `mlp:W1,W2,...` of about that size is built on two PyTorch
 seeds, so the weights differ), and `coordinator move --repeat N` moves the sender's set into the
 receiver N times in one process: by pull (worker to worker, the default) and forwarded through the
 coordinator. Reported, of the fastest move: GB/s from the move's start to the receiver's weights
-applied and verified; and over all N: the coordinator's peak
-RSS, and the receiving worker's peak RSS during the move (its high-water mark is reset first) as a
-multiple of the set. Beside them, the same arrays go through Flower's parameter codec
+applied and verified; the median move's seconds; and over all N: the coordinator's peak RSS, and the
+receiving worker's peak RSS during the moves (its high-water mark is reset first) as a multiple of
+the set. Sets under 64 MiB move 50 times, larger ones 5 (a 1 MiB move takes about 5 ms, and on a
+shared machine the fastest of 5 such is mostly luck). Beside them, the same arrays go through Flower's parameter codec
 (`ndarrays_to_parameters`, one unary gRPC message, `parameters_to_ndarrays`: bench/flower_peer.py),
 run in a virtual environment of its own because flwr pins an older protobuf than this project's.
 """
@@ -28,6 +29,8 @@ from weightrelay.buffers import peak_rss_bytes
 
 #: name -> model whose canonical weights are about that size (float32)
 SIZES = {"1MiB": "mlp:256,256", "64MiB": "mlp:4096,3328", "1GiB": "mlp:16384,16384", "3GiB": "mlp:16384,16384,16384,16384"}
+#: Moves per size and path (ours and Flower's alike) unless --repeats says otherwise: many of the small, few of the large.
+SMALL_SET_REPEATS, LARGE_SET_REPEATS, SMALL_SET_BYTES = 50, 5, 64 * 2**20
 
 
 def set_bytes(model: str) -> int:
@@ -81,8 +84,9 @@ def flower_move(python: str, sender: Worker, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.transfer", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)} (default all)")
-    parser.add_argument("--repeats", type=int, default=5, help="moves per size and path, in one coordinator process as Flower's run "
-                        "in one; the fastest is reported (default 5)")
+    parser.add_argument("--repeats", type=int, default=None, help="moves per size and path, in one coordinator process as Flower's run "
+                        f"in one; the fastest and the median are reported (default {SMALL_SET_REPEATS} for sets under 64 MiB, "
+                        f"{LARGE_SET_REPEATS} for larger)")
     parser.add_argument("--no-flower", action="store_true", help="leave out Flower's codec")
     parser.add_argument("--flower-python", default=None, help=f"an interpreter with flwr (default {FLOWER_VENV.relative_to(REPO)}, made on first use)")
     parser.add_argument("--out", type=Path, default=None, help="directory for transfer.json (default bench/results)")
@@ -94,11 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.sizes.split(","):
             model = SIZES[size]
             nbytes = set_bytes(model)
+            repeats = args.repeats or (SMALL_SET_REPEATS if nbytes < SMALL_SET_BYTES else LARGE_SET_REPEATS)
             sender.client.initialize(model, seed=1)
             for path, via in (("pull", False), ("forward", True)):
                 receiver.client.initialize(model, seed=2)  # other weights than the sender's
                 reset_peak(receiver.process.process.pid)
-                best = coordinator_move(sender.address, receiver.address, via, args.repeats)  # the fastest of the repeats
+                best = coordinator_move(sender.address, receiver.address, via, repeats)  # the fastest of the repeats, and their median
                 best["receiver_peak_rss_bytes"] = peak_rss_bytes(receiver.process.process.pid)
                 assert best["checksum_matches"], best
                 records.append({"size": size, "model": model, "set_bytes": nbytes, **best,
@@ -106,22 +111,28 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{size} {path}: {best['gb_per_second']:.2f} GB/s", flush=True)
             receiver.client.initialize("mlp", seed=2)
             if python:
-                flower[size] = {"set_bytes": nbytes, **flower_move(python, sender, args.repeats)}
+                flower[size] = {"set_bytes": nbytes, **flower_move(python, sender, repeats)}
                 print(f"{size} flower: {flower[size].get('gb_per_second', 0):.2f} GB/s {flower[size].get('error', '')}", flush=True)
     finally:
         sender.stop()
         receiver.stop()
     for record in records:
         theirs = flower.get(record["size"], {})
-        record["vs_flower"] = (record["gb_per_second"] / theirs["gb_per_second"]) if "gb_per_second" in theirs else None
-        rows.append([record["size"], record["path"], record["gb_per_second"], record["seconds"], record["coordinator_peak_rss_bytes"] / 2**20,
-                     record["receiver_peak_over_set"], "-" if not theirs else ("Flower failed" if record["vs_flower"] is None else f"{record['vs_flower']:.1f}x")])
+        # Speed ratios: Flower's time over ours, of the fastest moves and of the medians.
+        record["vs_flower"] = (theirs["seconds"] / record["seconds"]) if "seconds" in theirs else None
+        record["vs_flower_median"] = (theirs["median_seconds"] / record["median_seconds"]) if "median_seconds" in theirs else None
+        versus = "-" if not theirs else ("Flower failed" if record["vs_flower"] is None else
+                                         f"{record['vs_flower']:.1f}x / {record['vs_flower_median']:.1f}x")
+        rows.append([record["size"], record["path"], record["repeats"], record["gb_per_second"], record["seconds"] * 1e3, record["median_seconds"] * 1e3,
+                     record["coordinator_peak_rss_bytes"] / 2**20, record["receiver_peak_over_set"], versus])
     for size, theirs in flower.items():
         if "error" in theirs:
-            rows.append([size, "flower", "failed", theirs["error"][:60], "-", "-", "-"])
+            rows.append([size, "flower", "-", "failed", theirs["error"][:60], "-", "-", "-", "-"])
         else:
-            rows.append([size, "flower", theirs["gb_per_second"], theirs["seconds"], "-", theirs["receiver_peak_rss_bytes"] / theirs["set_bytes"], "-"])
-    print(table(["size", "path", "GB/s", "seconds", "coordinator peak MiB", "receiver peak / set", "ours / Flower"], rows))
+            rows.append([size, "flower", theirs["repeats"], theirs["gb_per_second"], theirs["seconds"] * 1e3, theirs["median_seconds"] * 1e3, "-",
+                         theirs["receiver_peak_rss_bytes"] / theirs["set_bytes"], "-"])
+    print(table(["size", "path", "moves", "GB/s", "fastest ms", "median ms", "coordinator peak MiB", "receiver peak / set",
+                 "ours / Flower (fastest / median)"], rows))
     print(f"written: {write('transfer', {'repeats': args.repeats, 'moves': records, 'flower': flower}, args.out)}")
     return 0
 

@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                          theirs["receiver_peak_rss_bytes"] / theirs["set_bytes"], "-"])
     print(table(["size", "path", "moves", "GB/s", "fastest ms", "median ms", "coordinator peak MiB", "receiver peak / set",
                  "ours / Flower (fastest / median)"], rows))
-    print(f"written: {write('transfer', {'repeats': args.repeats, 'moves': records, 'flower': flower}, args.out)}")
+    moves_per_path = args.repeats or {"under_64MiB": SMALL_SET_REPEATS, "from_64MiB": LARGE_SET_REPEATS}
+    print(f"written: {write('transfer', {'repeats': moves_per_path, 'moves': records, 'flower': flower}, args.out)}")
     return 0
 
 

@@ -134,8 +134,8 @@ class KerasAdapter(FrameworkAdapter):
         (the layers with tensors, each layer's `weights` in order).
 
         They are read and assigned with TensorFlow's own variable ops (ReadVariableOp, AssignVariableOp):
-        Keras' layer.get_weights / set_weights spent 0.7 and 1.8 ms on the seed's MLP here (conversions,
-        checks, autocasting per variable), the ops 0.3-0.5 ms each way; a move into a Keras worker reads,
+        Keras' layer.get_weights / set_weights took 0.6 and 1.4 ms for the seed's MLP here (conversions,
+        checks, autocasting per variable), the ops 0.2 ms each way; a move into a Keras worker reads,
         sets and reads again (service._apply)."""
         return [variable.value for name in self._layers_with_tensors() for variable in self.model.get_layer(name).weights]
 
@@ -165,8 +165,8 @@ class KerasAdapter(FrameworkAdapter):
     def _touch_variables(self) -> None:
         """Read every weight variable and assign it what was read (its own value, nothing changes).
 
-        After fit() TensorFlow has dropped its cached kernels (fit's data functions leave its function
-        library), and the first read and the first assignment of each variable then cost 0.4-0.7 ms:
+        After fit() the first read and the first assignment of each variable cost 0.4-0.7 ms, as if
+        TensorFlow had dropped what it cached for them (measured here; the cause is TensorFlow's):
         3-5 ms more on the first move into the worker after each Train. Touched here, that is paid
         inside Train (a few ms of an epoch) instead of in the move."""
         for variable in self._variables():

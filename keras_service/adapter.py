@@ -129,15 +129,15 @@ class KerasAdapter(FrameworkAdapter):
     def _layers_with_tensors(self) -> list[str]:
         return [r.name for r in self.resolved.layers if r.params]
 
-    def _variables(self) -> list[tf.Variable]:
-        """The model's weight variables as TensorFlow holds them, in the order get/set_weights list them
-        (the layers with tensors, each layer's `weights` in order).
+    def _variables(self) -> dict[str, list[tf.Variable]]:
+        """{layer name: its weight variables as TensorFlow holds them} for the layers with tensors, each
+        layer's in its `weights` order (what keras_to_canonical / canonical_to_keras list per layer).
 
         They are read and assigned with TensorFlow's own variable ops (ReadVariableOp, AssignVariableOp):
         Keras' layer.get_weights / set_weights took 0.6 and 1.4 ms for the seed's MLP here (conversions,
         checks, autocasting per variable), the ops 0.2 ms each way; a move into a Keras worker reads,
         sets and reads again (service._apply)."""
-        return [variable.value for name in self._layers_with_tensors() for variable in self.model.get_layer(name).weights]
+        return {name: [variable.value for variable in self.model.get_layer(name).weights] for name in self._layers_with_tensors()}
 
     def versions(self) -> tuple[str, str]:
         return keras.__version__, f"tensorflow {tf.__version__}"
@@ -148,18 +148,17 @@ class KerasAdapter(FrameworkAdapter):
         return placed.rsplit("device:", 1)[-1].lower() if placed else "cpu:0"
 
     def get_weights(self) -> WeightSet:
-        values = iter([tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype).numpy() for v in self._variables()])
-        layers = {name: [next(values) for _ in self.model.get_layer(name).weights] for name in self._layers_with_tensors()}
+        layers = {name: [tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype).numpy() for v in variables]
+                  for name, variables in self._variables().items()}
         return keras_to_canonical(layers, self.resolved)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         layers = canonical_to_keras(weights, self.resolved)
-        values = [value for name in self._layers_with_tensors() for value in layers[name]]
-        variables = self._variables()
-        for variable, value in zip(variables, values, strict=True):  # all checked before any is assigned
+        pairs = [pair for name, variables in self._variables().items() for pair in zip(variables, layers[name], strict=True)]
+        for variable, value in pairs:  # all checked before any is assigned
             if tuple(value.shape) != tuple(variable.shape) or value.dtype != variable.dtype.as_numpy_dtype:
                 raise ValueError(f"variable {variable.name}: expected {variable.dtype.name} {list(variable.shape)}, got {value.dtype} {list(value.shape)}")
-        for variable, value in zip(variables, values):
+        for variable, value in pairs:
             tf.raw_ops.AssignVariableOp(resource=variable.handle, value=value)
 
     def _touch_variables(self) -> None:
@@ -169,7 +168,7 @@ class KerasAdapter(FrameworkAdapter):
         TensorFlow had dropped what it cached for them (measured here; the cause is TensorFlow's):
         3-5 ms more on the first move into the worker after each Train. Touched here, that is paid
         inside Train (a few ms of an epoch) instead of in the move."""
-        for variable in self._variables():
+        for variable in (v for variables in self._variables().values() for v in variables):
             tf.raw_ops.AssignVariableOp(resource=variable.handle, value=tf.raw_ops.ReadVariableOp(resource=variable.handle, dtype=variable.dtype))
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:

@@ -61,6 +61,31 @@ def run_python(code: str, timeout: float = 3600) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+class Snippet:
+    """A snippet in a fresh interpreter that runs one timed step per line it reads, printing a JSON line for each:
+    the benchmarks take turns between it and a worker, so that a slow spell of the machine falls on both."""
+
+    def __init__(self, code: str):
+        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        self._read()  # its warm-up
+
+    def _read(self) -> Any:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark snippet failed ({self.process.wait()}); its error is above")
+        return json.loads(line)
+
+    def step(self) -> Any:
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

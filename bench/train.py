@@ -2,9 +2,11 @@
 
 Same data (MNIST, 60,000 images), the seed's MLP, batch 64, SGD lr 0.01 momentum 0.5, one epoch;
 median of --epochs timed epochs after a warm-up. The worker is timed after a SetWeights and an
-Evaluate (as in a relay round), from its Train summary; the idiomatic loop runs alone in a fresh
-process: a plain PyTorch loop, Keras `model.fit` with its defaults, a jitted optax step for JAX. Both
-run where the framework puts them by default (a GPU where there is one), as the worker's --device auto.
+Evaluate (as in a relay round), from its Train summary; the idiomatic loop runs in a fresh process
+of its own: a plain PyTorch loop, Keras `model.fit` with its defaults, a jitted optax step for JAX.
+The two take turns, an epoch each (this machine has slow spells that last minutes: measured one
+after the other, a spell fell on one side only). Both run where the framework puts them by default
+(a GPU where there is one), as the worker's --device auto.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.common import Worker, data_dir, median, run_python, table, write
+from bench.common import Snippet, Worker, data_dir, median, table, write
 from weightrelay.v1 import worker_pb2 as pb
 
 FRAMEWORKS = ("torch", "keras", "jax")
@@ -22,7 +24,6 @@ import numpy as np
 from weightrelay.data import load_mnist
 data = load_mnist({data_dir()!r}, download=False)
 x, y = data.train.x.reshape(len(data.train.x), -1), data.train.y
-EPOCHS = {{epochs}}
 """
 IDIOMATIC = {
     "torch": """
@@ -71,36 +72,43 @@ def epoch():
 """,
 }
 TIMING = """
+import sys
 epoch()  # warm-up: graph building, compilation
-times = []
-for _ in range(EPOCHS):
-    started = time.perf_counter(); epoch(); times.append(time.perf_counter() - started)
-print(json.dumps({"seconds": times}))
+print(json.dumps({"ready": True}), flush=True)
+for _ in sys.stdin:  # one timed epoch per line
+    started = time.perf_counter(); epoch(); print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
 """
 
 
-def worker_epochs(framework: str, epochs: int) -> list[float]:
+def epochs_taking_turns(framework: str, epochs: int) -> tuple[list[float], list[float]]:
+    """(worker epochs, idiomatic epochs), an epoch of each in turn."""
+    idiomatic = Snippet(PREAMBLE + IDIOMATIC[framework] + TIMING)
     worker = Worker(framework)
     try:
         request = pb.TrainRequest(epochs=1, batch_size=64, learning_rate=0.01, momentum=0.5, seed=1)
         worker.client.train_to_end(pb.TrainRequest(epochs=1, batch_size=64, learning_rate=0.01, momentum=0.5, max_samples=2048))
+        worker.client.train_to_end(request)  # warm-up: every batch size once
         worker.client.set_weights(worker.client.get_weights())  # a relay round moves weights in and evaluates
         worker.client.evaluate(True, True)
-        return [worker.client.train_to_end(request).seconds for _ in range(epochs)]
+        worker_seconds, idiomatic_seconds = [], []
+        for _ in range(epochs):
+            idiomatic_seconds.append(idiomatic.step()["seconds"])
+            worker_seconds.append(worker.client.train_to_end(request).seconds)
+        return worker_seconds, idiomatic_seconds
     finally:
         worker.stop()
+        idiomatic.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per measurement (default 3)")
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs of each, taking turns (default 5)")
     parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
     parser.add_argument("--out", type=Path, default=None, help="directory for train.json (default bench/results)")
     args = parser.parse_args(argv)
     rows, records = [], {}
     for framework in args.frameworks.split(","):
-        idiomatic = run_python(PREAMBLE.format(epochs=args.epochs) + IDIOMATIC[framework] + TIMING)["seconds"]
-        worker = worker_epochs(framework, args.epochs)
+        worker, idiomatic = epochs_taking_turns(framework, args.epochs)
         ratio = median(worker) / median(idiomatic)
         records[framework] = {"worker_seconds": worker, "idiomatic_seconds": idiomatic, "ratio": ratio}
         rows.append([framework, median(worker), median(idiomatic), ratio])

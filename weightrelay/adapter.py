@@ -150,7 +150,7 @@ class ProgressTracker:
         return self._report
 
     def batches_done(self, first: int, last: int) -> bool:
-        """Count batches first..last (1-based) that a framework ran in one call (Keras' steps_per_execution);
+        """Count batches first..last (1-based) that a framework ran in one call (the Keras adapter's compiled steps);
         whether batch `last` is reported, with the running means after it."""
         report = False
         for batch in range(first, last + 1):

@@ -41,3 +41,47 @@ def test_keras_set_weights_refuses_a_wrong_shape_or_dtype_before_assigning_anyth
     assert done.stdout.strip().splitlines()[-1] == "ok"
     refusals = [line for line in done.stdout.splitlines() if line.startswith("refused: variable")]
     assert len(refusals) == 2 and "[64, 10], got float32 [10, 64]" in refusals[0] and "got float64" in refusals[1], done.stdout
+
+
+KERAS_TRAINS_AS_FIT_DOES = """
+import numpy as np, keras
+from keras_service.adapter import KerasAdapter, compiles_well
+from weightrelay import models
+from weightrelay.adapter import ProgressTracker, TrainConfig, schedule
+from weightrelay.layouts import to_nhwc
+
+rng = np.random.default_rng(0)
+x = rng.random((650, 1, 28, 28), dtype=np.float32)  # 10 batches of 64 and one of 10
+y = rng.integers(0, 10, 650).astype(np.int64)
+config = TrainConfig(batch_size=64, learning_rate=0.05, momentum=0.9, seed=3, progress_every_batches=4)
+order = np.concatenate([step.indices for step in schedule(config, len(x))[0]])
+for name in ("mlp", "lenet"):  # through XLA, and not
+    spec = models.resolve(models.builtin(name), (1, 28, 28), 10)
+    adapter = KerasAdapter("cpu")
+    adapter.build(spec, seed=1)
+    start = adapter.get_weights()
+    reports = []
+    adapter.train(x, y, config, ProgressTracker(config, len(x), reports.append))
+    reference = keras.models.clone_model(adapter.model)
+    reference.set_weights([v.numpy() for v in adapter.model.weights])  # shapes only; the start comes next
+    adapter.set_weights(start)
+    reference.set_weights([v.numpy() for v in adapter.model.weights])
+    reference.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    history = reference.fit(to_nhwc(x)[order], y[order], batch_size=64, epochs=1, shuffle=False, verbose=0).history
+    adapter.train(x, y, config, ProgressTracker(config, len(x), lambda progress: None))
+    ours = [v.numpy() for v in adapter.model.weights]
+    for mine, theirs, variable in zip(ours, reference.get_weights(), adapter.model.weights):
+        assert np.allclose(mine, theirs, rtol=1e-4, atol=1e-5), f"{name} {variable.path}: max difference {np.abs(mine - theirs).max()}"
+    assert [r.batch for r in reports] == [4, 8, 11], [r.batch for r in reports]
+    assert abs(reports[-1].loss - history["loss"][0]) < 1e-4 and abs(reports[-1].accuracy - history["accuracy"][0]) < 1e-6, (reports[-1], history)
+    print(name, "xla" if compiles_well(spec) else "no xla", "ok")
+print("ok")
+"""
+
+
+def test_keras_compiled_steps_make_the_updates_fit_makes():
+    """The Keras adapter trains with its own compiled steps (XLA for dense-only models): from the same weights, over the
+    same batches, it must end where `model.fit` ends and report fit's epoch loss and accuracy, at the batches asked for."""
+    done = subprocess.run([sys.executable, "-c", KERAS_TRAINS_AS_FIT_DOES], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines() == ["mlp xla ok", "lenet no xla ok", "ok"], done.stdout

@@ -222,7 +222,7 @@ class KerasAdapter(FrameworkAdapter):
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         keras.utils.set_random_seed(seed32(config.seed + config.start_step))  # dropout
-        steps = self._training_steps(config)
+        training = self._training_steps(config)
         inputs, labels = self._train_inputs(x), tf.constant(y.astype(np.int32, copy=False))
         for epoch in schedule(config, len(x)):  # the core's batches, in its order
             tracker.start_epoch()
@@ -230,7 +230,7 @@ class KerasAdapter(FrameworkAdapter):
             for chunk in _chunks(epoch, config.progress_every_batches):
                 index = np.zeros((CHUNK_STEPS, len(chunk[0].indices)), np.int32)  # one shape per batch size: one trace
                 index[: len(chunk)] = [step.indices for step in chunk]
-                chunk_loss, chunk_hits = steps.run(inputs, labels, tf.constant(index), tf.constant(len(chunk), tf.int32))
+                chunk_loss, chunk_hits = training.run(inputs, labels, tf.constant(index), tf.constant(len(chunk), tf.int32))
                 loss_sum, hits = loss_sum + float(chunk_loss), hits + int(chunk_hits)
                 if tracker.batches_done(chunk[0].batch, chunk[-1].batch):
                     seen = tracker.epoch_samples
@@ -240,7 +240,7 @@ class KerasAdapter(FrameworkAdapter):
     def _training_steps(self, config: TrainConfig) -> _TrainingSteps:
         """The compiled steps with SGD at the config's rate: the previous Train's optimizer as it was
         (keep_optimizer), or a fresh one. A fresh one for the same momentum is the last one zeroed, so that
-        the compiled function is reused: compiling costs 1-3 s for the seed's MLP, every round of a relay."""
+        the compiled function is reused: tracing and compiling cost 2-3 s for the seed's MLP, every round of a relay."""
         if self._steps is not None and config.keep_optimizer:
             return self._steps
         if self._steps is None or self._steps.momentum != config.momentum:

@@ -63,7 +63,6 @@ for name in ("mlp", "lenet"):  # through XLA, and not
     reports = []
     adapter.train(x, y, config, ProgressTracker(config, len(x), reports.append))
     reference = keras.models.clone_model(adapter.model)
-    reference.set_weights([v.numpy() for v in adapter.model.weights])  # shapes only; the start comes next
     adapter.set_weights(start)
     reference.set_weights([v.numpy() for v in adapter.model.weights])
     reference.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])

@@ -52,10 +52,17 @@ class Worker:
         self.process.stop()
 
 
+def _interpreter(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def _snippet_env() -> dict[str, str]:
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
 def run_python(code: str, timeout: float = 3600) -> dict[str, Any]:
     """Run a snippet in a fresh interpreter (one framework per process); it prints one JSON line last."""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    done = subprocess.run(_interpreter(code), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=_snippet_env())
     if done.returncode != 0:
         raise RuntimeError(f"benchmark snippet failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -66,8 +73,8 @@ class Snippet:
     the benchmarks take turns between it and a worker, so that a slow spell of the machine falls on both."""
 
     def __init__(self, code: str):
-        self.process = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                        cwd=REPO, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        self.process = subprocess.Popen(_interpreter(code), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+                                        env=_snippet_env())
         self._read()  # its warm-up
 
     def _read(self) -> Any:

@@ -86,8 +86,7 @@ def epochs_taking_turns(framework: str, epochs: int) -> tuple[list[float], list[
     worker = Worker(framework)
     try:
         request = pb.TrainRequest(epochs=1, batch_size=64, learning_rate=0.01, momentum=0.5, seed=1)
-        worker.client.train_to_end(pb.TrainRequest(epochs=1, batch_size=64, learning_rate=0.01, momentum=0.5, max_samples=2048))
-        worker.client.train_to_end(request)  # warm-up: every batch size once
+        worker.client.train_to_end(request)  # warm-up: compiles for every batch size of the epoch
         worker.client.set_weights(worker.client.get_weights())  # a relay round moves weights in and evaluates
         worker.client.evaluate(True, True)
         worker_seconds, idiomatic_seconds = [], []

@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from typing import Iterator, Mapping  # noqa: E402
+from typing import Callable, Iterator, Mapping  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -83,7 +83,6 @@ class _TrainingSteps:
     through XLA and 0.8-1.0 s without, fit with steps_per_execution=32 1.2-1.4 s (all on this project's CPUs)."""
 
     def __init__(self, model: keras.Model, momentum: float, jit: bool):
-        self.momentum = momentum
         self.optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=momentum)
         variables = model.trainable_variables
         self.optimizer.build(variables)
@@ -116,16 +115,16 @@ class _TrainingSteps:
             slot.assign(tf.zeros(slot.shape, slot.dtype))
 
 
-def _chunks(steps: list[Step], every: int) -> Iterator[list[Step]]:
+def _chunks(steps: list[Step], due: Callable[[int], bool]) -> Iterator[list[Step]]:
     """The epoch's steps in runs for one call each: at most CHUNK_STEPS, all of one batch size, each ending
-    where progress is due (every `every` batches) so that it is reported at the batch it names."""
+    where progress is due (`due(batch)`, the tracker's rule) so that it is reported at the batch it names."""
     chunk: list[Step] = []
     for step in steps:
         if chunk and len(step.indices) != len(chunk[0].indices):
             yield chunk
             chunk = []
         chunk.append(step)
-        if len(chunk) == CHUNK_STEPS or (every and step.batch % every == 0):
+        if len(chunk) == CHUNK_STEPS or due(step.batch):
             yield chunk
             chunk = []
     if chunk:
@@ -217,7 +216,7 @@ class KerasAdapter(FrameworkAdapter):
         variable cost 0.4-0.7 ms, as if TensorFlow had dropped what it cached for them (measured here; the
         cause is TensorFlow's): 3-7 ms more on the first move into the worker after each Train. Touched
         here, that is paid inside Train (a few ms of an epoch) instead of in the move."""
-        for variable in (v for variables in self._variables().values() for v in variables):
+        for variable in (v for layer in self._variables().values() for v in layer):
             tf.raw_ops.AssignVariableOp(resource=variable.handle, value=tf.raw_ops.ReadVariableOp(resource=variable.handle, dtype=variable.dtype))
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
@@ -227,7 +226,7 @@ class KerasAdapter(FrameworkAdapter):
         for epoch in schedule(config, len(x)):  # the core's batches, in its order
             tracker.start_epoch()
             loss_sum, hits = 0.0, 0
-            for chunk in _chunks(epoch, config.progress_every_batches):
+            for chunk in _chunks(epoch, tracker.due):
                 index = np.zeros((CHUNK_STEPS, len(chunk[0].indices)), np.int32)  # one shape per batch size: one trace
                 index[: len(chunk)] = [step.indices for step in chunk]
                 chunk_loss, chunk_hits = training.run(inputs, labels, tf.constant(index), tf.constant(len(chunk), tf.int32))
@@ -243,7 +242,7 @@ class KerasAdapter(FrameworkAdapter):
         the compiled function is reused: tracing and compiling cost 2-3 s for the seed's MLP, every round of a relay."""
         if self._steps is not None and config.keep_optimizer:
             return self._steps
-        if self._steps is None or self._steps.momentum != config.momentum:
+        if self._steps is None or self._steps.optimizer.momentum != config.momentum:
             self._steps = _TrainingSteps(self.model, config.momentum, jit=compiles_well(self.resolved))
         self._steps.reset(config.learning_rate)
         return self._steps

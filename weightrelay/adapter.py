@@ -145,9 +145,14 @@ class ProgressTracker:
         self.samples_seen += size
         self._epoch_samples += size
         self.steps_left -= 1
-        every = self.config.progress_every_batches
-        self._report = batch >= self.batches or self.steps_left <= 0 or bool(every and batch % every == 0)
+        self._report = self.due(batch) or self.steps_left <= 0
         return self._report
+
+    def due(self, batch: int) -> bool:
+        """Whether progress is due after batch `batch` (1-based) of an epoch: every `progress_every_batches`
+        and at the epoch's end (and, wants adds, at the Train's last step). Counts nothing."""
+        every = self.config.progress_every_batches
+        return batch >= self.batches or bool(every and batch % every == 0)
 
     def batches_done(self, first: int, last: int) -> bool:
         """Count batches first..last (1-based) that a framework ran in one call (the Keras adapter's compiled steps);

@@ -20,6 +20,7 @@ from typing import Callable, Mapping, TypeVar
 
 import numpy as np
 
+from weightrelay import defaults
 from weightrelay.codec import WeightSet
 from weightrelay.models import ResolvedModel
 
@@ -36,10 +37,10 @@ class NonFiniteLoss(Exception):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 1
-    batch_size: int = 64
-    learning_rate: float = 0.01
-    momentum: float = 0.5
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    learning_rate: float = defaults.LEARNING_RATE
+    momentum: float = defaults.MOMENTUM
     seed: int = 0
     progress_every_batches: int = 0
     start_step: int = 0          # run steps [start_step, start_step + max_steps) of the schedule
@@ -82,14 +83,25 @@ class Step:
     indices: np.ndarray   # the samples of this batch
 
 
+def steps_per_epoch(config: TrainConfig, samples: int) -> int:
+    """Batches in one epoch over `samples`: the last one smaller, and one batch of every sample when
+    the batch size is larger than the samples."""
+    return max(1, -(-samples // config.batch_size))
+
+
+def schedule_steps(config: TrainConfig, samples: int) -> int:
+    """How many steps the whole schedule has (`start_step` must be below it)."""
+    return config.epochs * steps_per_epoch(config, samples)
+
+
 def schedule(config: TrainConfig, samples: int) -> list[list[Step]]:
     """The steps a Train runs, grouped by epoch: every framework trains exactly these batches, in this order.
 
     The whole schedule is `epochs` epochs over the samples in `batch_order`, in batches of
     `batch_size` (the last of an epoch smaller); a Train runs `max_steps` of it from `start_step`.
     """
-    per_epoch = max(1, -(-samples // config.batch_size))
-    total = config.epochs * per_epoch
+    per_epoch = steps_per_epoch(config, samples)
+    total = schedule_steps(config, samples)
     first = min(config.start_step, total)
     last = total if not config.max_steps else min(total, first + config.max_steps)
     groups: list[list[Step]] = []
@@ -120,7 +132,7 @@ class ProgressTracker:
         self.config = config
         self.cancelled = cancelled
         self.samples = samples
-        self.batches = max(1, -(-samples // config.batch_size))
+        self.batches = steps_per_epoch(config, samples)
         self.on_progress = on_progress
         self.samples_seen = 0
         self.last: TrainProgress | None = None

@@ -25,8 +25,10 @@ MAX_SEED = 2**64 - 1
 
 def epochs_problem(epochs: int) -> str | None:
     """Why `epochs` (0 meaning the default) is no setting a worker takes, or None."""
-    if not 0 <= epochs <= MAX_EPOCHS:
-        return f"epochs must be in [1, {MAX_EPOCHS}], got {epochs}"
+    if epochs > MAX_EPOCHS:
+        return f"epochs {epochs} is more than {MAX_EPOCHS}"
+    if epochs < 0:
+        return f"epochs must be at least 1, got {epochs}"
     return None
 
 

@@ -31,6 +31,17 @@ def _cut(message: str) -> str:
     return message
 
 
+class Refused(Exception):
+    """A call the worker refuses: its status code, the message for people, and the reason for programs.
+
+    The worker's helpers raise it; the RPC that called them ends its call with it (abort), so a helper
+    never needs the call's context to say no."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.code, self.message, self.reason, self.metadata = code, message, reason, dict(metadata or {})
+
+
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, reason: str = "",
           metadata: Mapping[str, str] | None = None) -> NoReturn:
     """End the call with `code` and `message` (cut to MAX_DETAILS), and with an ErrorInfo of
@@ -43,6 +54,11 @@ def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, re
     status = status_pb2.Status(code=code.value[0], message=message, details=[info])
     context.set_trailing_metadata(((DETAILS_KEY, status.SerializeToString()),))
     context.abort(code, message)
+
+
+def abort_refused(context: grpc.ServicerContext, refused: Refused) -> NoReturn:
+    """End the call as `refused` says."""
+    abort(context, refused.code, refused.message, refused.reason, refused.metadata)
 
 
 def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:

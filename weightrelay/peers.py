@@ -1,0 +1,62 @@
+"""The channels a worker keeps to the peers it pulls weights from (PullWeights)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import grpc
+
+from weightrelay.client import CHANNEL_OPTIONS, decoded_get_weights
+from weightrelay.security import ClientSecurity
+
+#: A pull's channel to its peer, without the client's retries: a sender killed as the pull began would
+#: leave a retried GetWeights waiting until the caller's deadline; without retries the pull fails at once,
+#: UNAVAILABLE, and the coordinator reports the sender unreachable (or forwards, which meets the same end).
+PEER_OPTIONS = [option for option in CHANNEL_OPTIONS if option[0] not in ("grpc.service_config", "grpc.enable_retries")] + [("grpc.enable_retries", 0)]
+#: Open channels to peers kept (the least recently used is closed first).
+MAX_PEERS = 8
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A kept channel to a peer, with its GetWeights call built once (client.decoded_get_weights)."""
+
+    channel: grpc.Channel
+    get_weights: grpc.UnaryStreamMultiCallable
+
+
+class PeerChannels:
+    """Channels to peers, kept open between pulls: a relay pulls from the same few peers every round,
+    and a new channel costs a connection and starts again from gRPC's smallest flow-control window,
+    which its BDP probing widens as data comes. At most MAX_PEERS are kept."""
+
+    def __init__(self, security: ClientSecurity | None = None):
+        self.security = security or ClientSecurity()  # how a pull reaches a peer
+        self._peers: dict[str, Peer] = {}
+        self._lock = threading.Lock()
+
+    def get(self, address: str) -> Peer:
+        with self._lock:
+            peer = self._peers.pop(address, None)
+            if peer is None:
+                channel = self.security.channel(address, PEER_OPTIONS)
+                peer = Peer(channel, decoded_get_weights(channel))
+            self._peers[address] = peer  # the most recently used last
+            while len(self._peers) > MAX_PEERS:
+                self._peers.pop(next(iter(self._peers))).channel.close()
+            return peer
+
+    def drop(self, address: str) -> None:
+        """Close the channel to a peer that could not be reached: the next pull opens a new one."""
+        with self._lock:
+            peer = self._peers.pop(address, None)
+        if peer is not None:
+            peer.channel.close()
+
+    def close(self) -> None:
+        """Close every kept channel (the server has stopped)."""
+        with self._lock:
+            peers, self._peers = list(self._peers.values()), {}
+        for peer in peers:
+            peer.channel.close()

@@ -178,10 +178,10 @@ def test_large_sets_are_hashed_beside_the_receive_and_still_checked():
 
 
 def test_a_non_finite_value_past_the_first_block_is_found():
-    values = np.zeros(3 * codec._FINITE_BLOCK + 7, dtype=np.float32)
+    values = np.zeros(3 * codec.tensors._FINITE_BLOCK + 7, dtype=np.float32)
     codec.check_finite("w", values)
-    values[2 * codec._FINITE_BLOCK + 5] = np.nan
-    with pytest.raises(codec.TensorError, match=rf"tensor w: 1 non-finite value\(s\) \(NaN or Inf\), the first at index \[{2 * codec._FINITE_BLOCK + 5}\]"):
+    values[2 * codec.tensors._FINITE_BLOCK + 5] = np.nan
+    with pytest.raises(codec.TensorError, match=rf"tensor w: 1 non-finite value\(s\) \(NaN or Inf\), the first at index \[{2 * codec.tensors._FINITE_BLOCK + 5}\]"):
         codec.check_finite("w", values)
 
 
@@ -312,10 +312,10 @@ def test_decode_chunk_and_protobuf_read_every_input_alike(message, edits):
 
 @pytest.mark.parametrize("chunk", [0, 65_537])  # one piece; pieces that split float64 values between them
 def test_non_finite_values_in_pieces_that_split_values_are_found_and_named(chunk):
-    values = {"a": RNG.standard_normal(3 * codec._FINITE_BLOCK // 2), "b": RNG.standard_normal((300, 400)).astype(np.float16)}
+    values = {"a": RNG.standard_normal(3 * codec.tensors._FINITE_BLOCK // 2), "b": RNG.standard_normal((300, 400)).astype(np.float16)}
     manifest = {name: codec.TensorSpec.of(name, array) for name, array in values.items()}
     assert codec.assemble_weights(codec.iter_weight_chunks(values, chunk), manifest).keys() == values.keys()
-    for name, index, flat in (("a", (codec._FINITE_BLOCK + 3,), codec._FINITE_BLOCK + 3), ("b", (299, 399), 300 * 400 - 1)):
+    for name, index, flat in (("a", (codec.tensors._FINITE_BLOCK + 3,), codec.tensors._FINITE_BLOCK + 3), ("b", (299, 399), 300 * 400 - 1)):
         bad = {n: v.copy() for n, v in values.items()}
         bad[name].reshape(-1)[flat] = np.inf
         decoded = [codec.decode_chunk(m) for m in codec.encode_weight_chunks(bad, chunk)]

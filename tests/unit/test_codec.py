@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 
 import ml_dtypes
 import numpy as np
@@ -105,6 +106,73 @@ def test_checksum_ignores_order_but_not_content():
     assert codec.weights_sha256(changed) != codec.weights_sha256(w)
 
 
+# Every dtype, 0-d and empty tensors, and one tensor whose single piece is large enough for the hashing thread.
+HASHED = [("scalar", "float32", ()), ("empty", "float64", (0,)), ("empty2d", "int8", (3, 0)), ("bf", "bfloat16", (5, 2)),
+          ("half", "float16", (7,)), ("flags", "bool", (2, 3)), ("i32", "int32", (4, 1)), ("i64", "int64", (4,)),
+          ("u8", "uint8", (9,)), ("big", "float32", (300, 1100))]
+
+
+def hashed_set() -> dict[str, np.ndarray]:
+    return {name: np.asarray(sample(dtype, shape)) for name, dtype, shape in HASHED}
+
+
+def contract_sha256(weights: dict[str, np.ndarray]) -> str:
+    """The set checksum as worker.proto words it, written out here without the codec (on a little-endian machine)."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        array = weights[name]
+        digest.update(f"{name}\0{array.dtype.name.upper()}\0{','.join(map(str, array.shape))}\0".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def whole_set_hash_refused(weights):
+    pytest.fail("receive_weights hashed the whole set: the in-order stream was not hashed as it came")
+
+
+@pytest.mark.parametrize("chunk, pack", [(0, False), (1000, False), (0, True)])
+def test_the_streaming_hash_is_the_whole_set_hash(chunk, pack, monkeypatch):
+    weights = hashed_set()
+    assert {codec.tensors.dtype_name(a.dtype) for a in weights.values()} == set(codec.SUPPORTED_DTYPES)
+    assert weights["scalar"].shape == () and weights["empty"].size == 0
+    expected = codec.weights_sha256(weights)
+    assert expected == contract_sha256(weights)
+    encoded = list(codec.encode_weight_chunks(weights, chunk, pack=pack))
+    monkeypatch.setattr(codec.stream, "weights_sha256", whole_set_hash_refused)  # only the streaming hash may answer
+    back, streamed = codec.receive_weights(codec.decode_chunk(m) for m in encoded)
+    assert streamed == expected
+    assert all(back[n].tobytes() == weights[n].tobytes() and back[n].shape == weights[n].shape for n in weights)
+
+
+def test_the_checksum_covers_each_tensors_header():
+    """The same bytes under another name, shape or dtype are another set: both hashes tell them apart."""
+    weights = hashed_set()
+    i32 = weights["i32"]
+    others = {
+        "renamed": {("i33" if n == "i32" else n): a for n, a in weights.items()},
+        "reshaped": dict(weights, i32=i32.reshape(2, 2)),
+        "retyped": dict(weights, i32=i32.view(np.float32)),
+        "scalar as [1]": dict(weights, scalar=weights["scalar"].reshape(1)),
+    }
+    checksums = {codec.weights_sha256(weights)}
+    for label, other in others.items():
+        streamed = codec.receive_weights(codec.decode_chunk(m) for m in codec.encode_weight_chunks(other))[1]
+        assert streamed == codec.weights_sha256(other) == contract_sha256(other), label
+        checksums.add(streamed)
+    assert len(checksums) == 1 + len(others)
+
+
+def test_a_header_built_another_way_in_the_stream_fails_the_checksum(monkeypatch):
+    """What the agreement test guards: a streaming header that differs from the whole-set one by a byte
+    makes every in-order stream fail its checksum."""
+    weights = hashed_set()
+    encoded = list(codec.encode_weight_chunks(weights))
+    header = codec.checksum.tensor_header
+    monkeypatch.setattr(codec.stream, "tensor_header", lambda spec: header(spec)[:-1])
+    with pytest.raises(codec.TensorError, match="checksum mismatch"):
+        codec.receive_weights(codec.decode_chunk(m) for m in encoded)
+
+
 def stream_with(mutate) -> list[pb.WeightsChunk]:
     chunks = list(codec.iter_weight_chunks(weights(), max_chunk_bytes=100_000))
     mutate(chunks)
@@ -178,10 +246,10 @@ def test_large_sets_are_hashed_beside_the_receive_and_still_checked():
 
 
 def test_a_non_finite_value_past_the_first_block_is_found():
-    values = np.zeros(3 * codec._FINITE_BLOCK + 7, dtype=np.float32)
+    values = np.zeros(3 * codec.tensors._FINITE_BLOCK + 7, dtype=np.float32)
     codec.check_finite("w", values)
-    values[2 * codec._FINITE_BLOCK + 5] = np.nan
-    with pytest.raises(codec.TensorError, match=rf"tensor w: 1 non-finite value\(s\) \(NaN or Inf\), the first at index \[{2 * codec._FINITE_BLOCK + 5}\]"):
+    values[2 * codec.tensors._FINITE_BLOCK + 5] = np.nan
+    with pytest.raises(codec.TensorError, match=rf"tensor w: 1 non-finite value\(s\) \(NaN or Inf\), the first at index \[{2 * codec.tensors._FINITE_BLOCK + 5}\]"):
         codec.check_finite("w", values)
 
 
@@ -312,10 +380,10 @@ def test_decode_chunk_and_protobuf_read_every_input_alike(message, edits):
 
 @pytest.mark.parametrize("chunk", [0, 65_537])  # one piece; pieces that split float64 values between them
 def test_non_finite_values_in_pieces_that_split_values_are_found_and_named(chunk):
-    values = {"a": RNG.standard_normal(3 * codec._FINITE_BLOCK // 2), "b": RNG.standard_normal((300, 400)).astype(np.float16)}
+    values = {"a": RNG.standard_normal(3 * codec.tensors._FINITE_BLOCK // 2), "b": RNG.standard_normal((300, 400)).astype(np.float16)}
     manifest = {name: codec.TensorSpec.of(name, array) for name, array in values.items()}
     assert codec.assemble_weights(codec.iter_weight_chunks(values, chunk), manifest).keys() == values.keys()
-    for name, index, flat in (("a", (codec._FINITE_BLOCK + 3,), codec._FINITE_BLOCK + 3), ("b", (299, 399), 300 * 400 - 1)):
+    for name, index, flat in (("a", (codec.tensors._FINITE_BLOCK + 3,), codec.tensors._FINITE_BLOCK + 3), ("b", (299, 399), 300 * 400 - 1)):
         bad = {n: v.copy() for n, v in values.items()}
         bad[name].reshape(-1)[flat] = np.inf
         decoded = [codec.decode_chunk(m) for m in codec.encode_weight_chunks(bad, chunk)]

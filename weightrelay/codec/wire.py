@@ -1,0 +1,320 @@
+"""The weights stream on the wire (worker.proto, WeightsChunk), written and read by hand for the
+fast path: `encode_weight_chunks` writes the bytes protobuf would write without copying tensor data
+into messages, `decode_chunk` reads them into views of the received bytes (anything it does not
+recognise goes to protobuf's parser, so both read every input alike). Also the records a receiver
+reads a stream as (`StreamMessage`, `WirePiece`, `WireDigest`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping
+
+import numpy as np
+
+from weightrelay.codec.checksum import weights_sha256
+from weightrelay.codec.tensors import TensorSpec, dtype_to_proto, little_endian_view
+from weightrelay.v1 import worker_pb2 as pb
+
+#: Most tensor bytes in one stream message: 4 MiB less 4 KiB of room for the envelope,
+#: so every message fits gRPC's default 4 MiB message limit.
+MAX_CHUNK_BYTES = 4 * 1024 * 1024 - 4 * 1024
+#: Fewest tensor bytes a GetWeights request may ask per message (smaller requests get this):
+#: one small request must not make a worker send millions of messages.
+MIN_CHUNK_BYTES = 64 * 1024
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field_numbers(message, *names: str) -> tuple[int, ...]:
+    return tuple(message.DESCRIPTOR.fields_by_name[name].number for name in names)
+
+
+# The weights stream's field numbers, from the contract: written by encode_weight_chunks, read by decode_chunk.
+_CHUNK_PIECE, _CHUNK_DIGEST, _CHUNK_PIECES = _field_numbers(pb.WeightsChunk, "piece", "digest", "pieces")
+_PIECE_TENSOR, _PIECE_OFFSET = _field_numbers(pb.TensorPiece, "tensor", "offset")
+_TENSOR_NAME, _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA = _field_numbers(pb.Tensor, "name", "dtype", "shape", "data")
+_DIGEST_COUNT, _DIGEST_BYTES, _DIGEST_SHA = _field_numbers(pb.WeightsDigest, "tensor_count", "total_bytes", "sha256")
+_VARINT, _LENGTH = 0, 2  # wire types
+
+
+def _key(field: int, wire: int) -> bytes:
+    return _varint(field << 3 | wire)
+
+
+_PIECE_KEY, _PIECES_KEY, _DIGEST_KEY = (_key(field, _LENGTH) for field in (_CHUNK_PIECE, _CHUNK_PIECES, _CHUNK_DIGEST))
+_TENSOR_KEY, _DATA_KEY, _OFFSET_KEY = _key(_PIECE_TENSOR, _LENGTH), _key(_TENSOR_DATA, _LENGTH), _key(_PIECE_OFFSET, _VARINT)
+
+
+@dataclass(frozen=True)
+class WirePiece:
+    """A TensorPiece as a receiver reads it: its tensor's header, the offset, and the bytes (from
+    `decode_chunk`, a view into the received message: not a copy)."""
+
+    name: str
+    dtype: int  # the DType enum's value
+    shape: tuple[int, ...]
+    offset: int
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True)
+class WireDigest:
+    tensor_count: int
+    total_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class StreamMessage:
+    """One WeightsChunk as a receiver reads it: its pieces in the order they are taken (a packed message's
+    `pieces`, then its `piece` part), and its digest if it holds that."""
+
+    pieces: tuple[WirePiece, ...]
+    digest: WireDigest | None
+
+
+def stream_message(message: pb.WeightsChunk) -> StreamMessage:
+    """A decoded WeightsChunk message as a StreamMessage."""
+    part = message.WhichOneof("part")
+    pieces = [*message.pieces, message.piece] if part == "piece" else list(message.pieces)
+    digest = message.digest if part == "digest" else None
+    return StreamMessage(
+        tuple(WirePiece(p.tensor.name, p.tensor.dtype, tuple(p.tensor.shape), p.offset, p.tensor.data) for p in pieces),
+        None if digest is None else WireDigest(digest.tensor_count, digest.total_bytes, digest.sha256),
+    )
+
+
+def _chunk_bytes(max_chunk_bytes: int) -> int:
+    return MAX_CHUNK_BYTES if max_chunk_bytes <= 0 else min(max_chunk_bytes, MAX_CHUNK_BYTES)
+
+
+def _pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> Iterator[tuple[str, TensorSpec, int, memoryview]]:
+    """(name, spec, offset, bytes) of each piece of a weights stream: tensors in name order, each in
+    pieces of at most `max_chunk_bytes` (0: MAX_CHUNK_BYTES); an empty tensor is one empty piece.
+    Each piece is cut from what `weights[name]` is when the piece is made (a worker's direct read
+    swaps the model's memory for a copy mid-stream; see service.DirectRead)."""
+    chunk = _chunk_bytes(max_chunk_bytes)
+    for name in sorted(weights):
+        array = weights[name]
+        spec = TensorSpec.of(name, array)
+        data = little_endian_view(array)
+        offset = 0
+        while True:
+            if weights[name] is not array:
+                array = weights[name]
+                data = little_endian_view(array)
+            piece = data[offset : offset + chunk]
+            yield name, spec, offset, piece
+            offset += len(piece)
+            if offset >= len(data):
+                break
+
+
+def _digest(weights: Mapping[str, np.ndarray], sha256: str | None) -> pb.WeightsChunk:
+    total = sum(array.nbytes for array in weights.values())
+    return pb.WeightsChunk(digest=pb.WeightsDigest(tensor_count=len(weights), total_bytes=total, sha256=sha256 or weights_sha256(weights)))
+
+
+def _packed(sized: Iterable[tuple[object, int]], limit: int) -> Iterator[list]:
+    """Items grouped in order into messages of at most `limit` bytes (an item larger than that goes alone);
+    `sized` gives each item with the bytes it adds to a message. The last group may be empty."""
+    group: list = []
+    size = 0
+    for item, length in sized:
+        if group and size + length > limit:
+            yield group
+            group, size = [], 0
+        group.append(item)
+        size += length
+    yield group
+
+
+def iter_weight_chunks(weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, sha256: str | None = None,
+                       pack: bool = False) -> Iterator[pb.WeightsChunk]:
+    """A weights stream: each tensor in pieces of at most `max_chunk_bytes`, in name order (so a receiver
+    can hash as the bytes arrive), then the digest. `sha256`: the set's checksum where the sender
+    already knows it (a worker keeps its own), so it is not computed again. `pack`: a packed stream
+    (worker.proto, WeightsChunk): pieces share messages, the digest rides in the last one.
+    As messages, for tools and tests that change them; senders use `encode_weight_chunks`."""
+    for message in encode_weight_chunks(weights, max_chunk_bytes, sha256, pack):
+        yield pb.WeightsChunk.FromString(message)
+
+
+
+def _encoded_pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> Iterator[tuple[tuple, int]]:
+    """Each piece as a serialized TensorPiece in parts (the tensor's data is one of them, uncopied), with its length."""
+    for name, spec, offset, piece in _pieces(weights, max_chunk_bytes):
+        head = pb.Tensor(name=name, dtype=dtype_to_proto(spec.dtype), shape=spec.shape).SerializeToString()
+        data_head = _DATA_KEY + _varint(len(piece)) if len(piece) else b""  # proto3 leaves empty bytes out
+        tensor_length = len(head) + len(data_head) + len(piece)
+        tail = _OFFSET_KEY + _varint(offset) if offset else b""
+        parts = (_TENSOR_KEY, _varint(tensor_length), head, data_head, piece, tail)
+        yield parts, sum(len(part) for part in parts)
+
+
+def encode_weight_chunks(weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, sha256: str | None = None,
+                         pack: bool = False) -> Iterator[bytes]:
+    """A weights stream (see iter_weight_chunks) as the bytes protobuf would write for its messages, made
+    with one copy of the tensor data per message instead of three (bytes, message, serialization)."""
+    pieces = _encoded_pieces(weights, max_chunk_bytes)
+    if not pack:
+        for parts, length in pieces:
+            yield b"".join((_PIECE_KEY, _varint(length), *parts))
+        yield _digest(weights, sha256).SerializeToString()
+        return
+    sized = (((_PIECES_KEY, _varint(length), *parts), len(_PIECES_KEY) + len(_varint(length)) + length) for parts, length in pieces)
+    groups = _packed(sized, _chunk_bytes(max_chunk_bytes))
+    previous = next(groups)
+    for group in groups:
+        yield b"".join(part for item in previous for part in item)
+        previous = group
+    # the digest (field 2) before the last pieces (field 3), the order protobuf writes them in
+    yield b"".join((_digest(weights, sha256).SerializeToString(), *(part for item in previous for part in item)))
+
+
+def holds_digest(message: bytes) -> bool:
+    """Whether a serialized WeightsChunk holds the digest, which ends its stream, without decoding it: protobuf
+    writes fields in number order, and the digest (2) comes before packed pieces (3). (A message from an
+    encoder that writes another order is just not recognised; its stream then ends the usual way.)"""
+    return message[:1] == _DIGEST_KEY
+
+
+def until_digest(messages: Iterable[pb.WeightsChunk | StreamMessage]) -> Iterator[pb.WeightsChunk | StreamMessage]:
+    """A weights stream up to its digest, without waiting for the stream's end after it (a receiver that
+    pulls need not wait for the sender's trailing status)."""
+    for message in messages:
+        yield message
+        if (message.digest is not None) if isinstance(message, StreamMessage) else message.WhichOneof("part") == "digest":
+            return
+
+
+def decode_chunk(data: bytes) -> StreamMessage:
+    """A serialized WeightsChunk, decoded without copying its tensor bytes (protobuf's parser copies each
+    piece's data twice: into the message, then out as `bytes`). Messages laid out as protobuf writes
+    them (fields in number order, each once, packed pieces repeated; no unknown fields) are read here;
+    any other bytes go to protobuf's own parser, so both read every input alike
+    (tests/unit/test_codec.py). Raises protobuf's DecodeError for bad bytes."""
+    try:
+        return _decode_chunk_fast(data)
+    except _NotFastPath:
+        return stream_message(pb.WeightsChunk.FromString(data))
+
+
+class _NotFastPath(Exception):
+    """Bytes decode_chunk leaves to protobuf's parser."""
+
+
+# field number -> wire type, per message (decode_chunk)
+_CHUNK_LAYOUT = {_CHUNK_PIECE: _LENGTH, _CHUNK_DIGEST: _LENGTH, _CHUNK_PIECES: _LENGTH}
+_PIECE_LAYOUT = {_PIECE_TENSOR: _LENGTH, _PIECE_OFFSET: _VARINT}
+_TENSOR_LAYOUT = {_TENSOR_NAME: _LENGTH, _TENSOR_DTYPE: _VARINT, _TENSOR_SHAPE: _LENGTH, _TENSOR_DATA: _LENGTH}
+_DIGEST_LAYOUT = {_DIGEST_COUNT: _VARINT, _DIGEST_BYTES: _VARINT, _DIGEST_SHA: _LENGTH}
+
+
+def _varint_at(data: bytes, position: int, end: int) -> tuple[int, int]:
+    """The varint at `position` (at most 10 bytes, below 2**64) and the position after it."""
+    value = shift = 0
+    while position < end and shift < 70:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            if value >> 64:
+                raise _NotFastPath
+            return value, position
+        shift += 7
+    raise _NotFastPath
+
+
+def _fields(data: bytes, position: int, end: int, layout: Mapping[int, int], repeated: int = 0) -> Iterator[tuple[int, int | tuple[int, int]]]:
+    """(number, value) of each field of the message in data[position:end]: a varint's value, or a
+    length-delimited field's (start, end). Fields must have `layout`'s wire types and come in rising
+    number order, each once (`repeated` may come again)."""
+    last = 0
+    while position < end:
+        key, position = _varint_at(data, position, end)
+        number, wire = key >> 3, key & 7
+        if layout.get(number) != wire or number < last or (number == last and number != repeated):
+            raise _NotFastPath
+        last = number
+        if wire == _VARINT:
+            value, position = _varint_at(data, position, end)
+            yield number, value
+        else:
+            length, position = _varint_at(data, position, end)
+            if length > end - position:
+                raise _NotFastPath
+            yield number, (position, position + length)
+            position += length
+
+
+def _text(data: bytes, span: tuple[int, int]) -> str:
+    try:
+        return str(data[span[0] : span[1]], "utf-8")
+    except UnicodeDecodeError:
+        raise _NotFastPath from None
+
+
+def _decode_chunk_fast(data: bytes) -> StreamMessage:
+    view = memoryview(data)
+    pieces: list[WirePiece] = []
+    piece: WirePiece | None = None
+    digest: WireDigest | None = None
+    for number, span in _fields(data, 0, len(data), _CHUNK_LAYOUT, repeated=_CHUNK_PIECES):
+        if number == _CHUNK_DIGEST:
+            digest = _decode_digest_fast(data, span)
+        elif number == _CHUNK_PIECES:
+            pieces.append(_decode_piece_fast(data, view, span))
+        else:
+            piece = _decode_piece_fast(data, view, span)
+    if piece is not None:
+        if digest is not None:  # the oneof set twice (protobuf keeps the later)
+            raise _NotFastPath
+        pieces.append(piece)
+    return StreamMessage(tuple(pieces), digest)
+
+
+def _decode_piece_fast(data: bytes, view: memoryview, span: tuple[int, int]) -> WirePiece:
+    name, dtype, shape, payload, offset = "", 0, (), b"", 0
+    for number, value in _fields(data, *span, _PIECE_LAYOUT):
+        if number == _PIECE_OFFSET:
+            offset = value
+            continue
+        for field, content in _fields(data, *value, _TENSOR_LAYOUT):
+            if field == _TENSOR_NAME:
+                name = _text(data, content)
+            elif field == _TENSOR_DTYPE:
+                if content >= 1 << 31:  # an enum is an int32: protobuf reads larger varints its own way
+                    raise _NotFastPath
+                dtype = content
+            elif field == _TENSOR_SHAPE:  # packed int64s
+                dims, position = [], content[0]
+                while position < content[1]:
+                    dim, position = _varint_at(data, position, content[1])
+                    dims.append(dim - (1 << 64) if dim >> 63 else dim)
+                shape = tuple(dims)
+            else:
+                payload = view[content[0] : content[1]]
+    return WirePiece(name, dtype, shape, offset, payload)
+
+
+def _decode_digest_fast(data: bytes, span: tuple[int, int]) -> WireDigest:
+    count, total, sha = 0, 0, ""
+    for number, value in _fields(data, *span, _DIGEST_LAYOUT):
+        if number == _DIGEST_COUNT:
+            if value >> 32:  # a uint32: protobuf reads larger varints its own way
+                raise _NotFastPath
+            count = value
+        elif number == _DIGEST_BYTES:
+            total = value
+        else:
+            sha = _text(data, value)
+    return WireDigest(count, total, sha)

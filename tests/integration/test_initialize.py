@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.support import write_cifar10
-from weightrelay import codec, models, reference
+from weightrelay import codec, errors, models, reference
 from weightrelay.data import load_dataset
 from weightrelay.metrics import log_softmax
 from weightrelay.v1 import worker_pb2 as pb
@@ -105,6 +105,7 @@ def test_initialize_during_training_is_refused(worker):
     with pytest.raises(grpc.RpcError) as info:
         worker.client.initialize("mlp")
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "training" in info.value.details()
+    assert errors.reason_of(info.value) == errors.WORKER_TRAINING
     stream.cancel()
     deadline = 60
     start = time.monotonic()

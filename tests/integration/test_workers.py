@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from tests.support import seed_manifest as canonical_manifest
 from tests.support import wait_until_free
-from weightrelay import codec, models
+from weightrelay import codec, errors, models
 from weightrelay.data import load_mnist
 from weightrelay.v1 import worker_pb2 as pb
 
@@ -110,6 +110,17 @@ def test_train_rejects_bad_arguments(worker):
         list(worker.client.train(pb.TrainRequest(objective="swap:1,11", momentum=1.5)))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "out of range" in info.value.details() and "momentum" in info.value.details()
+
+
+def test_steps_of_a_schedule_whose_batches_are_larger_than_the_samples(worker):
+    """With fewer samples than a batch, each epoch is one batch of every sample (adapter.schedule): two
+    epochs are two steps, and the second can be run alone (twin mode does), the third is past the end."""
+    events = list(worker.client.train(pb.TrainRequest(epochs=2, batch_size=64, max_samples=10, seed=1, start_step=1, max_steps=1)))
+    assert events[-1].summary.samples_seen == 10
+    with pytest.raises(grpc.RpcError) as info:
+        list(worker.client.train(pb.TrainRequest(epochs=2, batch_size=64, max_samples=10, seed=1, start_step=2)))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "start_step 2 is past the schedule's 2 steps" in info.value.details()
 
 
 def test_evaluate_scores_the_true_test_labels(worker, mnist):
@@ -224,14 +235,17 @@ def test_calls_during_training_get_failed_precondition_and_cancel_stops_training
     assert first.WhichOneof("event") == "progress"
     described = worker.client.describe()  # Describe answers during training
     assert described.framework == worker.name and described.weights_sha256 == ""
-    for call in (worker.client.evaluate, worker.client.get_weights):
+    pull = lambda: worker.client.stub.PullWeights(pb.PullWeightsRequest(address=worker.address), timeout=30)  # noqa: E731
+    for call in (worker.client.evaluate, worker.client.get_weights, pull):
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "training" in info.value.details()
+        assert errors.reason_of(info.value) == errors.WORKER_TRAINING  # what a client tests, not the message
     with pytest.raises(grpc.RpcError) as info:
         list(worker.client.train(pb.TrainRequest(epochs=1)))
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert errors.reason_of(info.value) == errors.WORKER_TRAINING
     stream.cancel()
     # The worker stops training at its next progress report and serves again.
     wait_until_free(worker, 60, "the worker kept training after the client cancelled", poll=0.2)

@@ -7,8 +7,12 @@ from dataclasses import dataclass
 
 import grpc
 
+from weightrelay import codec
 from weightrelay.client import CHANNEL_OPTIONS, decoded_get_weights
+from weightrelay.errors import Refused
 from weightrelay.security import ClientSecurity
+from weightrelay.store import Received, WeightStore
+from weightrelay.v1 import worker_pb2 as pb
 
 #: A pull's channel to its peer, without the client's retries: a sender killed as the pull began would
 #: leave a retried GetWeights waiting until the caller's deadline; without retries the pull fails at once,
@@ -46,6 +50,30 @@ class PeerChannels:
             while len(self._peers) > MAX_PEERS:
                 self._peers.pop(next(iter(self._peers))).channel.close()
             return peer
+
+    def pull(self, request: pb.PullWeightsRequest, timeout: float | None, store: WeightStore) -> Received:
+        """A peer's set, streamed from its GetWeights into `store` and checked like a SetWeights (apply it
+        with store.apply). Refuses what the peer could not send, what does not fit, or another checksum than
+        the request expects."""
+        chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
+        try:
+            stream = self.get(request.address).get_weights(pb.GetWeightsRequest(max_chunk_bytes=chunk, pack_pieces=True), timeout=timeout)
+            try:
+                received = store.receive(codec.until_digest(stream))
+            finally:
+                stream.cancel()  # the digest was the last message: nothing of the stream is left but its end
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.drop(request.address)
+            code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else grpc.StatusCode.FAILED_PRECONDITION
+            raise Refused(code, f"pulling from {request.address}: {exc.code().name}: {exc.details()}") from None
+        except codec.TensorError as exc:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"the weights of {request.address} do not fit this model: {exc}") from None
+        if request.expected_sha256 and received.sha256 != request.expected_sha256.lower():
+            store.discard(received)
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{request.address} sent sha256 {received.sha256[:12]}..., "
+                          f"expected {request.expected_sha256[:12]}...: is that the right worker?")
+        return received
 
     def drop(self, address: str) -> None:
         """Close the channel to a peer that could not be reached: the next pull opens a new one."""

@@ -22,7 +22,7 @@ import grpc
 
 import weightrelay
 from weightrelay import codec, defaults, models
-from weightrelay.adapter import FrameworkAdapter, ModelThread, TrainConfig, TrainingCancelled, TrainProgress, TrainResult, schedule_steps
+from weightrelay.adapter import FrameworkAdapter, ModelThread, TrainingCancelled, TrainProgress, TrainResult
 from weightrelay.data import DataError, Dataset, UnknownDataset
 from weightrelay.errors import Refused, abort, abort_refused
 from weightrelay.gate import MAX_MODEL_CALLS, ModelGate
@@ -30,8 +30,8 @@ from weightrelay.metrics import evaluate_logits
 from weightrelay.models import ModelSpec, ResolvedModel, SpecError
 from weightrelay.objectives import Objective, parse_objective
 from weightrelay.peers import PeerChannels
-from weightrelay.store import Received, WeightStore
-from weightrelay.training import TrainingDiverged, TrainingEnded, TrainingRun
+from weightrelay.store import WeightStore
+from weightrelay.training import TrainingDiverged, TrainingEnded, TrainingRun, train_config
 from weightrelay.v1 import worker_pb2 as pb
 from weightrelay.v1 import worker_pb2_grpc as pb_grpc
 
@@ -110,6 +110,21 @@ def idle_guarded(requests: Iterator, context: grpc.ServicerContext, idle_seconds
         yield item
 
 
+def dataset_info(data: Dataset) -> pb.DatasetInfo:
+    """What Describe and Initialize say of a data set."""
+    return pb.DatasetInfo(
+        name=data.name,
+        fingerprint=data.fingerprint,
+        train_samples=len(data.train.y),
+        test_samples=len(data.test.y),
+        data_dir=str(data.data_dir),
+        class_names=data.class_names,
+        input_shape=data.input_shape,
+        mean=data.mean,
+        std=data.std,
+    )
+
+
 class WorkerServicer(pb_grpc.WorkerServicer):
     """Serves one adapter's model. One model operation runs at a time; Train holds the model for its
     whole run, and other model calls meanwhile get FAILED_PRECONDITION instead of waiting. Describe
@@ -183,51 +198,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         except DataError as exc:  # missing or damaged files
             raise InitializeError(grpc.StatusCode.FAILED_PRECONDITION, str(exc)) from None
 
-    def _dataset_info(self) -> pb.DatasetInfo:
-        return pb.DatasetInfo(
-            name=self.data.name,
-            fingerprint=self.data.fingerprint,
-            train_samples=len(self.data.train.y),
-            test_samples=len(self.data.test.y),
-            data_dir=str(self.data.data_dir),
-            class_names=self.data.class_names,
-            input_shape=self.data.input_shape,
-            mean=self.data.mean,
-            std=self.data.std,
-        )
-
-    def _train_config(self, request: pb.TrainRequest) -> tuple[TrainConfig, Objective]:
-        """The Train's settings (0 meaning the default) and objective, every problem named at once."""
-        train_samples = len(self.data.train.y)
-        config = TrainConfig(
-            epochs=request.epochs or defaults.EPOCHS,
-            batch_size=request.batch_size or defaults.BATCH_SIZE,
-            learning_rate=request.learning_rate or defaults.LEARNING_RATE,
-            momentum=request.momentum,
-            seed=request.seed,
-            progress_every_batches=request.progress_every_batches,
-            start_step=request.start_step,
-            max_steps=request.max_steps,
-            keep_optimizer=request.keep_optimizer,
-        )
-        problems = [problem for problem in (defaults.epochs_problem(request.epochs), defaults.learning_rate_problem(request.learning_rate),
-                                            defaults.momentum_problem(request.momentum)) if problem]
-        if request.batch_size > train_samples:
-            problems.append(f"batch_size {request.batch_size} is larger than the {train_samples} training samples")
-        samples = min(request.max_samples or train_samples, train_samples)
-        total_steps = schedule_steps(config, samples)
-        if request.start_step and request.start_step >= total_steps:
-            problems.append(f"start_step {request.start_step} is past the schedule's {total_steps} steps")
-        objective = self.objective
-        if request.objective:
-            try:
-                objective = parse_objective(request.objective, self.data.num_classes)
-            except ValueError as exc:
-                problems.append(str(exc))
-        if problems:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
-        return config, objective
-
     def _train_summary(self, ended: TrainingEnded, objective: Objective) -> pb.TrainEvent:
         """The Train's last event, or its refusal: how it ended, as the contract says."""
         outcome = ended.outcome
@@ -261,29 +231,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 self.gate.end_training()
         return finished
 
-    def _pull(self, request: pb.PullWeightsRequest, context: grpc.ServicerContext) -> Received:
-        """A peer's set, streamed from its GetWeights into this worker and checked like a SetWeights."""
-        chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
-        try:
-            get_weights = self.peers.get(request.address).get_weights
-            stream = get_weights(pb.GetWeightsRequest(max_chunk_bytes=chunk, pack_pieces=True), timeout=_remaining(context))
-            try:
-                received = self.store.receive(codec.until_digest(stream))
-            finally:
-                stream.cancel()  # the digest was the last message: nothing of the stream is left but its end
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self.peers.drop(request.address)
-            code = exc.code() if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) else grpc.StatusCode.FAILED_PRECONDITION
-            raise Refused(code, f"pulling from {request.address}: {exc.code().name}: {exc.details()}") from None
-        except codec.TensorError as exc:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"the weights of {request.address} do not fit this model: {exc}") from None
-        if request.expected_sha256 and received.sha256 != request.expected_sha256.lower():
-            self.store.discard(received)
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"{request.address} sent sha256 {received.sha256[:12]}..., "
-                          f"expected {request.expected_sha256[:12]}...: is that the right worker?")
-        return received
-
     # -- RPCs ---------------------------------------------------------------------------------------
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeReply:
         version, backend = self.adapter.versions()
@@ -294,7 +241,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             device=self.adapter.device(),
             architecture=self.model.describe(),
             parameters=[codec.spec_to_proto(spec) for spec in self.manifest.values()],
-            dataset=self._dataset_info(),
+            dataset=dataset_info(self.data),
             objective=self.objective.name,
             weights_sha256="" if self.gate.training else self.store.sha256,
             worker_version=weightrelay.__version__,
@@ -317,7 +264,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             weights_sha256=self.store.sha256,
             model=models.to_proto(resolved.spec),
             architecture=resolved.describe(),
-            dataset=self._dataset_info(),
+            dataset=dataset_info(self.data),
             parameter_count=resolved.parameter_count,
             objective=self.objective.name,
         )
@@ -329,7 +276,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         cancelled = threading.Event()
         if not context.add_callback(cancelled.set):
             return
-        config, objective = self._train_config(request)
+        config, objective = train_config(request, self.data, self.objective)
         limit = request.max_samples or len(self.data.train.y)
         x, y = self.data.train.x[:limit], objective.apply(self.data.train.y[:limit])
         self.gate.start_training(context)
@@ -398,5 +345,5 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         """Stream a peer's GetWeights straight into this model: one hop, checked like a SetWeights."""
         with self.gate.admitted("PullWeights"):
             self.gate.refuse_while_training()
-            received = self._pull(request, context)
+            received = self.peers.pull(request, _remaining(context), self.store)
             return self.store.apply(received, context)

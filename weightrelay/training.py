@@ -11,10 +11,50 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from weightrelay import codec
-from weightrelay.adapter import ModelThread, NonFiniteLoss, ProgressTracker, TrainConfig, TrainProgress, TrainResult
+import grpc
+
+from weightrelay import codec, defaults
+from weightrelay.adapter import ModelThread, NonFiniteLoss, ProgressTracker, TrainConfig, TrainProgress, TrainResult, schedule_steps
+from weightrelay.data import Dataset
+from weightrelay.errors import Refused
+from weightrelay.objectives import Objective, parse_objective
+from weightrelay.v1 import worker_pb2 as pb
 
 _DONE = object()
+
+
+def train_config(request: pb.TrainRequest, data: Dataset, current: Objective) -> tuple[TrainConfig, Objective]:
+    """A Train request's settings (0 meaning the default) and objective (`current` when it names none) on
+    `data`; every problem named at once (INVALID_ARGUMENT)."""
+    train_samples = len(data.train.y)
+    config = TrainConfig(
+        epochs=request.epochs or defaults.EPOCHS,
+        batch_size=request.batch_size or defaults.BATCH_SIZE,
+        learning_rate=request.learning_rate or defaults.LEARNING_RATE,
+        momentum=request.momentum,
+        seed=request.seed,
+        progress_every_batches=request.progress_every_batches,
+        start_step=request.start_step,
+        max_steps=request.max_steps,
+        keep_optimizer=request.keep_optimizer,
+    )
+    problems = [problem for problem in (defaults.epochs_problem(request.epochs), defaults.learning_rate_problem(request.learning_rate),
+                                        defaults.momentum_problem(request.momentum)) if problem]
+    if request.batch_size > train_samples:
+        problems.append(f"batch_size {request.batch_size} is larger than the {train_samples} training samples")
+    samples = min(request.max_samples or train_samples, train_samples)
+    total_steps = schedule_steps(config, samples)
+    if request.start_step and request.start_step >= total_steps:
+        problems.append(f"start_step {request.start_step} is past the schedule's {total_steps} steps")
+    objective = current
+    if request.objective:
+        try:
+            objective = parse_objective(request.objective, data.num_classes)
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+    return config, objective
 
 
 class TrainingDiverged(Exception):

@@ -21,7 +21,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
-## Unit tests only (seconds; no workers started).
+## Unit tests only (no workers started).
 test-fast: install
 	$(BIN)/python -m pytest tests/unit
 

@@ -7,9 +7,9 @@ Keras trains (true labels), is scored, and the weights go back and are scored. T
 does it in one process with both frameworks (torch's optimizer created before Keras is imported:
 the other way round segfaults), copying weights in memory and calling `model.fit` with its
 defaults. The system is `coordinator run --local`. The two take turns, in --blocks blocks of
---rounds rounds each (this machine has slow spells that last minutes: one long run of each put a
-spell on one side only). Reported: the median of every block's rounds but its first (which pays
-for warm-up), and the ratio system / reference; also each block's own ratio.
+--rounds rounds each, so that a slow spell of a shared machine (they can last minutes) falls on both
+sides alike rather than on one long run. Reported: the median of every block's rounds but its first
+(which pays for warm-up), and the ratio system / reference; also each block's own ratio.
 """
 
 from __future__ import annotations

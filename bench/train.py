@@ -4,9 +4,9 @@ Same data (MNIST, 60,000 images), the seed's MLP, batch 64, SGD lr 0.01 momentum
 median of --epochs timed epochs after a warm-up. The worker is timed after a SetWeights and an
 Evaluate (as in a relay round), from its Train summary; the idiomatic loop runs in a fresh process
 of its own: a plain PyTorch loop, Keras `model.fit` with its defaults, a jitted optax step for JAX.
-The two take turns, an epoch each (this machine has slow spells that last minutes: measured one
-after the other, a spell fell on one side only). Both run where the framework puts them by default
-(a GPU where there is one), as the worker's --device auto.
+The two take turns, an epoch each, so that a slow spell of a shared machine (they can last
+minutes) falls on both sides alike. Both run where the framework puts them by default (a GPU where
+there is one), as the worker's --device auto.
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ receiver N times in one process: by pull (worker to worker, the default) and for
 coordinator. Reported, of the fastest move: GB/s from the move's start to the receiver's weights
 applied and verified; the median move's seconds; and over all N: the coordinator's peak RSS, and the
 receiving worker's peak RSS during the moves (its high-water mark is reset first) as a multiple of
-the set. Sets under 64 MiB move 50 times, larger ones 5 (a 1 MiB move takes about 5 ms, and on a
-shared machine the fastest of 5 such is mostly luck). Beside them, the same arrays go through Flower's parameter codec
-(`ndarrays_to_parameters`, one unary gRPC message, `parameters_to_ndarrays`: bench/flower_peer.py),
-run in a virtual environment of its own because flwr pins an older protobuf than this project's.
+the set. Sets under 64 MiB move 50 times, larger ones 5: a small move is so short that on a shared
+machine the fastest of a few is mostly luck, so the median is reported beside the fastest. Beside
+them, the same arrays go through Flower's parameter codec (`ndarrays_to_parameters`, one unary gRPC
+message, `parameters_to_ndarrays`: bench/flower_peer.py), run in a virtual environment of its own
+because flwr pins an older protobuf than this project's. The current figures are in bench/README.md.
 """
 
 from __future__ import annotations

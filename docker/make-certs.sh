@@ -3,6 +3,9 @@
 # weightrelay's TLS and mutual TLS. Usage: docker/make-certs.sh DIR [SERVER_NAME ...]
 # The server certificate is valid for localhost, 127.0.0.1 and each SERVER_NAME (e.g. torch-worker
 # keras-worker for compose, or the Kubernetes service names). Keys are unencrypted, mode 0600.
+# The server certificate is for serverAuth only: with --tls-client-ca a worker's pull from its peer
+# (which presents this certificate as its client certificate) is refused in the handshake, and the
+# coordinator forwards the move instead (see docs/security.md).
 set -euo pipefail
 dir="${1:?usage: $0 DIR [SERVER_NAME ...]}"
 shift

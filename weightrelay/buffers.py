@@ -1,11 +1,10 @@
 """A spare weight-set-sized buffer that a worker keeps between moves.
 
-Touching memory for the first time costs a page fault per page; on virtual machines that hand
-freed pages back to their host (this project's 2-core machine: about 2.5 s per GiB) that is
-far slower than copying into pages already touched (about 0.1 s per GiB). A large set moves
-through a worker once per send (a snapshot of the model) and once per receive (the set as it
-arrives, checked before it is applied), so the worker keeps one buffer of the set's size and
-reuses it: after its first move a worker holds about twice its set, and later moves never
+Touching memory for the first time costs a page fault per page, and on virtual machines that hand
+freed pages back to their host that costs many times more than copying into pages already touched.
+A large set moves through a worker once per send (a snapshot of the model) and once per receive
+(the set as it arrives, checked before it is applied), so the worker keeps one buffer of the set's
+size and reuses it: after its first move a worker holds about twice its set, and later moves never
 allocate a set again. Initialize keeps the spare only when the new model's set has the same size.
 """
 
@@ -34,9 +33,9 @@ def keep_freed_memory() -> bool:
 
     A weights stream allocates and frees a few MiB per message (the bytes, the protobuf message,
     its serialization). With glibc's defaults such blocks are mmap'd or trimmed off the heap when
-    freed, so every message touches fresh pages: in this project's measurements that made building
-    a GiB of messages 3x slower and serializing them 7x slower. Called once at start by workers
-    and the coordinator; False where the C library is not glibc (nothing changed).
+    freed, so every message would touch fresh pages and pay their page faults again; kept on the
+    heap, each message reuses the memory of the one before. Called once at start by workers and
+    the coordinator; False where the C library is not glibc (nothing changed).
     """
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

@@ -3,9 +3,8 @@
 # weightrelay's TLS and mutual TLS. Usage: docker/make-certs.sh DIR [SERVER_NAME ...]
 # The server certificate is valid for localhost, 127.0.0.1 and each SERVER_NAME (e.g. torch-worker
 # keras-worker for compose, or the Kubernetes service names). Keys are unencrypted, mode 0600.
-# The server certificate is for serverAuth only: with --tls-client-ca a worker's pull from its peer
-# (which presents this certificate as its client certificate) is refused in the handshake, and the
-# coordinator forwards the move instead (see docs/security.md).
+# The server certificate is also good for client authentication: a worker pulling weights from its
+# peer presents it as its client certificate, which a peer with --tls-client-ca requires.
 set -euo pipefail
 dir="${1:?usage: $0 DIR [SERVER_NAME ...]}"
 shift
@@ -26,7 +25,7 @@ issue() {  # issue NAME CN EXTENSIONS
   rm -f "$1.csr" "$1.ext"
 }
 issue server weightrelay-worker "subjectAltName=$san
-extendedKeyUsage=serverAuth"
+extendedKeyUsage=serverAuth,clientAuth"
 issue client weightrelay-coordinator "extendedKeyUsage=clientAuth"
 chmod 644 ca.crt server.crt client.crt
 echo "made $dir: ca.crt ca.key server.crt server.key client.crt client.key (server names: $san)"

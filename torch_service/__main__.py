@@ -7,10 +7,10 @@ from weightrelay.server import worker_main
 
 DEFAULT_PORT = 50051
 #: How long torch's OpenMP threads busy-wait for more work after each parallel operation (libgomp's
-#: spin count). libgomp's default, 300,000 spins, kept a core busy for several milliseconds after
-#: every operation: on a small machine that CPU was taken from the peer worker and the gRPC threads,
-#: and a 1 MiB weight move took twice as long; 10,000 cost the seed's epoch nothing measurable here.
-#: Set GOMP_SPINCOUNT yourself to choose otherwise.
+#: spin count). libgomp's default keeps a core spinning long after every operation: on a small machine
+#: that CPU is taken from the peer worker and the gRPC threads, which slows small weight moves, while
+#: a shorter spin leaves training's speed as it was (bench/README.md). Set GOMP_SPINCOUNT yourself to
+#: choose otherwise.
 GOMP_SPINCOUNT = "10000"
 
 

@@ -216,8 +216,8 @@ class ModelThread:
 
     The gRPC server calls from a pool of threads; frameworks keep per-thread state (each calling
     thread gets its own OpenMP team in PyTorch, and libgomp throttles its spinning once it manages
-    more threads than there are cores), so a worker's epoch ran 2-3 times slower than the same loop
-    in a plain process once a second thread had touched the model. Here every operation that
+    more threads than there are cores), so a model touched from several threads trains slower than
+    the same loop in a plain process. Here every operation that
     touches the model (build, train, predict, get/set weights) goes to the one model thread; the
     rest (names, versions, the device) is read directly, so Describe still answers during training.
     """
@@ -311,7 +311,7 @@ class FrameworkAdapter(abc.ABC):
     def thread_free(self, operation: str, *args) -> bool:
         """Whether `operation(*args)` starts none of the framework's threads (plain memory copies, pointer
         swaps), so the worker may run it on the calling thread instead of handing it to the model thread
-        (ModelThread): a hand-over wakes two threads, 0.1-0.3 ms, several times a small move. The
+        (ModelThread): a hand-over wakes two threads, several times in a small move. The
         worker calls model operations only while it holds the model, so nothing else runs on it then.
         This default: none."""
         return False
@@ -319,7 +319,7 @@ class FrameworkAdapter(abc.ABC):
     def weight_views(self) -> WeightSet | None:
         """The manifest's tensors as arrays that share the model's memory (canonical layout, little-endian),
         or None (this default) where the framework has no such view. The worker streams large sets from
-        them while it holds the model (service.DirectRead), instead of from a snapshot."""
+        them while it holds the model (store.DirectRead), instead of from a snapshot."""
         return None
 
     def adopt_weights(self, weights: WeightSet) -> bool:
@@ -329,7 +329,7 @@ class FrameworkAdapter(abc.ABC):
 
         The service passes sets it received into memory it then keeps for the model (weightrelay.buffers);
         taking them saves the copy, and for small sets the backup and read-back that make a copy all or
-        nothing (a 1 MiB move: about 1 ms of 5; a 1 GiB move: 70 ms)."""
+        nothing."""
         return False
 
     @abc.abstractmethod

@@ -167,7 +167,7 @@ def test_large_sets_land_exactly_and_train_on_in_every_direction(torch_worker, j
 
 
 def test_a_large_set_read_slowly_leaves_the_model_to_other_calls_and_arrives_as_it_was(torch_worker, start_worker):
-    """A large set streams straight from a PyTorch model's memory (service.DirectRead) while the model is
+    """A large set streams straight from a PyTorch model's memory (store.DirectRead) while the model is
     held; a call that wants the model meanwhile (a SetWeights, a Train, a second GetWeights) gets it
     without waiting for the slow reader, and the reader still receives the weights of when it started."""
     other = start_worker("torch")

@@ -100,7 +100,7 @@ def _pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> Iterator
     """(name, spec, offset, bytes) of each piece of a weights stream: tensors in name order, each in
     pieces of at most `max_chunk_bytes` (0: MAX_CHUNK_BYTES); an empty tensor is one empty piece.
     Each piece is cut from what `weights[name]` is when the piece is made (a worker's direct read
-    swaps the model's memory for a copy mid-stream; see service.DirectRead)."""
+    swaps the model's memory for a copy mid-stream; see store.DirectRead)."""
     chunk = _chunk_bytes(max_chunk_bytes)
     for name in sorted(weights):
         array = weights[name]

@@ -1,9 +1,11 @@
-"""Who may use a worker's model now: admission of model calls, the model itself, and training.
+"""Who may use a worker's model now: admission of model calls, the model itself, training, and the lease.
 
 Every model RPC goes through one ModelGate: it is admitted (at most `max_calls` model calls run or
 wait at once, so they never take the threads that health checks and Describe need), then holds the
 model (one model operation at a time). A Train holds the model for its whole run; other calls
 meanwhile are refused at once (FAILED_PRECONDITION, reason WORKER_TRAINING) instead of waiting.
+A call that changes the model holds it only when the worker's lease (leases.py) lets it: the check
+and the change happen under the same hold, so no other run's grant can come between them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Callable, Iterator
 import grpc
 
 from weightrelay.errors import WORKER_TRAINING, Refused
+from weightrelay.leases import Leases
 
 #: Model calls (Initialize, Train, Evaluate, GetWeights, SetWeights, PullWeights) running or waiting
 #: for the model at once; more get RESOURCE_EXHAUSTED at once.
@@ -36,6 +39,7 @@ class ModelGate:
         self._admission = threading.BoundedSemaphore(max_calls)
         self._lock = threading.Lock()
         self.training = False
+        self.leases = Leases()
         self.on_wait: Callable[[], None] = lambda: None
 
     # -- admission ----------------------------------------------------------------------------------
@@ -61,32 +65,45 @@ class ModelGate:
         if self.training:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"the worker is training; {what}", WORKER_TRAINING)
 
-    def hold(self, context: grpc.ServicerContext) -> None:
+    def check_lease(self, context: grpc.ServicerContext, method: str) -> None:
+        """Refuse `method`, a call that would change the worker, unless the lease lets the caller (early,
+        before a call does work; `hold(context, method)` checks again under the hold)."""
+        self.leases.check(context, method)
+
+    def hold(self, context: grpc.ServicerContext, changes: str = "") -> None:
         """Take the model: wait while another short call holds it, refuse while a Train does, and give
-        up when the caller has gone (cancelled, deadline passed). Pair with let_go()."""
+        up when the caller has gone (cancelled, deadline passed). A call that `changes` the model (its
+        method's name) must also be let by the lease. Pair with let_go()."""
         while not self._lock.acquire(blocking=False):
             self.on_wait()
             if self._lock.acquire(timeout=_POLL_SECONDS):
-                return
+                break
             self.refuse_while_training()
             if not context.is_active():
                 raise Refused(grpc.StatusCode.CANCELLED, "the call ended while it waited for the model")
+        if changes:
+            try:
+                self.leases.check(context, changes)
+            except BaseException:
+                self._lock.release()
+                raise
 
     def let_go(self) -> None:
         self._lock.release()
 
     @contextmanager
-    def holding(self, context: grpc.ServicerContext) -> Iterator[None]:
-        self.hold(context)
+    def holding(self, context: grpc.ServicerContext, changes: str = "") -> Iterator[None]:
+        self.hold(context, changes)
         try:
             yield
         finally:
             self.let_go()
 
     @contextmanager
-    def model_call(self, context: grpc.ServicerContext, method: str) -> Iterator[None]:
-        """Admitted, and holding the model, for the block: a short model call."""
-        with self.admitted(method), self.holding(context):
+    def model_call(self, context: grpc.ServicerContext, method: str, changes: bool = False) -> Iterator[None]:
+        """Admitted, and holding the model, for the block: a short model call (one that `changes` the
+        model only if the lease lets the caller)."""
+        with self.admitted(method), self.holding(context, method if changes else ""):
             yield
 
     # -- training -----------------------------------------------------------------------------------
@@ -96,7 +113,7 @@ class ModelGate:
         try:
             if self.training:
                 raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "the worker is training already; one Train at a time", WORKER_TRAINING)
-            self.hold(context)
+            self.hold(context, "Train")
         except BaseException:
             self.leave()
             raise

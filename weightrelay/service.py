@@ -248,17 +248,23 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             python_version=platform.python_version(),
             model=models.to_proto(self.model.spec),
             accepts_packed_pieces=True,
+            lease=lease.to_proto() if (lease := self.gate.leases.current()) is not None else None,
         )
 
     @_refusals_answered
     def Initialize(self, request: pb.InitializeRequest, context: grpc.ServicerContext) -> pb.InitializeReply:
+        self.gate.check_lease(context, "Initialize")
         self.gate.refuse_while_training("call Initialize when its Train stream has ended")
         try:
             spec = models.from_proto(request.model)
         except SpecError as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"model: {exc}") from None
-        with self.gate.model_call(context, "Initialize"):
+        lease_request = request.lease if request.HasField("lease") else None
+        if lease_request is not None:
+            self.gate.leases.validate(lease_request)
+        with self.gate.model_call(context, "Initialize", changes=True):
             resolved = self.initialize(spec, request.seed, request.dataset, request.objective)
+            lease = self.gate.leases.grant(context, lease_request) if lease_request is not None else None
         return pb.InitializeReply(
             parameters=[codec.spec_to_proto(spec) for spec in self.manifest.values()],
             weights_sha256=self.store.sha256,
@@ -267,6 +273,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             dataset=dataset_info(self.data),
             parameter_count=resolved.parameter_count,
             objective=self.objective.name,
+            lease=lease.to_proto(with_id=True) if lease is not None else None,
         )
 
     @_refusals_answered
@@ -276,6 +283,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         cancelled = threading.Event()
         if not context.add_callback(cancelled.set):
             return
+        self.gate.check_lease(context, "Train")
         config, objective = train_config(request, self.data, self.objective)
         limit = request.max_samples or len(self.data.train.y)
         x, y = self.data.train.x[:limit], objective.apply(self.data.train.y[:limit])
@@ -333,17 +341,28 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     @_refusals_answered
     def SetWeights(self, request_iterator: Iterator[codec.StreamMessage], context: grpc.ServicerContext) -> pb.SetWeightsReply:
+        self.gate.check_lease(context, "SetWeights")
         with self.gate.admitted("SetWeights"):
             try:
                 received = self.store.receive(idle_guarded(request_iterator, context, self.stream_idle_seconds))
             except codec.TensorError as exc:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-            return self.store.apply(received, context)
+            return self.store.apply(received, context, "SetWeights")
 
     @_refusals_answered
     def PullWeights(self, request: pb.PullWeightsRequest, context: grpc.ServicerContext) -> pb.SetWeightsReply:
         """Stream a peer's GetWeights straight into this model: one hop, checked like a SetWeights."""
+        self.gate.check_lease(context, "PullWeights")
         with self.gate.admitted("PullWeights"):
             self.gate.refuse_while_training()
             received = self.peers.pull(request, _remaining(context), self.store)
-            return self.store.apply(received, context)
+            return self.store.apply(received, context, "PullWeights")
+
+    @_refusals_answered
+    def RenewLease(self, request: pb.RenewLeaseRequest, context: grpc.ServicerContext) -> pb.Lease:
+        return self.gate.leases.renew(request.lease_id, request.seconds).to_proto(with_id=True)
+
+    @_refusals_answered
+    def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context: grpc.ServicerContext) -> pb.ReleaseLeaseReply:
+        ended = self.gate.leases.release(request.lease_id, request.force)
+        return pb.ReleaseLeaseReply(released=ended is not None, lease=ended.to_proto() if ended is not None else None)

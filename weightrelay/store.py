@@ -214,13 +214,13 @@ class WeightStore:
     def discard(self, received: Received) -> None:
         self.spare.give_back(received.arena)
 
-    def apply(self, received: Received, context: grpc.ServicerContext) -> pb.SetWeightsReply:
+    def apply(self, received: Received, context: grpc.ServicerContext, method: str) -> pb.SetWeightsReply:
         """Apply a received set all or nothing (taking the model meanwhile); the spare buffer gets back
         whichever arena is free afterwards: the received one, or the model's previous one where the
-        model took the received arena as its own."""
+        model took the received arena as its own. `method` names the call for the lease's check."""
         free: Arena | None = received.arena
         try:
-            self.gate.hold(context)
+            self.gate.hold(context, method)
             try:
                 reply, free = self._apply(received, context)
             finally:

@@ -205,19 +205,69 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerSpec, _Mapping]]] = ...) -> None: ...
 
 class InitializeRequest(_message.Message):
-    __slots__ = ("model", "seed", "dataset", "objective")
+    __slots__ = ("model", "seed", "dataset", "objective", "lease")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     model: ModelSpec
     seed: int
     dataset: str
     objective: str
-    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., objective: _Optional[str] = ...) -> None: ...
+    lease: LeaseRequest
+    def __init__(self, model: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., dataset: _Optional[str] = ..., objective: _Optional[str] = ..., lease: _Optional[_Union[LeaseRequest, _Mapping]] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("run_id", "holder", "seconds")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    holder: str
+    seconds: int
+    def __init__(self, run_id: _Optional[str] = ..., holder: _Optional[str] = ..., seconds: _Optional[int] = ...) -> None: ...
+
+class Lease(_message.Message):
+    __slots__ = ("lease_id", "run_id", "holder", "seconds", "expires_unix")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    run_id: str
+    holder: str
+    seconds: int
+    expires_unix: float
+    def __init__(self, lease_id: _Optional[str] = ..., run_id: _Optional[str] = ..., holder: _Optional[str] = ..., seconds: _Optional[int] = ..., expires_unix: _Optional[float] = ...) -> None: ...
+
+class RenewLeaseRequest(_message.Message):
+    __slots__ = ("lease_id", "seconds")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    seconds: int
+    def __init__(self, lease_id: _Optional[str] = ..., seconds: _Optional[int] = ...) -> None: ...
+
+class ReleaseLeaseRequest(_message.Message):
+    __slots__ = ("lease_id", "force")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    force: bool
+    def __init__(self, lease_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class ReleaseLeaseReply(_message.Message):
+    __slots__ = ("released", "lease")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    lease: Lease
+    def __init__(self, released: _Optional[bool] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class InitializeReply(_message.Message):
-    __slots__ = ("parameters", "weights_sha256", "model", "architecture", "dataset", "parameter_count", "objective")
+    __slots__ = ("parameters", "weights_sha256", "model", "architecture", "dataset", "parameter_count", "objective", "lease")
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -225,6 +275,7 @@ class InitializeReply(_message.Message):
     DATASET_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     parameters: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     weights_sha256: str
     model: ModelSpec
@@ -232,7 +283,8 @@ class InitializeReply(_message.Message):
     dataset: DatasetInfo
     parameter_count: int
     objective: str
-    def __init__(self, parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., weights_sha256: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., architecture: _Optional[str] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., parameter_count: _Optional[int] = ..., objective: _Optional[str] = ...) -> None: ...
+    lease: Lease
+    def __init__(self, parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., weights_sha256: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., architecture: _Optional[str] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., parameter_count: _Optional[int] = ..., objective: _Optional[str] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
     __slots__ = ("epochs", "batch_size", "learning_rate", "momentum", "seed", "objective", "max_samples", "progress_every_batches", "start_step", "max_steps", "keep_optimizer")
@@ -385,7 +437,7 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., data_dir: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("framework", "framework_version", "backend", "device", "architecture", "parameters", "dataset", "objective", "weights_sha256", "worker_version", "python_version", "model", "accepts_packed_pieces")
+    __slots__ = ("framework", "framework_version", "backend", "device", "architecture", "parameters", "dataset", "objective", "weights_sha256", "worker_version", "python_version", "model", "accepts_packed_pieces", "lease")
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
     FRAMEWORK_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -399,6 +451,7 @@ class DescribeReply(_message.Message):
     PYTHON_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PACKED_PIECES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     framework: str
     framework_version: str
     backend: str
@@ -412,4 +465,5 @@ class DescribeReply(_message.Message):
     python_version: str
     model: ModelSpec
     accepts_packed_pieces: bool
-    def __init__(self, framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., objective: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., worker_version: _Optional[str] = ..., python_version: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., accepts_packed_pieces: _Optional[bool] = ...) -> None: ...
+    lease: Lease
+    def __init__(self, framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., objective: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., worker_version: _Optional[str] = ..., python_version: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., accepts_packed_pieces: _Optional[bool] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...

@@ -69,6 +69,16 @@ class WorkerStub:
                 request_serializer=weightrelay_dot_v1_dot_worker__pb2.PullWeightsRequest.SerializeToString,
                 response_deserializer=weightrelay_dot_v1_dot_worker__pb2.SetWeightsReply.FromString,
                 _registered_method=True)
+        self.RenewLease = channel.unary_unary(
+                '/weightrelay.v1.Worker/RenewLease',
+                request_serializer=weightrelay_dot_v1_dot_worker__pb2.RenewLeaseRequest.SerializeToString,
+                response_deserializer=weightrelay_dot_v1_dot_worker__pb2.Lease.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/weightrelay.v1.Worker/ReleaseLease',
+                request_serializer=weightrelay_dot_v1_dot_worker__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=weightrelay_dot_v1_dot_worker__pb2.ReleaseLeaseReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -118,6 +128,20 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewLease(self, request, context):
+        """Extend the lease (see Leases); answered also while a Train runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """End the lease: the holder's, or with `force` whoever's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +179,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.PullWeights,
                     request_deserializer=weightrelay_dot_v1_dot_worker__pb2.PullWeightsRequest.FromString,
                     response_serializer=weightrelay_dot_v1_dot_worker__pb2.SetWeightsReply.SerializeToString,
+            ),
+            'RenewLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewLease,
+                    request_deserializer=weightrelay_dot_v1_dot_worker__pb2.RenewLeaseRequest.FromString,
+                    response_serializer=weightrelay_dot_v1_dot_worker__pb2.Lease.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=weightrelay_dot_v1_dot_worker__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=weightrelay_dot_v1_dot_worker__pb2.ReleaseLeaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +380,60 @@ class Worker:
             '/weightrelay.v1.Worker/PullWeights',
             weightrelay_dot_v1_dot_worker__pb2.PullWeightsRequest.SerializeToString,
             weightrelay_dot_v1_dot_worker__pb2.SetWeightsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightrelay.v1.Worker/RenewLease',
+            weightrelay_dot_v1_dot_worker__pb2.RenewLeaseRequest.SerializeToString,
+            weightrelay_dot_v1_dot_worker__pb2.Lease.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/weightrelay.v1.Worker/ReleaseLease',
+            weightrelay_dot_v1_dot_worker__pb2.ReleaseLeaseRequest.SerializeToString,
+            weightrelay_dot_v1_dot_worker__pb2.ReleaseLeaseReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -111,8 +111,8 @@ class _TrainingSteps:
     """SGD steps on cross-entropy as one compiled TensorFlow function that runs a chunk of batches:
     what `model.fit` does per batch (forward pass, loss, gradients, the optimizer's update, the running
     loss and accuracy) without fit's machinery around it (data adapter, iterators, callbacks, metric
-    objects), which costs more than the steps themselves for small models. The same updates, batch by batch,
-    as fit's: tests/integration/test_adapters.py holds it to fit's weights, loss and accuracy."""
+    objects). The same updates, batch by batch, as fit's: tests/integration/test_adapters.py holds it to
+    fit's weights, loss and accuracy."""
 
     def __init__(self, model: keras.Model, momentum: float, jit: bool):
         self.optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=momentum)

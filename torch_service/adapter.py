@@ -194,8 +194,8 @@ class TorchAdapter(FrameworkAdapter):
             tracker.start_epoch()
             loss_sum = torch.zeros((), device=self._device)
             correct = torch.zeros((), dtype=torch.int64, device=self._device)
-            # The epoch's batch indices go to the device in one copy, not one a step: a copy from pageable host
-            # memory waits for the device each time.
+            # The epoch's batch indices go to the device in one copy, not one a step (each copy from pageable
+            # host memory is a synchronous transfer).
             indices = torch.from_numpy(np.concatenate([step.indices for step in steps])).to(self._device)
             offset = 0
             for step in steps:

@@ -6,8 +6,8 @@ reference computation (float64, N, C, H, W) and its proto and dict (TOML) forms.
 kind's name (TOML `kind`, the LayerSpec oneof field of worker.proto) to its class; `weightrelay.models`
 loops over a spec's layers and dispatches through these classes.
 
-A new kind is one class here, registered with `@register` (and its message in worker.proto's
-LayerSpec), one builder in each adapter's BUILDERS table, and its layout in the tables of
+A new kind is one class here, registered with `@register(kind, prefix, message)` (and its message
+in worker.proto's LayerSpec), one builder in each adapter's BUILDERS table, and its layout in the tables of
 `weightrelay.layouts`, `keras_service.layout` and `jax_service.layout`; tests/unit/test_models.py
 checks that every table covers every registered kind.
 
@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import Field, dataclass, field, fields, replace
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from weightrelay import reference
+from weightrelay.reference import batchnorm, conv2d_nchw, maxpool2d_nchw
 from weightrelay.codec import TensorSpec
 from weightrelay.v1 import worker_pb2 as pb
 
@@ -198,7 +198,9 @@ class ResolvedLayer:
 # -- the kinds --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Layer:
-    """A layer kind: subclasses are frozen dataclasses whose fields (made with `option`) are its settings."""
+    """A layer kind. Subclasses are frozen dataclasses registered with `register`: their fields (made with
+    `option`) are the kind's settings, and they implement `resolve` and `reference` (and `summary` where
+    the kind's name alone does not describe it); everything else here works for every kind."""
 
     name: str = field(default="", kw_only=True)
 
@@ -210,7 +212,7 @@ class Layer:
     activation = "none"
 
     @classmethod
-    def settings(cls) -> tuple[Any, ...]:
+    def settings(cls) -> tuple[Field, ...]:
         """The kind's own fields (all but `name`), in their order."""
         return tuple(f for f in fields(cls) if f.name != "name")
 
@@ -278,12 +280,18 @@ class Layer:
 KINDS: dict[str, type[Layer]] = {}
 
 
-def register(cls: type[L]) -> type[L]:
-    """Add a kind to KINDS."""
-    if cls.kind in KINDS:
-        raise ValueError(f"layer kind {cls.kind!r} is registered twice")
-    KINDS[cls.kind] = cls
-    return cls
+def register(kind: str, prefix: str, message: type) -> Callable[[type[L]], type[L]]:
+    """A class decorator that makes a Layer subclass the kind `kind` in KINDS: its layers are named
+    `prefix`1, `prefix`2, ... by default, and `message` is its message in worker.proto's LayerSpec."""
+
+    def add(cls: type[L]) -> type[L]:
+        if kind in KINDS:
+            raise ValueError(f"layer kind {kind!r} is registered twice")
+        cls.kind, cls.prefix, cls.message = kind, prefix, message
+        KINDS[kind] = cls
+        return cls
+
+    return add
 
 
 def kind_class(kind: Any) -> type[Layer]:
@@ -294,14 +302,10 @@ def kind_class(kind: Any) -> type[Layer]:
     return cls
 
 
-@register
+@register("dense", prefix="fc", message=pb.DenseLayer)
 @dataclass(frozen=True)
 class Dense(Layer):
     """Fully connected: `weight` [units, in], `bias` [units]; `units = 0` is one unit per class."""
-
-    kind: ClassVar[str] = "dense"
-    prefix: ClassVar[str] = "fc"
-    message: ClassVar[type] = pb.DenseLayer
 
     units: int = option(CLASSES, Whole(0))
     activation: str = option("none", ACTIVATION)
@@ -333,15 +337,11 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     return total // 2, total - total // 2
 
 
-@register
+@register("conv2d", prefix="conv", message=pb.Conv2DLayer)
 @dataclass(frozen=True)
 class Conv2D(Layer):
     """A square convolution: `weight` [filters, in, kernel, kernel] (OIHW), `bias` [filters]; "same" padding is
     TensorFlow's (the odd pixel after), which the resolved layer's `padding` spells out for every framework."""
-
-    kind: ClassVar[str] = "conv2d"
-    prefix: ClassVar[str] = "conv"
-    message: ClassVar[type] = pb.Conv2DLayer
 
     filters: int = option(1, Whole(1))
     kernel: int = option(3, Whole(1))
@@ -367,20 +367,16 @@ class Conv2D(Layer):
 
     def reference(self, r, tensors, inputs):
         (x,) = inputs
-        return reference.conv2d_nchw(x, tensors["weight"], tensors["bias"], self.stride, r.padding)
+        return conv2d_nchw(x, tensors["weight"], tensors["bias"], self.stride, r.padding)
 
     def summary(self, r: ResolvedLayer) -> str:
         return f"conv2d {self.filters}@{self.kernel}x{self.kernel}/{self.stride} {self.padding}"
 
 
-@register
+@register("maxpool2d", prefix="pool", message=pb.MaxPool2DLayer)
 @dataclass(frozen=True)
 class MaxPool2D(Layer):
     """Square max pooling without padding; `stride = 0` is the pool size."""
-
-    kind: ClassVar[str] = "maxpool2d"
-    prefix: ClassVar[str] = "pool"
-    message: ClassVar[type] = pb.MaxPool2DLayer
 
     size: int = option(2, Whole(1))
     stride: int = option(0, Whole(0))
@@ -400,20 +396,16 @@ class MaxPool2D(Layer):
 
     def reference(self, r, tensors, inputs):
         (x,) = inputs
-        return reference.maxpool2d_nchw(x, self.size, self.step)
+        return maxpool2d_nchw(x, self.size, self.step)
 
     def summary(self, r: ResolvedLayer) -> str:
         return f"maxpool2d {self.size}/{self.step}"
 
 
-@register
+@register("flatten", prefix="flatten", message=pb.FlattenLayer)
 @dataclass(frozen=True)
 class Flatten(Layer):
     """Flat features in C, H, W order (the canonical one; channels-last frameworks flatten H, W, C)."""
-
-    kind: ClassVar[str] = "flatten"
-    prefix: ClassVar[str] = "flatten"
-    message: ClassVar[type] = pb.FlattenLayer
 
     def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
         x = self.one(inputs)
@@ -425,16 +417,12 @@ class Flatten(Layer):
         return x.reshape(len(x), -1)
 
 
-@register
+@register("batchnorm", prefix="bn", message=pb.BatchNormLayer)
 @dataclass(frozen=True)
 class BatchNorm(Layer):
     """Normalises over the channel axis (axis 1; a flat input's features): `weight`, `bias` and the buffers
     `running_mean`, `running_var` [channels]. `momentum` is PyTorch's: the weight of the new batch
     statistic in the running average (Keras' momentum is 1 - this); `eps` is added to the variance."""
-
-    kind: ClassVar[str] = "batchnorm"
-    prefix: ClassVar[str] = "bn"
-    message: ClassVar[type] = pb.BatchNormLayer
 
     eps: float = option(1e-5, Fraction(low_open=True))
     momentum: float = option(0.1, Fraction(low_open=True))
@@ -460,20 +448,16 @@ class BatchNorm(Layer):
     def reference(self, r, tensors, inputs):
         (x,) = inputs
         stats = (tensors[part] for part in ("weight", "bias", "running_mean", "running_var"))
-        return reference.batchnorm(x, *stats, self.eps)
+        return batchnorm(x, *stats, self.eps)
 
     def summary(self, r: ResolvedLayer) -> str:
         return f"batchnorm eps={self.eps:g} momentum={self.momentum:g}"
 
 
-@register
+@register("dropout", prefix="dropout", message=pb.DropoutLayer)
 @dataclass(frozen=True)
 class Dropout(Layer):
     """Zeroes a `rate` of its inputs while training (scaling the rest); the identity at evaluation."""
-
-    kind: ClassVar[str] = "dropout"
-    prefix: ClassVar[str] = "dropout"
-    message: ClassVar[type] = pb.DropoutLayer
 
     rate: float = option(0.5, Fraction(low_open=False))
 

@@ -138,7 +138,7 @@ def validate(spec: ModelSpec) -> None:
     """Check each layer's own values (shapes are checked by `resolve`)."""
     names = set()
     for index, layer in enumerate(spec.layers):
-        if not isinstance(layer, Layer) or KINDS.get(layer.kind) is not type(layer):
+        if not isinstance(layer, Layer) or KINDS.get(getattr(layer, "kind", None)) is not type(layer):
             raise SpecError(f"layer {index}: {type(layer).__name__} is not a layer kind")
         where = label(index, layer.kind, layer.name)
         if layer.name:

@@ -171,7 +171,7 @@ def test_every_kind_is_a_layer_spec_in_the_proto_and_round_trips():
         layer = cls(name="x")
         assert cls.from_proto(layer.to_proto()) == layer == cls.from_dict({k: v for k, v in layer.to_dict().items() if k != "kind"})
     with pytest.raises(ValueError, match="registered twice"):
-        layers.register(Dense)
+        layers.register("dense", "fc", pb.DenseLayer)(Dense)
 
 
 def _dict_keys(path: str, table: str) -> list[str]:

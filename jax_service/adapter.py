@@ -7,7 +7,7 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share a GPU politely, like the others
 
-from typing import Any, Mapping  # noqa: E402
+from typing import Any, Callable, Mapping  # noqa: E402
 
 import flax  # noqa: E402
 import flax.linen as nn  # noqa: E402
@@ -20,39 +20,63 @@ from jax_service.layout import canonical_to_flax, flax_to_canonical  # noqa: E40
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
 from weightrelay.layouts import to_nhwc  # noqa: E402
-from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ResolvedModel  # noqa: E402
+from weightrelay.models import ResolvedLayer, ResolvedModel  # noqa: E402
 
 ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid}
 
 
+# -- one builder per kind: called inside SpecModule's compact __call__, it applies the layer to x (N, H, W, C),
+# its submodule named after the spec's layer where it has tensors ------------------------------------------
+def build_dense(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    return nn.Dense(r.output_shape[0], name=r.name)(x)
+
+
+def build_conv2d(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    layer = r.layer
+    top, bottom, left, right = r.padding
+    conv = nn.Conv(layer.filters, (layer.kernel, layer.kernel), strides=(layer.stride, layer.stride),
+                   padding=((top, bottom), (left, right)), name=r.name)
+    return conv(x)
+
+
+def build_maxpool2d(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    size, step = r.layer.size, r.layer.step
+    return nn.max_pool(x, (size, size), strides=(step, step), padding="VALID")
+
+
+def build_flatten(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    return x.reshape((x.shape[0], -1))  # H, W, C order: the layout permutes the next kernel
+
+
+def build_batchnorm(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    norm = nn.BatchNorm(use_running_average=not train, momentum=1.0 - r.layer.momentum, epsilon=r.layer.eps, name=r.name)
+    return norm(x)
+
+
+def build_dropout(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    return nn.Dropout(r.layer.rate, deterministic=not train)(x)
+
+
+#: kind -> its builder (every kind of weightrelay.layers.KINDS; tests/unit/test_models.py checks)
+BUILDERS: dict[str, Callable[[ResolvedLayer, jnp.ndarray, bool], jnp.ndarray]] = {
+    "dense": build_dense,
+    "conv2d": build_conv2d,
+    "maxpool2d": build_maxpool2d,
+    "flatten": build_flatten,
+    "batchnorm": build_batchnorm,
+    "dropout": build_dropout,
+}
+
+
 class SpecModule(nn.Module):
-    """The spec's layers in order; parameters keep the spec's layer names."""
+    """The spec's layers in order, each followed by its activation; parameters keep the spec's layer names."""
 
     model: ResolvedModel
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         for r in self.model.layers:
-            layer = r.layer
-            if isinstance(layer, Dense):
-                x = ACTIVATIONS[layer.activation](nn.Dense(r.output_shape[0], name=r.name)(x))
-            elif isinstance(layer, Conv2D):
-                top, bottom, left, right = r.padding
-                conv = nn.Conv(layer.filters, (layer.kernel, layer.kernel), strides=(layer.stride, layer.stride),
-                               padding=((top, bottom), (left, right)), name=r.name)
-                x = ACTIVATIONS[layer.activation](conv(x))
-            elif isinstance(layer, MaxPool2D):
-                stride = layer.stride or layer.size
-                x = nn.max_pool(x, (layer.size, layer.size), strides=(stride, stride), padding="VALID")
-            elif isinstance(layer, Flatten):
-                x = x.reshape((x.shape[0], -1))  # H, W, C order: the layout permutes the next kernel
-            elif isinstance(layer, BatchNorm):
-                norm = nn.BatchNorm(use_running_average=not train, momentum=1.0 - layer.momentum, epsilon=layer.eps, name=r.name)
-                x = ACTIVATIONS[layer.activation](norm(x))
-            elif isinstance(layer, Dropout):
-                x = nn.Dropout(layer.rate, deterministic=not train)(x)
-            else:
-                raise TypeError(f"layer {r.name}: no Flax builder for {type(layer).__name__}")
+            x = ACTIVATIONS[r.layer.activation](BUILDERS[r.kind](r, x, train))
         return x
 
 
@@ -85,8 +109,8 @@ class JaxAdapter(FrameworkAdapter):
         with jax.default_device(self._device):
             variables = module.init(jax.random.PRNGKey(seed32(seed)), jnp.zeros((1, h, w, c), jnp.float32), train=False)
         # Placed on the device explicitly, as set_weights places a received set: JAX compiles a function again
-        # for arrays committed to a device where it had seen uncommitted ones (the first Train after the
-        # first SetWeights cost 1.0 s more for the seed's MLP here).
+        # for arrays committed to a device where it had seen uncommitted ones, so otherwise the first Train
+        # after the first SetWeights would compile its step a second time.
         params, stats = jax.device_put((variables["params"], variables.get("batch_stats", {})), self._device)
 
         def loss_and_stats(params, stats, x, y, key):

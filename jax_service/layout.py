@@ -3,6 +3,7 @@
 Flax holds the channels-last arrays of `weightrelay.layouts` (Dense kernel [in, out], rows after a
 flatten of N, H, W, C in H, W, C order; Conv kernel HWIO) under `params[layer]["kernel"]`; a
 BatchNorm keeps `params[layer]["scale"]`, `["bias"]` and `batch_stats[layer]["mean"]`, `["var"]`.
+`LAYOUTS` holds one `Layout` per kind: the core's channels-last arrays, placed in those two trees.
 """
 
 from __future__ import annotations
@@ -12,10 +13,38 @@ from typing import Any, Mapping
 import numpy as np
 
 from weightrelay.codec import WeightSet
-from weightrelay.layouts import conv_from_hwio, conv_to_hwio, dense_from_in_out, dense_to_in_out
-from weightrelay.models import BatchNorm, Conv2D, Dense, ResolvedModel
+from weightrelay.layouts import CHANNELS_LAST, NO_TENSORS, Layout
+from weightrelay.models import ResolvedModel
 
 Tree = dict[str, dict[str, Any]]
+Leaves = dict[str, np.ndarray]  # one layer's entries in a tree
+
+
+def in_trees(core: Layout[dict[str, np.ndarray]], params: dict[str, str], stats: dict[str, str] | None = None) -> Layout[tuple[Leaves, Leaves]]:
+    """A core layout whose arrays Flax keeps in (params, batch_stats): each maps Flax's name -> the core's part."""
+    stats = stats or {}
+
+    def to_flax(tensors, r):
+        arrays = core.to_framework(tensors, r)
+        return {key: arrays[part] for key, part in params.items()}, {key: arrays[part] for key, part in stats.items()}
+
+    def from_flax(trees, r):
+        in_params, in_stats = trees
+        arrays = {part: in_params[key] for key, part in params.items()} | {part: in_stats[key] for key, part in stats.items()}
+        return core.to_canonical(arrays, r)
+
+    return Layout(to_flax, from_flax)
+
+
+#: kind -> its layout in Flax: (its params entries, its batch_stats entries)
+LAYOUTS: dict[str, Layout[tuple[Leaves, Leaves]]] = {
+    "dense": in_trees(CHANNELS_LAST["dense"], {"kernel": "kernel", "bias": "bias"}),
+    "conv2d": in_trees(CHANNELS_LAST["conv2d"], {"kernel": "kernel", "bias": "bias"}),
+    "maxpool2d": NO_TENSORS,
+    "flatten": NO_TENSORS,
+    "batchnorm": in_trees(CHANNELS_LAST["batchnorm"], {"scale": "weight", "bias": "bias"}, {"mean": "running_mean", "var": "running_var"}),
+    "dropout": NO_TENSORS,
+}
 
 
 def canonical_to_flax(weights: Mapping[str, np.ndarray], model: ResolvedModel) -> tuple[Tree, Tree]:
@@ -23,31 +52,18 @@ def canonical_to_flax(weights: Mapping[str, np.ndarray], model: ResolvedModel) -
     params: Tree = {}
     stats: Tree = {}
     for r in model.layers:
-        name = r.name
-        if isinstance(r.layer, Dense):
-            params[name] = {"kernel": dense_to_in_out(weights[f"{name}.weight"], r.flattened_from), "bias": np.array(weights[f"{name}.bias"])}
-        elif isinstance(r.layer, Conv2D):
-            params[name] = {"kernel": conv_to_hwio(weights[f"{name}.weight"]), "bias": np.array(weights[f"{name}.bias"])}
-        elif isinstance(r.layer, BatchNorm):
-            params[name] = {"scale": np.array(weights[f"{name}.weight"]), "bias": np.array(weights[f"{name}.bias"])}
-            stats[name] = {"mean": np.array(weights[f"{name}.running_mean"]), "var": np.array(weights[f"{name}.running_var"])}
+        if r.params:
+            layer_params, layer_stats = LAYOUTS[r.kind].to_framework(r.tensors(weights), r)
+            for tree, leaves in ((params, layer_params), (stats, layer_stats)):
+                if leaves:
+                    tree[r.name] = leaves
     return params, stats
 
 
 def flax_to_canonical(params: Mapping[str, Mapping[str, Any]], stats: Mapping[str, Mapping[str, Any]], model: ResolvedModel) -> WeightSet:
-    """Canonical tensors from Flax's (params, batch_stats), as numpy arrays."""
+    """Canonical tensors, in the manifest's order, from Flax's (params, batch_stats), as numpy arrays."""
     weights: WeightSet = {}
     for r in model.layers:
-        name = r.name
-        if isinstance(r.layer, Dense):
-            weights[f"{name}.weight"] = dense_from_in_out(np.asarray(params[name]["kernel"]), r.flattened_from)
-            weights[f"{name}.bias"] = np.array(params[name]["bias"])
-        elif isinstance(r.layer, Conv2D):
-            weights[f"{name}.weight"] = conv_from_hwio(np.asarray(params[name]["kernel"]))
-            weights[f"{name}.bias"] = np.array(params[name]["bias"])
-        elif isinstance(r.layer, BatchNorm):
-            weights[f"{name}.weight"] = np.array(params[name]["scale"])
-            weights[f"{name}.bias"] = np.array(params[name]["bias"])
-            weights[f"{name}.running_mean"] = np.array(stats[name]["mean"])
-            weights[f"{name}.running_var"] = np.array(stats[name]["var"])
+        if r.params:
+            weights.update(r.named(LAYOUTS[r.kind].to_canonical((params.get(r.name, {}), stats.get(r.name, {})), r)))
     return weights

@@ -17,7 +17,7 @@ from keras_service.layout import canonical_to_keras, keras_to_canonical  # noqa:
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, Step, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
 from weightrelay.layouts import to_nhwc  # noqa: E402
-from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ResolvedModel  # noqa: E402
+from weightrelay.models import ResolvedLayer, ResolvedModel  # noqa: E402
 
 
 def configure_devices(requested: str) -> None:
@@ -36,29 +36,64 @@ def _activation(name: str) -> str | None:
     return None if name == "none" else name
 
 
+# -- one builder per kind: the Keras layers (N, H, W, C) that compute it, named after the spec's layer --------
+def build_dense(r: ResolvedLayer) -> list[keras.layers.Layer]:
+    return [keras.layers.Dense(r.output_shape[0], activation=_activation(r.layer.activation), name=r.name)]
+
+
+def build_conv2d(r: ResolvedLayer) -> list[keras.layers.Layer]:
+    layer = r.layer  # Keras' "same" is TensorFlow's SAME, the padding the spec resolves to
+    return [keras.layers.Conv2D(layer.filters, layer.kernel, strides=layer.stride, padding=layer.padding,
+                                activation=_activation(layer.activation), name=r.name)]
+
+
+def build_maxpool2d(r: ResolvedLayer) -> list[keras.layers.Layer]:
+    return [keras.layers.MaxPooling2D(r.layer.size, strides=r.layer.step, padding="valid", name=r.name)]
+
+
+def build_flatten(r: ResolvedLayer) -> list[keras.layers.Layer]:
+    return [keras.layers.Flatten(name=r.name)]  # H, W, C order: the layout permutes the next kernel
+
+
+def build_batchnorm(r: ResolvedLayer) -> list[keras.layers.Layer]:
+    layer = r.layer
+    norm = keras.layers.BatchNormalization(axis=-1, momentum=1.0 - layer.momentum, epsilon=layer.eps, name=r.name)
+    return [norm] if layer.activation == "none" else [norm, keras.layers.Activation(layer.activation, name=f"{r.name}_activation")]
+
+
+def build_dropout(r: ResolvedLayer) -> list[keras.layers.Layer]:
+    return [keras.layers.Dropout(r.layer.rate, name=r.name)]
+
+
+#: kind -> its builder (every kind of weightrelay.layers.KINDS; tests/unit/test_models.py checks)
+BUILDERS: dict[str, Callable[[ResolvedLayer], list[keras.layers.Layer]]] = {
+    "dense": build_dense,
+    "conv2d": build_conv2d,
+    "maxpool2d": build_maxpool2d,
+    "flatten": build_flatten,
+    "batchnorm": build_batchnorm,
+    "dropout": build_dropout,
+}
+
+#: kind -> whether the training steps of a model made only of such layers go through XLA (jit_compile):
+#: XLA's CPU code beats TensorFlow's own kernels for dense layers, flatten and batchnorm, and falls behind
+#: them for convolutions, pooling and dropout (its random masks). Any kind marked False keeps a model off XLA.
+XLA: dict[str, bool] = {
+    "dense": True,
+    "conv2d": False,
+    "maxpool2d": False,
+    "flatten": True,
+    "batchnorm": True,
+    "dropout": False,
+}
+
+
 def build_model(model: ResolvedModel) -> keras.Model:
     """The spec as a Keras Sequential on N, H, W, C inputs; layers keep the spec's names."""
     c, h, w = model.input_shape
     layers: list = [keras.Input(shape=(h, w, c))]
     for r in model.layers:
-        layer, name = r.layer, r.name
-        if isinstance(layer, Dense):
-            layers.append(keras.layers.Dense(r.output_shape[0], activation=_activation(layer.activation), name=name))
-        elif isinstance(layer, Conv2D):
-            layers.append(keras.layers.Conv2D(layer.filters, layer.kernel, strides=layer.stride, padding=layer.padding,
-                                              activation=_activation(layer.activation), name=name))
-        elif isinstance(layer, MaxPool2D):
-            layers.append(keras.layers.MaxPooling2D(layer.size, strides=layer.stride or layer.size, padding="valid", name=name))
-        elif isinstance(layer, Flatten):
-            layers.append(keras.layers.Flatten(name=name))  # H, W, C order: the layout permutes the next kernel
-        elif isinstance(layer, BatchNorm):
-            layers.append(keras.layers.BatchNormalization(axis=-1, momentum=1.0 - layer.momentum, epsilon=layer.eps, name=name))
-            if layer.activation != "none":
-                layers.append(keras.layers.Activation(layer.activation, name=f"{name}_activation"))
-        elif isinstance(layer, Dropout):
-            layers.append(keras.layers.Dropout(layer.rate, name=name))
-        else:
-            raise TypeError(f"layer {name}: no Keras builder for {type(layer).__name__}")
+        layers.extend(BUILDERS[r.kind](r))
     return keras.Sequential(layers, name="model")
 
 
@@ -68,19 +103,16 @@ CHUNK_STEPS = 64
 
 
 def compiles_well(model: ResolvedModel) -> bool:
-    """Whether the training steps go through XLA (jit_compile): for dense, flatten and batchnorm layers
-    it ran the seed's MLP 2-3x faster an epoch on this project's CPUs; with convolutions, pooling or
-    dropout (its random masks) XLA's CPU code ran 3-5x slower than TensorFlow's own kernels (measured)."""
-    return all(isinstance(r.layer, (Dense, Flatten, BatchNorm)) for r in model.layers)
+    """Whether the training steps go through XLA: where every layer's kind is marked so in XLA."""
+    return all(XLA[r.kind] for r in model.layers)
 
 
 class _TrainingSteps:
     """SGD steps on cross-entropy as one compiled TensorFlow function that runs a chunk of batches:
     what `model.fit` does per batch (forward pass, loss, gradients, the optimizer's update, the running
     loss and accuracy) without fit's machinery around it (data adapter, iterators, callbacks, metric
-    objects). The same updates, batch by batch: for the seed's MLP from the same weights the loss and
-    accuracy of an epoch matched fit's to 4 digits; in one process, taking turns, an epoch took 0.40-0.44 s
-    through XLA and 0.8-1.0 s without, fit with steps_per_execution=32 1.2-1.4 s (all on this project's CPUs)."""
+    objects). The same updates, batch by batch, as fit's: tests/integration/test_adapters.py holds it to
+    fit's weights, loss and accuracy."""
 
     def __init__(self, model: keras.Model, momentum: float, jit: bool):
         self.optimizer = keras.optimizers.SGD(learning_rate=0.01, momentum=momentum)
@@ -134,8 +166,8 @@ def _chunks(steps: list[Step], due: Callable[[int], bool]) -> Iterator[list[Step
 class _InputTensor:
     """The last array given, in N, H, W, C as a TensorFlow tensor, made again only when another array comes.
 
-    The worker hands over its data set (a new view of the same memory each call); Keras copied numpy
-    inputs into fresh tensors on every fit and predict, 0.1 to 0.6 s an epoch for MNIST here.
+    The worker hands over its data set (a new view of the same memory each call); Keras would copy numpy
+    inputs into fresh tensors on every fit and predict, a copy of the whole data set each time.
     """
 
     def __init__(self) -> None:
@@ -181,10 +213,9 @@ class KerasAdapter(FrameworkAdapter):
         """{layer name: its weight variables as TensorFlow holds them} for the layers with tensors, each
         layer's in its `weights` order (what keras_to_canonical / canonical_to_keras list per layer).
 
-        They are read and assigned with TensorFlow's own variable ops (ReadVariableOp, AssignVariableOp):
-        Keras' layer.get_weights / set_weights took 0.6 and 1.4 ms for the seed's MLP here (conversions,
-        checks, autocasting per variable), the ops 0.2 ms each way; a move into a Keras worker reads,
-        sets and reads again (service._apply)."""
+        They are read and assigned with TensorFlow's own variable ops (ReadVariableOp, AssignVariableOp), without
+        the conversions, checks and autocasting Keras' layer.get_weights / set_weights add per variable; a move
+        into a Keras worker reads, sets and reads again (service._apply)."""
         return {name: [variable.value for variable in self.model.get_layer(name).weights] for name in self._layers_with_tensors()}
 
     def versions(self) -> tuple[str, str]:
@@ -213,9 +244,8 @@ class KerasAdapter(FrameworkAdapter):
         """Read every weight variable and assign it what was read (its own value, nothing changes).
 
         After training (fit, or the compiled steps here) the first read and the first assignment of each
-        variable cost 0.4-0.7 ms, as if TensorFlow had dropped what it cached for them (measured here; the
-        cause is TensorFlow's): 3-7 ms more on the first move into the worker after each Train. Touched
-        here, that is paid inside Train (a few ms of an epoch) instead of in the move."""
+        variable are slower than later ones, as if TensorFlow had dropped what it cached for them (the cause
+        is TensorFlow's). Touched here, that is paid inside Train instead of in the first move into the worker."""
         for variable in (v for layer in self._variables().values() for v in layer):
             tf.raw_ops.AssignVariableOp(resource=variable.handle, value=tf.raw_ops.ReadVariableOp(resource=variable.handle, dtype=variable.dtype))
 
@@ -239,7 +269,7 @@ class KerasAdapter(FrameworkAdapter):
     def _training_steps(self, config: TrainConfig) -> _TrainingSteps:
         """The compiled steps with SGD at the config's rate: the previous Train's optimizer as it was
         (keep_optimizer), or a fresh one. A fresh one for the same momentum is the last one zeroed, so that
-        the compiled function is reused: tracing and compiling cost 2-3 s for the seed's MLP, every round of a relay."""
+        the compiled function is reused instead of traced and compiled again, every round of a relay."""
         if self._steps is not None and config.keep_optimizer:
             return self._steps
         if self._steps is None or self._steps.optimizer.momentum != config.momentum:
@@ -249,7 +279,7 @@ class KerasAdapter(FrameworkAdapter):
 
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         """The model's inference pass over `x` in batches, as predict() computes it without predict()'s own
-        machinery (data adapter, iterator, callbacks): 25 ms instead of 70-90 for MNIST's test set here."""
+        machinery (data adapter, iterator, callbacks), traced once."""
         if self._forward is None:
             model = self.model
             batch = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32)

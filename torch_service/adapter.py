@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -11,45 +11,64 @@ from torch import nn
 
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule
 from weightrelay.codec import WeightSet
-from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ResolvedLayer, ResolvedModel
+from weightrelay.models import ResolvedLayer, ResolvedModel
 
 ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
-def build_layer(r: ResolvedLayer) -> nn.Module:
-    """One spec layer as a module; its parameters keep the canonical names (<name>.weight, ...)."""
-    layer = r.layer
-    if isinstance(layer, Dense):
-        return nn.Linear(r.input_shape[0], r.output_shape[0])
-    if isinstance(layer, Conv2D):
-        top, bottom, left, right = r.padding
-        symmetric = top == bottom and left == right
-        return nn.Conv2d(r.input_shape[0], layer.filters, layer.kernel, layer.stride, padding=(top, left) if symmetric else 0)
-    if isinstance(layer, MaxPool2D):
-        return nn.MaxPool2d(layer.size, layer.stride or layer.size)
-    if isinstance(layer, Flatten):
-        return nn.Flatten()  # C, H, W order: the canonical one
-    if isinstance(layer, BatchNorm):
-        norm = nn.BatchNorm2d if len(r.input_shape) == 3 else nn.BatchNorm1d
-        return norm(r.input_shape[0], eps=layer.eps, momentum=layer.momentum)
-    if isinstance(layer, Dropout):
-        return nn.Dropout(layer.rate)
-    raise TypeError(f"layer {r.name}: no PyTorch builder for {type(layer).__name__}")
+# -- one builder per kind: the layer as a module whose parameters keep the canonical names ----------
+def build_dense(r: ResolvedLayer) -> nn.Module:
+    return nn.Linear(r.input_shape[0], r.output_shape[0])
+
+
+def build_conv2d(r: ResolvedLayer) -> nn.Module:
+    """Symmetric padding in the module; SpecModel pads an asymmetric one (TensorFlow's SAME) before it."""
+    top, bottom, left, right = r.padding
+    symmetric = top == bottom and left == right
+    return nn.Conv2d(r.input_shape[0], r.layer.filters, r.layer.kernel, r.layer.stride, padding=(top, left) if symmetric else 0)
+
+
+def build_maxpool2d(r: ResolvedLayer) -> nn.Module:
+    return nn.MaxPool2d(r.layer.size, r.layer.step)
+
+
+def build_flatten(r: ResolvedLayer) -> nn.Module:
+    return nn.Flatten()  # C, H, W order: the canonical one
+
+
+def build_batchnorm(r: ResolvedLayer) -> nn.Module:
+    norm = nn.BatchNorm2d if len(r.input_shape) == 3 else nn.BatchNorm1d
+    return norm(r.input_shape[0], eps=r.layer.eps, momentum=r.layer.momentum)
+
+
+def build_dropout(r: ResolvedLayer) -> nn.Module:
+    return nn.Dropout(r.layer.rate)
+
+
+#: kind -> its builder (every kind of weightrelay.layers.KINDS; tests/unit/test_models.py checks)
+BUILDERS: dict[str, Callable[[ResolvedLayer], nn.Module]] = {
+    "dense": build_dense,
+    "conv2d": build_conv2d,
+    "maxpool2d": build_maxpool2d,
+    "flatten": build_flatten,
+    "batchnorm": build_batchnorm,
+    "dropout": build_dropout,
+}
 
 
 class SpecModel(nn.Module):
-    """The spec's layers in order, each followed by its padding (TensorFlow-style SAME with an odd
-    pad pixel) and activation where it has them."""
+    """The spec's layers in order, each after its padding where PyTorch's own cannot express it (TensorFlow-style
+    SAME with an odd pad pixel) and followed by its activation."""
 
     def __init__(self, model: ResolvedModel) -> None:
         super().__init__()
         self.steps: list[tuple[nn.Module | None, nn.Module, nn.Module]] = []
         for r in model.layers:
-            module = build_layer(r)
+            module = BUILDERS[r.kind](r)
             self.add_module(r.name, module)  # parameters named <layer>.weight etc.
             top, bottom, left, right = r.padding
-            pad = nn.ZeroPad2d((left, right, top, bottom)) if isinstance(r.layer, Conv2D) and not (top == bottom and left == right) else None
-            self.steps.append((pad, module, ACTIVATIONS[getattr(r.layer, "activation", "none")]()))
+            pad = None if top == bottom and left == right else nn.ZeroPad2d((left, right, top, bottom))
+            self.steps.append((pad, module, ACTIVATIONS[r.layer.activation]()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for pad, module, activation in self.steps:
@@ -68,7 +87,7 @@ def resolve_device(requested: str) -> torch.device:
 
 
 #: Tensors below this size are copied in and out by numpy on the model thread (see set_weights); larger
-#: ones by torch, whose copy runs on all its threads (a 1 GiB set went into the model in half the time).
+#: ones by torch, whose copy runs on all its threads, which pays off only for large tensors.
 NUMPY_COPY_BYTES = 16 * 1024 * 1024
 
 
@@ -175,7 +194,8 @@ class TorchAdapter(FrameworkAdapter):
             tracker.start_epoch()
             loss_sum = torch.zeros((), device=self._device)
             correct = torch.zeros((), dtype=torch.int64, device=self._device)
-            # The epoch's batch indices go to the device in one copy (on a GPU, one copy a step cost 25%).
+            # The epoch's batch indices go to the device in one copy, not one a step (each copy from pageable
+            # host memory is a synchronous transfer).
             indices = torch.from_numpy(np.concatenate([step.indices for step in steps])).to(self._device)
             offset = 0
             for step in steps:

@@ -1,16 +1,51 @@
-"""Canonical <-> channels-last layouts, in plain numpy: what Keras and Flax hold.
+"""Canonical <-> each framework's own layout, per layer kind: the numpy core.
+
+One numpy core (this module: the array arithmetic, and each kind's channels-last layout in
+`CHANNELS_LAST`) and thin per-framework shims (`keras_service.layout`, `jax_service.layout`) that
+place these arrays in the framework's own containers, one `Layout` per kind in a table keyed by
+kind. PyTorch holds the canonical layout itself (its state_dict names and shapes are the wire's),
+so it needs none.
 
 Canonical (worker.proto): dense weight [out, in], taking a flatten's features in C, H, W order;
 conv2d weight [out, in, kh, kw] (OIHW). Channels-last frameworks hold dense kernels [in, out]
 whose rows after a flatten of N, H, W, C come in H, W, C order, and convolution kernels
-[kh, kw, in, out] (HWIO). Each adapter arranges these arrays in its own containers.
+[kh, kw, in, out] (HWIO); per-channel vectors (biases, batchnorm's tensors) are the same in every
+layout. Every conversion copies into fresh C-contiguous arrays and a round trip is bit-exact.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Mapping, TypeVar
+
 import numpy as np
 
+from weightrelay.layers import ResolvedLayer
 
+F = TypeVar("F")
+#: one layer's canonical tensors by part: {"weight": ..., "bias": ...}
+Tensors = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Layout(Generic[F]):
+    """How one kind's tensors sit in one framework: `to_framework(tensors, r)` takes the layer's canonical
+    tensors by part and gives the framework's own form of them (F: a list, a tree, ...); `to_canonical(form, r)`
+    gives back every part, bit for bit. Both are pure: numpy arrays in, new numpy arrays out."""
+
+    to_framework: Callable[[Tensors, ResolvedLayer], F]
+    to_canonical: Callable[[F, ResolvedLayer], dict[str, np.ndarray]]
+
+
+def _holds_none(form: Any, r: ResolvedLayer) -> Any:
+    raise ValueError(f"layer {r.name}: a {r.kind} layer holds no tensors, so it has no layout")
+
+
+#: The layout of kinds that hold no tensors (pooling, flatten, dropout): the conversions skip their layers.
+NO_TENSORS: Layout[Any] = Layout(_holds_none, _holds_none)
+
+
+# -- the arithmetic ---------------------------------------------------------------------------
 def dense_to_in_out(weight: np.ndarray, flattened_from: tuple[int, int, int] | None = None) -> np.ndarray:
     """[out, in] -> [in, out]; after a flatten of (C, H, W), rows reordered C, H, W -> H, W, C."""
     if flattened_from is None:
@@ -40,3 +75,36 @@ def conv_from_hwio(kernel: np.ndarray) -> np.ndarray:
 def to_nhwc(x: np.ndarray) -> np.ndarray:
     """Inputs N, C, H, W -> N, H, W, C (no copy when C is 1)."""
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+
+# -- each kind's channels-last layout, by part ------------------------------------------------
+def _dense_to_channels_last(tensors: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    return {"kernel": dense_to_in_out(tensors["weight"], r.flattened_from), "bias": np.array(tensors["bias"])}
+
+
+def _dense_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    return {"weight": dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from), "bias": np.array(arrays["bias"])}
+
+
+def _conv2d_to_channels_last(tensors: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    return {"kernel": conv_to_hwio(tensors["weight"]), "bias": np.array(tensors["bias"])}
+
+
+def _conv2d_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    return {"weight": conv_from_hwio(np.asarray(arrays["kernel"])), "bias": np.array(arrays["bias"])}
+
+
+def _copies(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    return {part: np.array(array) for part, array in arrays.items()}
+
+
+#: kind -> canonical tensors <-> the channels-last arrays Keras and Flax hold, by part: dense and conv2d
+#: {"kernel", "bias"}, batchnorm its canonical parts (per-channel vectors need no conversion).
+CHANNELS_LAST: dict[str, Layout[dict[str, np.ndarray]]] = {
+    "dense": Layout(_dense_to_channels_last, _dense_from_channels_last),
+    "conv2d": Layout(_conv2d_to_channels_last, _conv2d_from_channels_last),
+    "maxpool2d": NO_TENSORS,
+    "flatten": NO_TENSORS,
+    "batchnorm": Layout(_copies, _copies),
+    "dropout": NO_TENSORS,
+}

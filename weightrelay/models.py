@@ -1,14 +1,11 @@
 """Model specs: one description of a network that every framework's worker builds alike.
 
-A `ModelSpec` is a list of layers (dense, conv2d, maxpool2d, flatten, batchnorm, dropout).
-`resolve` walks it over a data set's input shape (C, H, W) and class count and yields each
-layer's shapes and parameters in the canonical layout, so the manifest, the numpy reference
-forward pass (`weightrelay.reference`) and every adapter's builder read the same numbers.
-
-Canonical layout (see worker.proto): dense `<name>.weight` [out, in]; conv2d `<name>.weight`
-[out, in, kh, kw]; `<name>.bias` [out]; batchnorm `.weight`, `.bias`, `.running_mean`,
-`.running_var` [channels] (the last two are buffers); activations flow as N, C, H, W, and a
-flatten orders features C, H, W.
+A `ModelSpec` is a list of layers, each an instance of a layer kind (`weightrelay.layers`: dense,
+conv2d, maxpool2d, flatten, batchnorm, dropout). `resolve` walks it over a data set's input shape
+(C, H, W) and class count and yields each layer's shapes and parameters in the canonical layout, so
+the manifest, the numpy reference forward pass (`weightrelay.reference`) and every adapter's
+builder read the same numbers. Everything a kind decides is its class's; the functions here loop
+over the layers and ask them.
 
 Specs come from a built-in name (`mlp`, `mlp:W1,W2,...`, `lenet`, `cnn-bn`), a TOML file, or
 an InitializeRequest (`to_proto` / `from_proto`).
@@ -19,77 +16,20 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from weightrelay.codec import TensorSpec
+from weightrelay.layers import (  # noqa: F401  (the kinds and their vocabulary are used as models.X)
+    ACTIVATIONS, CLASSES, KINDS, PADDINGS, BatchNorm, Conv2D, Dense, Dropout, Flatten, Flow, Layer, LayerError, MaxPool2D,
+    ResolvedLayer, SpecError, at, kind_class, label, same_padding,
+)
 from weightrelay.v1 import worker_pb2 as pb
 
-ACTIVATIONS = ("none", "relu", "tanh", "sigmoid")
-PADDINGS = ("valid", "same")
-#: `units = 0` in a dense layer: one unit per class of the data set (the output layer).
-CLASSES = 0
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 #: Largest weight set a spec may describe (elements): 2**31 floats is 8 GiB.
 MAX_PARAMETERS = 2**31
-
-
-class SpecError(ValueError):
-    """A model spec is malformed or does not fit the data set; the message names the layer and the fix."""
-
-
-@dataclass(frozen=True)
-class Dense:
-    units: int = CLASSES
-    activation: str = "none"
-    name: str = ""
-
-
-@dataclass(frozen=True)
-class Conv2D:
-    filters: int = 1
-    kernel: int = 3
-    stride: int = 1
-    padding: str = "valid"
-    activation: str = "none"
-    name: str = ""
-
-
-@dataclass(frozen=True)
-class MaxPool2D:
-    size: int = 2
-    stride: int = 0  # 0: the pool size
-    name: str = ""
-
-
-@dataclass(frozen=True)
-class Flatten:
-    name: str = ""
-
-
-@dataclass(frozen=True)
-class BatchNorm:
-    """Normalises over the channel axis. `momentum` is PyTorch's: the weight of the new batch
-    statistic in the running average (Keras' momentum is 1 - this); `eps` is added to the variance."""
-
-    eps: float = 1e-5
-    momentum: float = 0.1
-    activation: str = "none"
-    name: str = ""
-
-
-@dataclass(frozen=True)
-class Dropout:
-    rate: float = 0.5
-    name: str = ""
-
-
-Layer = Union[Dense, Conv2D, MaxPool2D, Flatten, BatchNorm, Dropout]
-#: kind name (TOML `kind`, proto oneof field) -> layer class, and the prefix of default names
-KINDS: dict[str, type] = {"dense": Dense, "conv2d": Conv2D, "maxpool2d": MaxPool2D, "flatten": Flatten, "batchnorm": BatchNorm, "dropout": Dropout}
-KIND_OF: dict[type, str] = {cls: kind for kind, cls in KINDS.items()}
-_NAME_PREFIX = {"dense": "fc", "conv2d": "conv", "maxpool2d": "pool", "flatten": "flatten", "batchnorm": "bn", "dropout": "dropout"}
 
 
 @dataclass(frozen=True)
@@ -102,9 +42,8 @@ class ModelSpec:
         counts: dict[str, int] = {}
         layers = []
         for layer in self.layers:
-            kind = KIND_OF[type(layer)]
-            counts[kind] = counts.get(kind, 0) + 1
-            layers.append(layer if layer.name else replace(layer, name=f"{_NAME_PREFIX[kind]}{counts[kind]}"))
+            counts[layer.kind] = counts.get(layer.kind, 0) + 1
+            layers.append(layer if layer.name else replace(layer, name=f"{layer.prefix}{counts[layer.kind]}"))
         return ModelSpec(self.name, tuple(layers))
 
 
@@ -181,18 +120,10 @@ def spec_from_dict(document: dict[str, Any], default_name: str = "custom", sourc
         where = f"{source}: layer {index}"
         if not isinstance(entry, dict) or "kind" not in entry:
             raise SpecError(f"{where}: needs a `kind` ({', '.join(KINDS)})")
-        kind = str(entry["kind"]).lower()
-        cls = KINDS.get(kind)
-        if cls is None:
-            raise SpecError(f"{where}: unknown kind {entry['kind']!r}; use one of {', '.join(KINDS)}")
-        allowed = {f.name for f in fields(cls)}
-        values = {k: v for k, v in entry.items() if k != "kind"}
-        extra = set(values) - allowed
-        if extra:
-            raise SpecError(f"{where} ({kind}): unknown key(s) {', '.join(sorted(extra))}; {kind} takes {', '.join(sorted(allowed))}")
-        if kind == "dense" and values.get("units") == "classes":
-            values["units"] = CLASSES
-        layers.append(cls(**values))
+        with at(where):
+            cls = kind_class(entry["kind"])
+        with at(f"{where} ({cls.kind})"):
+            layers.append(cls.from_dict({key: value for key, value in entry.items() if key != "kind"}))
     spec = ModelSpec(str(document.get("name") or default_name), tuple(layers))
     validate(spec)
     return spec
@@ -200,75 +131,29 @@ def spec_from_dict(document: dict[str, Any], default_name: str = "custom", sourc
 
 def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
     """The TOML/JSON form of a spec (every field written out)."""
-    return {"name": spec.name, "layers": [{"kind": KIND_OF[type(layer)], **{f.name: getattr(layer, f.name) for f in fields(layer)}} for layer in spec.layers]}
+    return {"name": spec.name, "layers": [layer.to_dict() for layer in spec.layers]}
 
 
 def validate(spec: ModelSpec) -> None:
     """Check each layer's own values (shapes are checked by `resolve`)."""
     names = set()
     for index, layer in enumerate(spec.layers):
-        kind = KIND_OF.get(type(layer))
-        where = f"layer {index} ({kind}{' ' + layer.name if getattr(layer, 'name', '') else ''})"
-        if kind is None:
+        if not isinstance(layer, Layer) or KINDS.get(getattr(layer, "kind", None)) is not type(layer):
             raise SpecError(f"layer {index}: {type(layer).__name__} is not a layer kind")
+        where = label(index, layer.kind, layer.name)
         if layer.name:
             if not _NAME.match(layer.name):
                 raise SpecError(f"{where}: name {layer.name!r} must be letters, digits and _ (not starting with a digit), at most 64")
             if layer.name in names:
                 raise SpecError(f"{where}: the name {layer.name!r} is used twice")
             names.add(layer.name)
-
-        def whole(field_name: str, minimum: int) -> None:
-            value = getattr(layer, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise SpecError(f"{where}: {field_name} must be a whole number of at least {minimum}, got {value!r}")
-
-        def fraction(field_name: str, low_open: bool) -> None:
-            value = getattr(layer, field_name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or not ((0 < value if low_open else 0 <= value) and value < 1):
-                raise SpecError(f"{where}: {field_name} must be a number in {'(0' if low_open else '[0'}, 1), got {value!r}")
-
-        if hasattr(layer, "activation") and layer.activation not in ACTIVATIONS:
-            raise SpecError(f"{where}: activation {layer.activation!r} is not one of {', '.join(ACTIVATIONS)}")
-        if isinstance(layer, Dense):
-            whole("units", 0)
-        elif isinstance(layer, Conv2D):
-            whole("filters", 1), whole("kernel", 1), whole("stride", 1)
-            if layer.padding not in PADDINGS:
-                raise SpecError(f"{where}: padding {layer.padding!r} is not one of {', '.join(PADDINGS)}")
-        elif isinstance(layer, MaxPool2D):
-            whole("size", 1), whole("stride", 0)
-        elif isinstance(layer, BatchNorm):
-            fraction("eps", low_open=True)
-            fraction("momentum", low_open=True)
-        elif isinstance(layer, Dropout):
-            fraction("rate", low_open=False)
+        with at(where):
+            layer.check()
     if not spec.layers:
         raise SpecError("a model needs at least one layer")
 
 
 # -- resolution over a data set ------------------------------------------------------------
-@dataclass(frozen=True)
-class ResolvedLayer:
-    layer: Layer
-    input_shape: tuple[int, ...]   # per sample: (C, H, W) or (features,)
-    output_shape: tuple[int, ...]
-    params: tuple[TensorSpec, ...] = ()
-    #: conv2d: zero padding (top, bottom, left, right), TensorFlow's SAME rule for "same"
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0)
-    #: dense right after a flatten of (C, H, W): that shape; frameworks that flatten H, W, C permute here
-    flattened_from: tuple[int, int, int] | None = None
-
-    @property
-    def kind(self) -> str:
-        return KIND_OF[type(self.layer)]
-
-    @property
-    def name(self) -> str:
-        return self.layer.name
-
-
 @dataclass(frozen=True)
 class ResolvedModel:
     spec: ModelSpec
@@ -286,31 +171,8 @@ class ResolvedModel:
 
     def describe(self) -> str:
         """One line, e.g. "lenet: 1x28x28 -> conv1 conv2d 6@5x5 same relu [6x28x28] -> ... -> fc3 dense 10"."""
-        parts = ["x".join(map(str, self.input_shape))]
-        for r in self.layers:
-            layer = r.layer
-            if isinstance(layer, Conv2D):
-                what = f"conv2d {layer.filters}@{layer.kernel}x{layer.kernel}/{layer.stride} {layer.padding}"
-            elif isinstance(layer, Dense):
-                what = f"dense {r.output_shape[0]}"
-            elif isinstance(layer, MaxPool2D):
-                what = f"maxpool2d {layer.size}/{layer.stride or layer.size}"
-            elif isinstance(layer, BatchNorm):
-                what = f"batchnorm eps={layer.eps:g} momentum={layer.momentum:g}"
-            elif isinstance(layer, Dropout):
-                what = f"dropout {layer.rate:g}"
-            else:
-                what = "flatten"
-            act = getattr(layer, "activation", "none")
-            parts.append(f"{r.name} {what}{' ' + act if act != 'none' else ''} [{'x'.join(map(str, r.output_shape))}]")
+        parts = ["x".join(map(str, self.input_shape)), *(r.describe() for r in self.layers)]
         return f"{self.spec.name}: " + " -> ".join(parts)
-
-
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TensorFlow's SAME padding along one axis: output ceil(size / stride), the odd pixel after."""
-    out = -(-size // stride)
-    total = max((out - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
 
 
 def resolve(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> ResolvedModel:
@@ -318,65 +180,15 @@ def resolve(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> 
     validate(spec)
     spec = spec.named()
     validate(spec)  # default names may clash with given ones
-    shape = tuple(int(d) for d in input_shape)
+    flow = Flow(tuple(int(d) for d in input_shape))
     resolved: list[ResolvedLayer] = []
-    previous_flatten: tuple[int, int, int] | None = None
     for index, layer in enumerate(spec.layers):
-        where = f"layer {index} ({KIND_OF[type(layer)]} {layer.name})"
-        spatial = len(shape) == 3
-        f32 = lambda suffix, dims: TensorSpec(f"{layer.name}.{suffix}", "float32", tuple(dims))  # noqa: E731
-        flattened_from = None
-        padding = (0, 0, 0, 0)
-        if isinstance(layer, Dense):
-            if spatial:
-                raise SpecError(f"{where}: a dense layer needs flat input, got {list(shape)}; put a flatten before it")
-            units = layer.units or num_classes
-            out = (units,)
-            params = (f32("weight", (units, shape[0])), f32("bias", (units,)))
-            flattened_from = previous_flatten
-        elif isinstance(layer, Conv2D):
-            if not spatial:
-                raise SpecError(f"{where}: conv2d needs (C, H, W) input, got {list(shape)}")
-            c, h, w = shape
-            if layer.padding == "same":
-                top, bottom = same_padding(h, layer.kernel, layer.stride)
-                left, right = same_padding(w, layer.kernel, layer.stride)
-                padding = (top, bottom, left, right)
-            oh = (h + padding[0] + padding[1] - layer.kernel) // layer.stride + 1
-            ow = (w + padding[2] + padding[3] - layer.kernel) // layer.stride + 1
-            if oh < 1 or ow < 1:
-                raise SpecError(f"{where}: a {layer.kernel}x{layer.kernel} kernel does not fit input {list(shape)}; use padding \"same\" or a smaller kernel")
-            out = (layer.filters, oh, ow)
-            params = (f32("weight", (layer.filters, c, layer.kernel, layer.kernel)), f32("bias", (layer.filters,)))
-        elif isinstance(layer, MaxPool2D):
-            if not spatial:
-                raise SpecError(f"{where}: maxpool2d needs (C, H, W) input, got {list(shape)}")
-            c, h, w = shape
-            stride = layer.stride or layer.size
-            if layer.size > h or layer.size > w:
-                raise SpecError(f"{where}: pool size {layer.size} is larger than the input {list(shape)}")
-            out = (c, (h - layer.size) // stride + 1, (w - layer.size) // stride + 1)
-            params = ()
-        elif isinstance(layer, Flatten):
-            out = (int(math.prod(shape)),)
-            params = ()
-        elif isinstance(layer, BatchNorm):
-            if previous_flatten is not None and previous_flatten[0] > 1 and previous_flatten[1] * previous_flatten[2] > 1:
-                raise SpecError(f"{where}: a batchnorm right after flattening {list(previous_flatten)} would normalise "
-                                "features whose order differs between frameworks; put it before the flatten or after a dense layer")
-            channels = shape[0]
-            params = (f32("weight", (channels,)), f32("bias", (channels,)),
-                      replace(f32("running_mean", (channels,)), buffer=True), replace(f32("running_var", (channels,)), buffer=True))
-            out = shape
-        else:  # Dropout
-            out = shape
-            params = ()
-        previous_flatten = shape if isinstance(layer, Flatten) and spatial else (previous_flatten if isinstance(layer, Dropout) else None)
-        resolved.append(ResolvedLayer(layer, shape, out, params, padding, flattened_from))
-        shape = out
-    if shape != (num_classes,):
+        with at(label(index, layer.kind, layer.name)):
+            resolved.append(layer.resolve((flow,), num_classes))  # each layer takes the output of the one before
+        flow = resolved[-1].output
+    if flow.shape != (num_classes,):
         raise SpecError(
-            f"model {spec.name!r} ends in shape {list(shape)}, but the data set has {num_classes} classes; "
+            f"model {spec.name!r} ends in shape {list(flow.shape)}, but the data set has {num_classes} classes; "
             "end with a dense layer of units = 0 (one per class)"
         )
     model = ResolvedModel(spec, tuple(int(d) for d in input_shape), num_classes, tuple(resolved))
@@ -386,24 +198,8 @@ def resolve(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> 
 
 
 # -- proto <-> spec ------------------------------------------------------------------------
-_ACT_TO_PROTO = {a: pb.Activation.Value(f"ACTIVATION_{a.upper()}") for a in ACTIVATIONS}
-_ACT_FROM_PROTO = {v: k for k, v in _ACT_TO_PROTO.items()}
-_PAD_TO_PROTO = {p: pb.Padding.Value(f"PADDING_{p.upper()}") for p in PADDINGS}
-_PAD_FROM_PROTO = {v: k for k, v in _PAD_TO_PROTO.items()}
-
-
 def to_proto(spec: ModelSpec) -> pb.ModelSpec:
-    message = pb.ModelSpec(name=spec.name)
-    for layer in spec.layers:
-        kind = KIND_OF[type(layer)]
-        values = {f.name: getattr(layer, f.name) for f in fields(layer) if f.name != "name"}
-        if "activation" in values:
-            values["activation"] = _ACT_TO_PROTO[values["activation"]]
-        if "padding" in values:
-            values["padding"] = _PAD_TO_PROTO[values["padding"]]
-        entry = message.layers.add(name=layer.name)
-        getattr(entry, kind).CopyFrom(getattr(pb, f"{type(layer).__name__}Layer")(**values))
-    return message
+    return pb.ModelSpec(name=spec.name, layers=[layer.to_proto() for layer in spec.layers])
 
 
 def from_proto(message: pb.ModelSpec) -> ModelSpec:
@@ -415,20 +211,8 @@ def from_proto(message: pb.ModelSpec) -> ModelSpec:
         kind = entry.WhichOneof("kind")
         if kind is None:
             raise SpecError(f"layer {index}: no kind set; set one of {', '.join(KINDS)}")
-        part = getattr(entry, kind)
-        values: dict[str, Any] = {f.name: getattr(part, f.name) for f in fields(KINDS[kind]) if f.name != "name"}
-        if "activation" in values:
-            if values["activation"] not in _ACT_FROM_PROTO:
-                raise SpecError(f"layer {index} ({kind}): unknown activation {values['activation']}")
-            values["activation"] = _ACT_FROM_PROTO[values["activation"]]
-        if "padding" in values:
-            if values["padding"] not in _PAD_FROM_PROTO:
-                raise SpecError(f"layer {index} ({kind}): unknown padding {values['padding']}")
-            values["padding"] = _PAD_FROM_PROTO[values["padding"]]
-        if kind == "batchnorm":  # proto3 has no presence: 0 means the default
-            values["eps"] = values["eps"] or BatchNorm.eps
-            values["momentum"] = values["momentum"] or BatchNorm.momentum
-        layers.append(KINDS[kind](name=entry.name, **values))
+        with at(label(index, kind)):
+            layers.append(kind_class(kind).from_proto(entry))
     spec = ModelSpec(message.name or "custom", tuple(layers))
     validate(spec)
     return spec

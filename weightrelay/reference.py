@@ -2,17 +2,19 @@
 
 The ground truth that every layout conversion and every framework's builder is tested
 against: it computes each layer from its definition in float64, N, C, H, W throughout, with
-the canonical tensors as they travel on the wire.
+the canonical tensors as they travel on the wire. Each kind's computation is its class's
+`reference` (weightrelay.layers), built from the numpy operations here.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ResolvedModel
+if TYPE_CHECKING:  # the layer kinds import this module for its operations
+    from weightrelay.models import ResolvedModel
 
 ACTIVATIONS = {
     "none": lambda x: x,
@@ -48,18 +50,5 @@ def forward(model: ResolvedModel, weights: Mapping[str, np.ndarray], x: np.ndarr
     h = np.asarray(x, dtype=np.float64)
     w = {name: np.asarray(array, dtype=np.float64) for name, array in weights.items()}
     for r in model.layers:
-        layer, name = r.layer, r.name
-        if isinstance(layer, Dense):
-            h = ACTIVATIONS[layer.activation](h @ w[f"{name}.weight"].T + w[f"{name}.bias"])
-        elif isinstance(layer, Conv2D):
-            h = ACTIVATIONS[layer.activation](conv2d_nchw(h, w[f"{name}.weight"], w[f"{name}.bias"], layer.stride, r.padding))
-        elif isinstance(layer, MaxPool2D):
-            h = maxpool2d_nchw(h, layer.size, layer.stride or layer.size)
-        elif isinstance(layer, Flatten):
-            h = h.reshape(len(h), -1)  # C, H, W order
-        elif isinstance(layer, BatchNorm):
-            stats = (w[f"{name}.{part}"] for part in ("weight", "bias", "running_mean", "running_var"))
-            h = ACTIVATIONS[layer.activation](batchnorm(h, *stats, layer.eps))
-        elif isinstance(layer, Dropout):
-            pass  # identity at inference
+        h = ACTIVATIONS[r.layer.activation](r.layer.reference(r, r.tensors(w), (h,)))
     return h

@@ -1,9 +1,18 @@
-"""Model specs: built-ins, TOML files, the proto form, and resolution over a data set's shape."""
+"""Model specs: built-ins, TOML files, the proto form, resolution over a data set's shape, and the
+registry of layer kinds that every adapter's tables must cover."""
+
+import ast
+import subprocess
+import sys
 
 import pytest
 
-from weightrelay import models
+from jax_service import layout as flax_layout
+from keras_service import layout as keras_layout
+from tests.support import REPO
+from weightrelay import layers, layouts, models
 from weightrelay.models import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ModelSpec, SpecError
+from weightrelay.v1 import worker_pb2 as pb
 
 
 def shapes(model: models.ResolvedModel) -> dict[str, tuple[int, ...]]:
@@ -129,3 +138,75 @@ def test_proto_round_trip(name):
 def test_describe_is_one_line_with_shapes():
     line = models.resolve(models.builtin("lenet"), (1, 28, 28), 10).describe()
     assert line.startswith("lenet: 1x28x28 -> conv1 conv2d 6@5x5/1 same relu [6x28x28]") and line.endswith("fc3 dense 10 [10]")
+
+
+def test_a_second_flatten_keeps_the_order_of_the_first():
+    """Flat features flattened again keep their C, H, W order, so the dense layer after is still permuted in Keras and Flax."""
+    model = models.resolve(ModelSpec("x", (Conv2D(4, 3), Flatten(), Flatten(), Dense(0))), (3, 8, 8), 10)
+    assert [r.flattened_from for r in model.layers] == [None, None, (4, 6, 6), (4, 6, 6)]
+
+
+def test_errors_name_the_layer_the_field_and_the_fix():
+    with pytest.raises(SpecError, match=r"^layer 1 \(conv2d conv1\): kernel must be a whole number of at least 1, got 0$"):
+        models.validate(ModelSpec("x", (Flatten(), Conv2D(4, 0, name="conv1"))))
+    with pytest.raises(SpecError, match=r"^layer 0 \(dense\): unknown activation 9$"):
+        models.from_proto(pb.ModelSpec(name="x", layers=[pb.LayerSpec(dense=pb.DenseLayer(activation=9))]))
+
+
+# -- the registry of layer kinds, and the tables that must cover it ------------------------
+def test_an_unknown_kind_is_refused_naming_it_and_the_known_kinds():
+    known = "dense, conv2d, maxpool2d, flatten, batchnorm, dropout"
+    with pytest.raises(SpecError, match=f"^model: layer 1: unknown kind 'add'; use one of {known}$"):
+        models.spec_from_dict({"layers": [{"kind": "flatten"}, {"kind": "add", "inputs": ["fc1"]}]})
+    with pytest.raises(layers.LayerError, match=f"^unknown kind 'LSTM'; use one of {known}$"):
+        layers.kind_class("LSTM")
+    assert layers.kind_class("Dense") is Dense
+
+
+def test_every_kind_is_a_layer_spec_in_the_proto_and_round_trips():
+    oneof = pb.LayerSpec.DESCRIPTOR.oneofs_by_name["kind"]
+    assert [f.name for f in oneof.fields] == list(models.KINDS)
+    for kind, cls in models.KINDS.items():
+        assert cls.kind == kind and pb.LayerSpec.DESCRIPTOR.fields_by_name[kind].message_type is cls.message.DESCRIPTOR
+        layer = cls(name="x")
+        assert cls.from_proto(layer.to_proto()) == layer == cls.from_dict({k: v for k, v in layer.to_dict().items() if k != "kind"})
+    with pytest.raises(ValueError, match="registered twice"):
+        layers.register("dense", "fc", pb.DenseLayer)(Dense)
+
+
+def _dict_keys(path: str, table: str) -> list[str]:
+    """The keys of the dict literal assigned to `table` at the top of a module, read from its source
+    (the adapters import their framework, which this process must not)."""
+    for node in ast.parse((REPO / path).read_text()).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == table for t in targets):
+            assert isinstance(node.value, ast.Dict), f"{path}: {table} is not a dict literal"
+            return [ast.literal_eval(key) for key in node.value.keys]
+    raise AssertionError(f"{path} has no table {table}")
+
+
+@pytest.mark.parametrize("path,table", [
+    ("torch_service/adapter.py", "BUILDERS"),
+    ("keras_service/adapter.py", "BUILDERS"),
+    ("keras_service/adapter.py", "XLA"),
+    ("jax_service/adapter.py", "BUILDERS"),
+])
+def test_every_adapter_table_covers_every_kind(path, table):
+    keys = _dict_keys(path, table)
+    assert sorted(keys) == sorted(models.KINDS) and len(keys) == len(set(keys)), f"{path} {table}: {keys}"
+
+
+@pytest.mark.parametrize("table", [layouts.CHANNELS_LAST, keras_layout.LAYOUTS, flax_layout.LAYOUTS], ids=["core", "keras", "flax"])
+def test_every_layout_table_covers_every_kind_and_only_kinds_without_tensors_have_none(table):
+    assert sorted(table) == sorted(models.KINDS)
+    model = models.resolve(models.builtin("cnn-bn"), (3, 16, 16), 10)
+    assert {r.kind for r in model.layers} == set(models.KINDS)  # cnn-bn has every kind
+    for r in model.layers:
+        assert (table[r.kind] is layouts.NO_TENSORS) == (not r.params), r.kind
+
+
+def test_the_layout_modules_import_no_framework():
+    code = ("import sys, keras_service.layout, jax_service.layout, weightrelay.layouts, weightrelay.reference\n"
+            "print(sorted({'torch', 'tensorflow', 'keras', 'jax', 'flax'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:] + done.stdout

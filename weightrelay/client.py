@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 from typing import Iterable, Iterator, Mapping
 
@@ -15,6 +16,7 @@ import grpc
 import numpy as np
 
 from weightrelay import codec
+from weightrelay.leases import METADATA_KEY as LEASE_METADATA_KEY
 from weightrelay.security import ClientSecurity
 from weightrelay.v1 import worker_pb2 as pb
 from weightrelay.v1 import worker_pb2_grpc as pb_grpc
@@ -61,13 +63,51 @@ def decoded_get_weights(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable:
                                 response_deserializer=codec.decode_chunk)
 
 
-class WorkerClient:
-    """`timeout` is the default deadline (seconds) of each call; None waits as long as it takes."""
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
 
-    def __init__(self, address: str, timeout: float | None = None, security: ClientSecurity | None = None):
+
+class _LeaseMetadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                     grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the client's lease id (when it holds one) to every call's metadata (worker.proto, Leases)."""
+
+    def __init__(self, client: "WorkerClient"):
+        self._client = client
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        lease_id = self._client.lease_id
+        if not lease_id:
+            return details
+        metadata = [*(details.metadata or ()), (LEASE_METADATA_KEY, lease_id)]
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready,
+                            getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._details(details), requests)
+
+
+class WorkerClient:
+    """`timeout` is the default deadline (seconds) of each call; None waits as long as it takes.
+
+    `lease_id`: the worker's lease this client holds (set by `initialize(lease=...)`, or by hand to
+    take a run's lease back); every call then carries it (worker.proto, Leases)."""
+
+    def __init__(self, address: str, timeout: float | None = None, security: ClientSecurity | None = None, lease_id: str = ""):
         self.address = address
         self.timeout = timeout
-        self.channel = (security or ClientSecurity()).channel(address, CLIENT_OPTIONS)
+        self.lease_id = lease_id
+        self._plain_channel = (security or ClientSecurity()).channel(address, CLIENT_OPTIONS)
+        self.channel = grpc.intercept_channel(self._plain_channel, _LeaseMetadata(self))
         self.stub = pb_grpc.WorkerStub(self.channel)
         #: what the last Describe said: SetWeights takes packed streams (worker.proto, WeightsChunk)
         self.accepts_packed_pieces = False
@@ -83,7 +123,7 @@ class WorkerClient:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        self._plain_channel.close()
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the channel connects; raises grpc.FutureTimeoutError."""
@@ -98,11 +138,25 @@ class WorkerClient:
         return reply
 
     def initialize(self, model: pb.ModelSpec | str = "mlp", seed: int = 0, dataset: str = "", objective: str = "",
-                   timeout: float | None = None) -> pb.InitializeReply:
-        """Rebuild the worker's model with fresh weights from `seed` (a built-in name or a full spec)."""
+                   timeout: float | None = None, lease: pb.LeaseRequest | None = None) -> pb.InitializeReply:
+        """Rebuild the worker's model with fresh weights from `seed` (a built-in name or a full spec);
+        with `lease`, take the worker's lease too (this client then holds its id)."""
         spec = pb.ModelSpec(name=model) if isinstance(model, str) else model
-        request = pb.InitializeRequest(model=spec, seed=seed, dataset=dataset, objective=objective)
-        return self.stub.Initialize(request, timeout=self._deadline(timeout))
+        request = pb.InitializeRequest(model=spec, seed=seed, dataset=dataset, objective=objective, lease=lease)
+        reply = self.stub.Initialize(request, timeout=self._deadline(timeout))
+        if reply.lease.lease_id:
+            self.lease_id = reply.lease.lease_id
+        return reply
+
+    def renew_lease(self, seconds: int = 0, timeout: float | None = None) -> pb.Lease:
+        """Extend the lease this client holds (by its duration, or `seconds`) from now."""
+        return self.stub.RenewLease(pb.RenewLeaseRequest(lease_id=self.lease_id, seconds=seconds), timeout=self._deadline(timeout))
+
+    def release_lease(self, force: bool = False, timeout: float | None = None) -> pb.ReleaseLeaseReply:
+        """End the lease this client holds (with `force`: whatever lease the worker holds); the client holds none after."""
+        reply = self.stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=self.lease_id, force=force), timeout=self._deadline(timeout))
+        self.lease_id = ""
+        return reply
 
     def train(self, request: pb.TrainRequest, timeout: float | None = None) -> Iterator[pb.TrainEvent]:
         """The Train stream, ended by the worker at its deadline (default none: training takes what it takes);

@@ -65,15 +65,15 @@ class ModelGate:
         if self.training:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"the worker is training; {what}", WORKER_TRAINING)
 
-    def check_lease(self, context: grpc.ServicerContext, method: str) -> None:
+    def check_lease(self, context: grpc.ServicerContext, method: str, taking: bool = False) -> None:
         """Refuse `method`, a call that would change the worker, unless the lease lets the caller (early,
         before a call does work; `hold(context, method)` checks again under the hold)."""
-        self.leases.check(context, method)
+        self.leases.check(context, method, taking)
 
-    def hold(self, context: grpc.ServicerContext, changes: str = "") -> None:
+    def hold(self, context: grpc.ServicerContext, changes: str = "", taking: bool = False) -> None:
         """Take the model: wait while another short call holds it, refuse while a Train does, and give
         up when the caller has gone (cancelled, deadline passed). A call that `changes` the model (its
-        method's name) must also be let by the lease. Pair with let_go()."""
+        method's name) must also be let by the lease (`taking` it: see Leases.check). Pair with let_go()."""
         while not self._lock.acquire(blocking=False):
             self.on_wait()
             if self._lock.acquire(timeout=_POLL_SECONDS):
@@ -83,7 +83,7 @@ class ModelGate:
                 raise Refused(grpc.StatusCode.CANCELLED, "the call ended while it waited for the model")
         if changes:
             try:
-                self.leases.check(context, changes)
+                self.leases.check(context, changes, taking)
             except BaseException:
                 self._lock.release()
                 raise
@@ -92,18 +92,18 @@ class ModelGate:
         self._lock.release()
 
     @contextmanager
-    def holding(self, context: grpc.ServicerContext, changes: str = "") -> Iterator[None]:
-        self.hold(context, changes)
+    def holding(self, context: grpc.ServicerContext, changes: str = "", taking: bool = False) -> Iterator[None]:
+        self.hold(context, changes, taking)
         try:
             yield
         finally:
             self.let_go()
 
     @contextmanager
-    def model_call(self, context: grpc.ServicerContext, method: str, changes: bool = False) -> Iterator[None]:
+    def model_call(self, context: grpc.ServicerContext, method: str, changes: bool = False, taking: bool = False) -> Iterator[None]:
         """Admitted, and holding the model, for the block: a short model call (one that `changes` the
-        model only if the lease lets the caller)."""
-        with self.admitted(method), self.holding(context, method if changes else ""):
+        model only if the lease lets the caller, or it is `taking` the lease)."""
+        with self.admitted(method), self.holding(context, method if changes else "", taking):
             yield
 
     # -- training -----------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ MAX_TEXT = 256
 
 LEASE_HELD = "LEASE_HELD"
 LEASE_UNKNOWN = "LEASE_UNKNOWN"
+LEASE_LOST = "LEASE_LOST"
 
 
 def lease_id_of(context: grpc.ServicerContext) -> str:
@@ -96,12 +97,21 @@ class Leases:
             f"use other workers, or break a stale lease with `coordinator release ADDRESS`",
             LEASE_HELD, {"run_id": lease.run_id, "holder": lease.holder, "expires_unix": f"{lease.expires_unix:.0f}"})
 
-    def check(self, context: grpc.ServicerContext, what: str) -> None:
-        """Refuse a call that would change the worker unless it is free or the call carries the lease's id."""
+    def check(self, context: grpc.ServicerContext, what: str, taking: bool = False) -> None:
+        """Refuse a call that would change the worker unless the call carries the lease's id, or the worker
+        is free and the call carries no id (a client that knows nothing of leases). A call that carries the
+        id of a lease no longer held is refused too (LEASE_LOST), since anyone may have changed the worker
+        since, except where it is `taking` the lease again (Initialize with a lease: a resumed run)."""
+        carried = lease_id_of(context)
         with self._lock:
             lease = self._current()
-            if lease is not None and lease_id_of(context) != lease.lease_id:
-                raise self._refusal(lease, what)
+        if lease is not None and carried != lease.lease_id:
+            raise self._refusal(lease, what)
+        if lease is None and carried and not taking:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{what}: the lease this call carries is no longer held (it expired or was broken), so the worker "
+                          f"may have changed since; take the worker again (Initialize with a lease, or `coordinator run --resume`)",
+                          LEASE_LOST)
 
     @staticmethod
     def validate(request: pb.LeaseRequest) -> None:

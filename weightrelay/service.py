@@ -253,16 +253,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     @_refusals_answered
     def Initialize(self, request: pb.InitializeRequest, context: grpc.ServicerContext) -> pb.InitializeReply:
-        self.gate.check_lease(context, "Initialize")
+        lease_request = request.lease if request.HasField("lease") else None
+        self.gate.check_lease(context, "Initialize", taking=lease_request is not None)
         self.gate.refuse_while_training("call Initialize when its Train stream has ended")
         try:
             spec = models.from_proto(request.model)
         except SpecError as exc:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"model: {exc}") from None
-        lease_request = request.lease if request.HasField("lease") else None
         if lease_request is not None:
             self.gate.leases.validate(lease_request)
-        with self.gate.model_call(context, "Initialize", changes=True):
+        with self.gate.model_call(context, "Initialize", changes=True, taking=lease_request is not None):
             resolved = self.initialize(spec, request.seed, request.dataset, request.objective)
             lease = self.gate.leases.grant(context, lease_request) if lease_request is not None else None
         return pb.InitializeReply(

@@ -7,6 +7,7 @@ import time
 import grpc
 import pytest
 
+from tests.support import wait_until_free
 from weightrelay import errors, leases
 from weightrelay.client import WorkerClient
 from weightrelay.v1 import worker_pb2 as pb
@@ -100,6 +101,7 @@ def test_a_lease_renewed_through_a_long_train_is_kept(worker, clients):
         holder.renew_lease()  # answered while the Train holds the model
     stream.cancel()
     assert intruder.describe().lease.run_id == "run-a"
+    wait_until_free(worker, 60, "the worker kept training after the holder cancelled")
     assert_held_by_a(refused(lambda: intruder.initialize("mlp")))
 
 

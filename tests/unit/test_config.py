@@ -1,5 +1,7 @@
 """Run settings: defaults, then the TOML file, then flags; the saved file repeats the run."""
 
+import dataclasses
+
 import pytest
 
 from coordinator import config as cfg
@@ -19,9 +21,9 @@ def test_flags_override_the_file_which_overrides_the_defaults(tmp_path):
     config = resolved(["--rounds", "5", "--torch-objective", "swap:2,3"], tmp_path,
                       'rounds = 9\nepochs = 3\nbatch-size = 32\ntorch_objective = "swap:7,1"\nlocal = true\n')
     assert config.rounds == 5  # flag beats file
-    assert config.torch_objective == "swap:2,3"  # flag beats file
+    assert config.objective_for("torch") == "swap:2,3"  # flag beats file
     assert (config.epochs, config.batch_size, config.local) == (3, 32, True)  # file beats default
-    assert config.lr == cfg.RunConfig().lr and config.keras == cfg.RunConfig().keras  # defaults remain
+    assert config.lr == cfg.RunConfig().lr and config.addresses()["keras"] == cfg.RunConfig().addresses()["keras"]  # defaults remain
 
 
 def test_a_run_table_is_read_too(tmp_path):
@@ -61,10 +63,10 @@ def test_bad_worker_flags_name_the_fix(flags, message, capsys):
 
 
 def test_saved_config_reads_back_to_the_same_settings(tmp_path):
-    config = cfg.RunConfig(rounds=3, local=True, lr=0.05, data_dir='/data/"quoted" dir', torch_objective="perm:1,0,2,3,4,5,6,7,8,9")
+    config = cfg.resolve({"rounds": 3, "local": True, "lr": 0.05, "data_dir": '/data/"quoted" dir', "torch_objective": "perm:1,0,2,3,4,5,6,7,8,9"})
     path = tmp_path / "config.toml"
     path.write_text(cfg.to_toml(config))
-    assert cfg.resolve(cfg.load_config_file(path), {}) == cfg.RunConfig(**{**config.to_dict(), "torch_objective": "swap:0,1"})
+    assert cfg.resolve(cfg.load_config_file(path), {}) == dataclasses.replace(config, objective=["torch=swap:0,1"])
     default = tmp_path / "default.toml"
     default.write_text(cfg.to_toml(cfg.RunConfig()))  # data_dir unset stays unset
     assert cfg.resolve(cfg.load_config_file(default), {}) == cfg.RunConfig()
@@ -87,3 +89,4 @@ def test_bad_flags_exit_with_usage_code_and_the_reason(capsys):
         build_parser().parse_args(["run", "--rounds", "0"])
     assert info.value.code == 2
     assert "0 must be at least 1" in capsys.readouterr().err
+

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 from coordinator import config as cfg
 from coordinator import validators
+from coordinator.checks import check_settings
 from coordinator.errors import CoordinatorError, UsageError
 from coordinator.local import LocalWorkers
 from coordinator.progress import make_printer
@@ -219,6 +220,7 @@ def command_run(args: argparse.Namespace) -> int:
     if resume:
         saved, previous = _resumable(resume)
     settings = resolve_settings(args, saved)
+    check_settings(settings, "relay")
     run_dir = resume or _new_run_dir(Path(settings.config.out))
     _run_with_workers(Relay, settings.config, run_dir, args, previous)
     return 0
@@ -249,6 +251,7 @@ def _run_with_workers(kind: type[Relay] | type[Twin], config: cfg.RunConfig, run
 
 def command_twin(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
+    check_settings(settings, "twin")
     _run_with_workers(Twin, settings.config, _new_run_dir(Path(settings.config.out)), args)
     return 0
 

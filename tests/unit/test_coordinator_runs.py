@@ -3,7 +3,6 @@ key for key), resuming from it, how refusals end a run, and when a move falls ba
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 

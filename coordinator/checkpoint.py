@@ -1,4 +1,4 @@
-"""The weights of both workers after each completed round, kept in the run directory for `--resume`.
+"""The weights of every worker after each completed round, kept in the run directory for `--resume`.
 
 Safetensors files (a JSON header and raw little-endian tensors: nothing is unpickled or run on
 loading), one per worker and round, written atomically; the previous round's files are removed
@@ -13,6 +13,9 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from coordinator.errors import UsageError
+from coordinator.records import Checkpoint
+from coordinator.session import Session
 from weightrelay import codec
 from weightrelay.files import write_atomic
 
@@ -50,3 +53,24 @@ def load(run_dir: Path, relative: str, expected_sha256: str) -> codec.WeightSet:
 def remove_round(run_dir: Path, round_index: int, workers: list[str]) -> None:
     for worker in workers:
         checkpoint_path(run_dir, round_index, worker).unlink(missing_ok=True)
+
+
+def take(session: Session, round_index: int) -> Checkpoint:
+    """Save every worker's weights after a completed round."""
+    files, sums = {}, {}
+    for name, worker in session.workers.items():
+        weights = session.call(worker, f"checkpoint {name} (GetWeights)", round_index, worker.client.get_weights)
+        files[name] = save(session.run_dir, round_index, name, weights)
+        sums[name] = codec.weights_sha256(weights)
+    return Checkpoint(round_index, files, sums)
+
+
+def restore(session: Session, saved: Checkpoint) -> None:
+    """Put the weights of the last completed round back into every worker."""
+    for name, worker in session.workers.items():
+        try:
+            weights = load(session.run_dir, saved.files[name], saved.sha256[name])
+        except (KeyError, ValueError) as exc:
+            raise UsageError(f"cannot resume {session.run_dir}: {exc}") from None
+        session.on_event("step", {"round": None, "step": f"restore {name} from round {saved.round}"})
+        session.call(worker, f"restore {name} (SetWeights)", None, lambda w=worker, ws=weights: w.client.set_weights(ws))

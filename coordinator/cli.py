@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from coordinator import config as cfg
+from coordinator import validators
+from coordinator.checks import check_settings
 from coordinator.errors import CoordinatorError, UsageError
 from coordinator.local import LocalWorkers
 from coordinator.progress import make_printer
 from coordinator.relay import Relay
 from coordinator.results import RESULTS_FILE, load_results
+from coordinator.twin import Twin
 from weightrelay import models
 from weightrelay.buffers import keep_freed_memory, peak_rss_bytes
 from weightrelay.data import DATASETS
@@ -56,9 +59,9 @@ def _add_shared_flags(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--local", action="store_const", const=True,
                         help="start the workers as child processes on free ports, and stop them at the end")
     parser.add_argument("--worker", action="append", type=item["worker"], metavar="NAME=HOST:PORT",
-                        help=f"a worker to {what}, repeatable (default: --torch and --keras), in the order given")
+                        help=f"a worker to {what}, repeatable, in the order given (default {' '.join(d.worker)})")
     parser.add_argument("--workers", type=t["workers"], metavar="NAMES",
-                        help="with --local: the workers to start, e.g. torch,keras,jax or torch,torch-b (default torch,keras)")
+                        help=f"with --local: the workers to start, e.g. torch,keras,jax or torch,torch-b (default {','.join(d.local_names())})")
     parser.add_argument("--epochs", type=t["epochs"], help=f"epochs per Train (default {d.epochs})")
     parser.add_argument("--batch-size", type=t["batch_size"], help=f"(default {d.batch_size})")
     parser.add_argument("--lr", type=t["lr"], help=f"SGD learning rate (default {d.lr})")
@@ -95,13 +98,17 @@ def _add_run_parser(commands) -> None:
     item = {key: _flag_type(validator) for key, validator in cfg.ITEM_VALIDATORS.items()}
     _add_shared_flags(run, "relay between")
     run.add_argument("--rounds", type=t["rounds"], help=f"rounds to run (default {d.rounds})")
-    run.add_argument("--torch", type=t["torch"], help=f"PyTorch worker HOST:PORT (default {d.torch})")
-    run.add_argument("--keras", type=t["keras"], help=f"Keras worker HOST:PORT (default {d.keras})")
     run.add_argument("--order", type=t["order"], metavar="NAMES", help="the relay ring, e.g. jax,torch,keras (default: the order given)")
     run.add_argument("--objective", action="append", type=item["objective"], metavar="NAME=OBJECTIVE",
-                     help="labels worker NAME trains on, repeatable (default: --torch-objective, --keras-objective, else identity)")
-    run.add_argument("--torch-objective", type=t["torch_objective"], help=f"labels PyTorch trains on (default {d.torch_objective})")
-    run.add_argument("--keras-objective", type=t["keras_objective"], help=f"labels Keras trains on (default {d.keras_objective})")
+                     help="labels worker NAME trains on, repeatable (default: " + ", ".join(f"{n} {o}" for n, o in cfg.DEFAULT_OBJECTIVES.items())
+                          + f", any other {cfg.FALLBACK_OBJECTIVE})")
+    for alias in cfg.ALIASES.values():  # the default workers' own flags, kept from when they were the only two
+        if alias.setting == "worker":
+            run.add_argument(alias.flag, type=t[alias.key], metavar="HOST:PORT",
+                             help=f"the {alias.worker} worker's address: its entry of --worker (default {d.addresses()[alias.worker]})")
+        else:
+            run.add_argument(alias.flag, type=t[alias.key], metavar="OBJECTIVE",
+                             help=f"labels the {alias.worker} worker trains on: its entry of --objective (default {d.objective_for(alias.worker)})")
     run.add_argument("--via-coordinator", action="store_const", const=True,
                      help="move the weights through the coordinator (streamed as they arrive) instead of worker to worker")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR",
@@ -128,7 +135,8 @@ def _add_twin_parser(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coordinator", description="Relay weights between the PyTorch and Keras workers and record both frameworks' confusion matrices.")
+    parser = argparse.ArgumentParser(prog="coordinator", description="Relay weights between named workers of different frameworks, "
+                                                                     "or train them side by side, and record their confusion matrices.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_parser(commands)
     _add_twin_parser(commands)
@@ -143,11 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--phase", default=None, help="one phase, e.g. torch_trained (default: all of the round's)")
 
     move = commands.add_parser("move", help="move the weights once between two running workers and measure it")
-    move.add_argument("--from", dest="sender", required=True, type=_flag_type(cfg.address), metavar="HOST:PORT", help="the worker whose weights move")
-    move.add_argument("--to", dest="receiver", required=True, type=_flag_type(cfg.address), metavar="HOST:PORT", help="the worker that receives them")
+    move.add_argument("--from", dest="sender", required=True, type=_flag_type(validators.address), metavar="HOST:PORT", help="the worker whose weights move")
+    move.add_argument("--to", dest="receiver", required=True, type=_flag_type(validators.address), metavar="HOST:PORT", help="the worker that receives them")
     move.add_argument("--via-coordinator", action="store_true", help="stream through this coordinator instead of the receiver pulling from the sender")
     move.add_argument("--timeout", type=float, default=3600.0, help="deadline in seconds (default 3600)")
-    move.add_argument("--repeat", type=_flag_type(cfg.positive_int), default=1, metavar="N",
+    move.add_argument("--repeat", type=_flag_type(validators.positive_int), default=1, metavar="N",
                       help="move N times in this process and report the fastest, with the median (default 1; the first "
                            "move of a process also pays for warming it up)")
     move.add_argument("--json", action="store_true", help="print one JSON object")
@@ -175,14 +183,26 @@ def _new_run_dir(out: Path) -> Path:
     raise CoordinatorError(f"cannot make a new run directory under {out}")
 
 
-def resolve_run_config(args: argparse.Namespace, saved: dict[str, Any] | None = None) -> cfg.RunConfig:
-    """Defaults < a resumed run's saved settings < --config FILE < flags."""
+def _flag_layer(args: argparse.Namespace) -> cfg.Layer:
+    """The settings given as flags, each named as the command spells it (twin's --objective is twin_objective)."""
     flags = {key: value for key, value in vars(args).items() if key in cfg.VALIDATORS}
-    from_file = cfg.load_config_file(args.config) if getattr(args, "config", None) else {}
-    return cfg.resolve({**(saved or {}), **from_file}, flags)
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    spelled = {a.dest: a.option_strings[0] for a in commands[args.command]._actions if a.option_strings}
+    return cfg.Layer(flags, {key: spelled[key] for key in flags if key in spelled})
 
 
-def _resumable(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def resolve_settings(args: argparse.Namespace, saved: cfg.Layer | None = None) -> cfg.Settings:
+    """Defaults < a resumed run's saved settings < --config FILE < flags, and where each was given."""
+    from_file = [cfg.read_layer(args.config)] if getattr(args, "config", None) else []
+    return cfg.settle(*([saved] if saved else []), *from_file, _flag_layer(args))
+
+
+def resolve_run_config(args: argparse.Namespace, saved: cfg.Layer | None = None) -> cfg.RunConfig:
+    """The resolved settings (see resolve_settings)."""
+    return resolve_settings(args, saved).config
+
+
+def _resumable(run_dir: Path) -> tuple[cfg.Layer, dict[str, Any]]:
     """(saved settings, results) of a run that `--resume` can continue."""
     if not (run_dir / RESULTS_FILE).is_file() or not (run_dir / CONFIG_FILE).is_file():
         raise UsageError(f"--resume {run_dir}: no {RESULTS_FILE} and {CONFIG_FILE} there; pass a run directory made by 'coordinator run'")
@@ -191,24 +211,22 @@ def _resumable(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise UsageError(f"--resume {run_dir}: that run is complete; start a new one")
     if results["rounds"] and "checkpoint" not in results:
         raise UsageError(f"--resume {run_dir}: the run kept no weights to resume from (it was made by an older coordinator)")
-    return cfg.load_config_file(run_dir / CONFIG_FILE), results
+    return cfg.read_layer(run_dir / CONFIG_FILE), results
 
 
 def command_run(args: argparse.Namespace) -> int:
     resume: Path | None = getattr(args, "resume", None)
-    previous = None
+    previous = saved = None
     if resume:
         saved, previous = _resumable(resume)
-        config = resolve_run_config(args, saved)
-        run_dir = resume
-    else:
-        config = resolve_run_config(args)
-        run_dir = _new_run_dir(Path(config.out))
-    _run_with_workers(Relay, config, run_dir, args, previous)
+    settings = resolve_settings(args, saved)
+    check_settings(settings, "relay")
+    run_dir = resume or _new_run_dir(Path(settings.config.out))
+    _run_with_workers(Relay, settings.config, run_dir, args, previous)
     return 0
 
 
-def _run_with_workers(kind: type[Relay], config: cfg.RunConfig, run_dir: Path, args: argparse.Namespace,
+def _run_with_workers(kind: type[Relay] | type[Twin], config: cfg.RunConfig, run_dir: Path, args: argparse.Namespace,
                       previous: dict[str, Any] | None = None) -> None:
     """Save the settings, run `kind` (Relay or Twin) against the given or --local workers, write the report."""
     (run_dir / CONFIG_FILE).write_text(cfg.to_toml(config))
@@ -232,10 +250,9 @@ def _run_with_workers(kind: type[Relay], config: cfg.RunConfig, run_dir: Path, a
 
 
 def command_twin(args: argparse.Namespace) -> int:
-    from coordinator.twin import Twin
-
-    config = resolve_run_config(args)
-    _run_with_workers(Twin, config, _new_run_dir(Path(config.out)), args)
+    settings = resolve_settings(args)
+    check_settings(settings, "twin")
+    _run_with_workers(Twin, settings.config, _new_run_dir(Path(settings.config.out)), args)
     return 0
 
 

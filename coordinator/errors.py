@@ -11,6 +11,10 @@ class UsageError(CoordinatorError):
     exit_code = 2
 
 
+class SettingsRefused(UsageError):
+    """A worker refused the run's settings (INVALID_ARGUMENT): running again as it is can only fail again."""
+
+
 class WorkerUnreachable(CoordinatorError):
     exit_code = 3
 

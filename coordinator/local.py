@@ -1,4 +1,4 @@
-"""`--local`: start both workers as child processes on free ports, and always stop them."""
+"""`--local`: start the run's workers as child processes on free ports, and always stop them."""
 
 from __future__ import annotations
 
@@ -9,17 +9,25 @@ import sys
 import time
 from pathlib import Path
 
+from coordinator.config import DEFAULT_WORKERS
 from coordinator.errors import CoordinatorError, WorkerStartFailed
 
 #: framework -> module run with `python -m`
 WORKER_MODULES = {"torch": "torch_service", "keras": "keras_service", "jax": "jax_service"}
 
 
-def framework_of(name: str) -> str:
-    """The framework of a local worker: its name up to the first "-" ("torch-b" is a second torch worker)."""
+def named_framework(name: str) -> str | None:
+    """The framework a worker's name names: its name up to the first "-" ("torch-b" is a second
+    torch worker), where that is a framework with a worker; else None."""
     framework = name.split("-", 1)[0]
-    if framework not in WORKER_MODULES:
-        raise CoordinatorError(f"worker {name!r}: no framework {framework!r} to start; local workers are named "
+    return framework if framework in WORKER_MODULES else None
+
+
+def framework_of(name: str) -> str:
+    """The framework of a local worker (see `named_framework`)."""
+    framework = named_framework(name)
+    if framework is None:
+        raise CoordinatorError(f"worker {name!r}: no framework {name.split('-', 1)[0]!r} to start; local workers are named "
                                f"{', '.join(WORKER_MODULES)}, optionally with a suffix (torch-b)")
     return framework
 
@@ -70,11 +78,11 @@ class LocalWorker:
 
 
 class LocalWorkers:
-    """Context manager: {name: address} of freshly started workers (default torch and keras)."""
+    """Context manager: {name: address} of freshly started workers (default: the default workers)."""
 
     def __init__(self, log_dir: Path, seed: int, data_dir: str | None, dataset: str = "mnist", model: str = "mlp",
-                 startup_timeout: float = 300.0, names: tuple[str, ...] = ("torch", "keras")):
-        self.names = names
+                 startup_timeout: float = 300.0, names: tuple[str, ...] | None = None):
+        self.names = names or tuple(d.name for d in DEFAULT_WORKERS)
         self.log_dir = log_dir
         self.seed = seed
         self.data_dir = data_dir

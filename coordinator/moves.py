@@ -14,13 +14,22 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from weightrelay import codec
+from weightrelay import codec, errors
 from weightrelay.client import WorkerClient
 from weightrelay.v1 import worker_pb2 as pb
 
 #: Pull failures after which forwarding is tried: the receiver cannot reach the sender (or is an
 #: older worker without PullWeights), or what it reached is not the expected sender.
 FALL_BACK_ON = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.FAILED_PRECONDITION)
+#: Reasons (`weightrelay.errors`) of a refused pull that forwarding cannot get round: a Train holds
+#: the model, and a forwarded set would be refused for the same reason.
+NO_FALL_BACK_FOR = frozenset({errors.WORKER_TRAINING})
+
+
+def falls_back(error: grpc.RpcError) -> bool:
+    """Whether a failed pull is worth forwarding instead: decided by its status code and its
+    machine-readable reason, never by its message (written for people; it may change)."""
+    return error.code() in FALL_BACK_ON and errors.reason_of(error) not in NO_FALL_BACK_FOR
 
 
 @dataclass
@@ -86,7 +95,7 @@ def move(sender: WorkerClient, receiver: WorkerClient, via_coordinator: bool = F
             reply = receiver.stub.PullWeights(request, timeout=timeout)
             return Move("pull", time.perf_counter() - started, reply.total_bytes, reply.tensor_count, reply.sha256)
         except grpc.RpcError as exc:
-            if exc.code() not in FALL_BACK_ON or "training" in (exc.details() or ""):
+            if not falls_back(exc):
                 raise
             why = f"{exc.code().name}: {exc.details()}"
             started = time.perf_counter()

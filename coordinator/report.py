@@ -15,6 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from coordinator.config import applied  # noqa: E402
 from coordinator.results import class_label, class_names, load_results, pair_name, phases_of, upgrade  # noqa: E402
 
 REPORT_HTML = "report.html"
@@ -190,7 +191,7 @@ def render_html(results: dict[str, Any], run_dir: Path, curve_paths: list[Path],
     ]
     if results.get("error"):
         parts.append(f"<p><b>error:</b> {html.escape(results['error'])}</p>")
-    parts.append("<h2>Configuration</h2>" + _table(("setting", "value"), config.items(), "small"))
+    parts.append("<h2>Configuration</h2>" + _table(("setting", "value"), applied(config, "relay", results["order"]).items(), "small"))
     workers = results.get("workers", {})
     names = class_names(results)
     if workers:
@@ -317,7 +318,7 @@ def render_twin_html(results: dict[str, Any], run_dir: Path, curve_paths: list[P
     ]
     if results.get("error"):
         parts.append(f"<p><b>error:</b> {html.escape(results['error'])}</p>")
-    parts.append("<h2>Configuration</h2>" + _table(("setting", "value"), results["config"].items(), "small"))
+    parts.append("<h2>Configuration</h2>" + _table(("setting", "value"), applied(results["config"], "twin", results["order"]).items(), "small"))
     workers = results.get("workers", {})
     parts.append("<h2>Workers</h2>" + _table(
         ("worker", "address", "framework", "backend", "device"),

@@ -1,20 +1,19 @@
-"""The results file of a run: what it holds, and writing it so a reader never sees half of it."""
+"""The results file of a run: its schemas, and reading any of them (`coordinator.records` writes it)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-from google.protobuf import json_format
-
-from weightrelay.v1 import worker_pb2 as pb
+from coordinator.config import DEFAULT_OBJECTIVES
 
 #: 1: two workers named torch and keras, `transfers` per round, `initial_sync.transfer/evaluation`.
 #: 2: any ring of named workers (`order`), `moves` per round, `initial_sync.evaluations/moves`,
 #: `objectives`, `swap_pairs` and each evaluation's `swap_rates`. Readers take both (see `upgrade`).
 SCHEMA_VERSION = 2
 RESULTS_FILE = "results.json"
+#: The workers of every schema-1 file (schema 1 knew no others).
 DEFAULT_ORDER = ("torch", "keras")
 
 
@@ -38,15 +37,21 @@ def swap_rate(confusion: Sequence[Sequence[int]], a: int = 1, b: int = 7) -> flo
     return (confusion[a][b] + confusion[b][a]) / total if total else 0.0
 
 
-def swap_pairs(objectives: Sequence[str]) -> list[tuple[int, int]]:
-    """The label pairs the objectives swap, in order of appearance; (1, 7) when none does."""
+def swapped(objectives: Iterable[str]) -> list[tuple[int, int]]:
+    """The label pairs the (canonical) objectives swap, in order of appearance."""
     pairs = []
     for text in objectives:
         if text.startswith("swap:"):
             a, b = (int(v) for v in text.removeprefix("swap:").split(","))
             if (a, b) not in pairs:
                 pairs.append((a, b))
-    return pairs or [(1, 7)]
+    return pairs
+
+
+def swap_pairs(objectives: Iterable[str]) -> list[tuple[int, int]]:
+    """The label pairs whose swap rates a run shows: those its objectives swap; where none does,
+    those the default workers' objectives swap, (1, 7)."""
+    return swapped(objectives) or swapped(DEFAULT_OBJECTIVES.values())
 
 
 def pair_name(pair: Sequence[int]) -> str:
@@ -90,29 +95,6 @@ def class_label(names: Sequence[str], index: int) -> str:
     """"3" for digits, "3 cat" where the class has a name of its own."""
     name = names[index] if index < len(names) else str(index)
     return name if name == str(index) else f"{index} {name}"
-
-
-def message_to_dict(message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-
-
-def evaluation_record(worker: str, phase: str, reply: pb.EvaluateReply, pairs: Sequence[tuple[int, int]] = ((1, 7),)) -> dict[str, Any]:
-    confusion = [list(row.counts) for row in reply.confusion_matrix]
-    return {
-        "worker": worker,
-        "phase": phase,
-        "accuracy": reply.accuracy,
-        "loss": reply.loss,
-        "swap_rate": swap_rate(confusion, *pairs[0]),
-        "swap_rates": {pair_name(p): swap_rate(confusion, *p) for p in pairs},
-        "confusion_matrix": confusion,
-        "per_class": [
-            {"label": c.label, "precision": c.precision, "recall": c.recall, "f1": c.f1, "support": c.support}
-            for c in reply.per_class
-        ],
-        "weights_sha256": reply.weights_sha256,
-        "seconds": reply.seconds,
-    }
 
 
 def load_results(run_dir: Path | str) -> dict[str, Any]:

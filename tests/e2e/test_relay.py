@@ -51,6 +51,13 @@ def test_unreachable_worker_is_named_with_its_address(tmp_path):
     assert f"torch worker unreachable at 127.0.0.1:{port}: is it running?" in done.stderr
 
 
+def test_settings_no_worker_takes_are_refused_at_once_without_connecting(tmp_path):
+    started = time.monotonic()
+    done = coordinator("run", "--lr", "1e30", "--torch", "127.0.0.1:1", "--connect-timeout", "60", "--out", str(tmp_path / "runs"))
+    assert done.returncode == 2 and "argument --lr" in done.stderr and "coordinator run --resume" not in done.stderr
+    assert time.monotonic() - started < 60 and not (tmp_path / "runs").exists()  # no connection tried, no run directory
+
+
 def test_workers_with_different_data_are_refused(tmp_path, data_dir, torch_worker, start_worker):
     subset = tmp_path / "mnist-subset"
     subset.mkdir()

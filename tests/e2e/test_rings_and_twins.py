@@ -66,4 +66,6 @@ def test_twin_training_across_three_frameworks_measures_their_drift(tmp_path, da
     run_dir = results_path(stdout).parent
     page = (run_dir / "report.html").read_text()
     assert "Drift" in page and "drift.png" not in page  # images are embedded
+    settings = page.split("<h2>Configuration</h2>", 1)[1].split("</table>", 1)[0]  # the settings that applied to a twin run
+    assert "<td>every_steps</td><td>100</td>" in settings and "<td>rounds</td>" not in settings and "torch_objective" not in settings
     assert (run_dir / "report" / "drift.png").is_file() and (run_dir / "report" / "twin_predictions.png").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import json
 
 import numpy as np
@@ -81,3 +82,41 @@ def test_show_compare_and_report_read_schema_1(tmp_path):
 def test_show_names_the_phases_of_a_ring_it_lacks():
     with pytest.raises(views.UsageError, match="its phases are torch_trained, keras_from_torch"):
         views.show(schema1(), "old-run", None, "jax_trained", Console(record=True))
+
+
+def configuration_rows(page: str) -> dict[str, str]:
+    """The report's configuration table: {setting: value}."""
+    table = page.split("<h2>Configuration</h2>", 1)[1].split("</table>", 1)[0]
+    return dict(re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td></tr>", table))
+
+
+def test_each_report_shows_the_settings_that_applied_to_its_run(tmp_path):
+    from coordinator.config import RunConfig
+
+    twin = {"schema_version": 2, "kind": "twin", "status": "complete", "started_at": "x", "finished_at": "y",
+            "config": RunConfig(local=True, workers="torch,torch-b", every_steps=50).to_dict(),
+            "workers": {}, "order": ["torch", "torch-b"], "objectives": {"torch": "identity", "torch-b": "identity"},
+            "checkpoints": [], "steps": {"per_epoch": 938, "total": 938}}
+    run_dir = tmp_path / "twin-run"
+    run_dir.mkdir()
+    (run_dir / "results.json").write_text(json.dumps(twin))
+    rows = configuration_rows(report.write_report(run_dir).read_text())
+    assert rows["every_steps"] == "50" and rows["twin_objective"] == "identity" and rows["workers"] == "torch,torch-b"
+    assert rows["epochs"] == "1" and rows["lr"] == "0.01"
+    relay_only = {"rounds", "torch", "keras", "torch_objective", "keras_objective", "objective", "order", "via_coordinator"}
+    assert not relay_only & set(rows), relay_only & set(rows)
+    assert "worker" not in rows  # local workers: no addresses were given
+
+    run_dir = tmp_path / "relay-run"
+    run_dir.mkdir()
+    relay = schema1()
+    relay["config"] = dict(RunConfig(rounds=2).to_dict(), worker=["torch=10.0.0.1:1", "keras=10.0.0.1:2"], torch="10.0.0.1:1")
+    (run_dir / "results.json").write_text(json.dumps(relay))
+    rows = configuration_rows(report.write_report(run_dir).read_text())
+    assert rows["rounds"] == "2" and rows["torch"] == "10.0.0.1:1" and rows["torch_objective"] == "swap:1,7"
+    assert not {"every_steps", "twin_objective", "workers", "data_dir"} & set(rows)
+    old = tmp_path / "old-run"  # a schema-1 file's settings (its few keys) all applied
+    old.mkdir()
+    (old / "results.json").write_text(json.dumps(schema1()))
+    assert configuration_rows(report.write_report(old).read_text()) == {"rounds": "2", "torch_objective": "swap:1,7",
+                                                                         "keras_objective": "identity", "out": "runs"}

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from coordinator import config as cfg
 from coordinator import validators
 from coordinator.checks import check_settings
-from coordinator.errors import CoordinatorError, UsageError
+from coordinator.errors import CoordinatorError, UsageError, WorkerUnreachable
 from coordinator.local import LocalWorkers
 from coordinator.progress import make_printer
 from coordinator.relay import Relay
@@ -79,6 +79,9 @@ def _add_shared_flags(parser: argparse.ArgumentParser, what: str) -> None:
                         help=f"deadline in seconds of each Describe, Initialize, Evaluate and weights move (default {d.call_timeout:g})")
     parser.add_argument("--train-timeout", type=t["train_timeout"],
                         help=f"deadline in seconds per epoch of each Train (default {d.train_timeout:g})")
+    parser.add_argument("--lease-seconds", type=t["lease_seconds"],
+                        help=f"each worker's lease: renewed every third of it while the run lives, it expires this long after a "
+                             f"coordinator vanished (default {d.lease_seconds})")
     security = parser.add_argument_group("security (see the README's Reliability and Security section)")
     add_client_flags(security, defaults=False)
     output = parser.add_mutually_exclusive_group()
@@ -160,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "move of a process also pays for warming it up)")
     move.add_argument("--json", action="store_true", help="print one JSON object")
     add_client_flags(move)
+
+    release = commands.add_parser(
+        "release", help="break the lease another run holds on a worker (an operator's release of a stale lease)",
+        description="End whatever lease the worker at ADDRESS holds (worker.proto, Leases), so that another run can use it. "
+                    "The run that held it is refused from then on (LEASE_LOST). A lease also ends by itself when its run "
+                    "stops renewing it for its duration (--lease-seconds).")
+    release.add_argument("address", type=_flag_type(validators.address), metavar="ADDRESS", help="the worker, HOST:PORT")
+    add_client_flags(release)
 
     compare = commands.add_parser("compare", help="accuracy and swap-rate differences of two runs, per phase")
     compare.add_argument("run_a", type=Path, metavar="RUN_A")
@@ -297,6 +308,31 @@ def command_move(args: argparse.Namespace) -> int:
     return 0 if record["checksum_matches"] else 5
 
 
+def command_release(args: argparse.Namespace) -> int:
+    import grpc
+
+    from coordinator.errors import RoundFailed
+    from weightrelay.client import WorkerClient
+    from weightrelay.security import ClientSecurity, SecurityError, resolve_token
+
+    try:
+        security = ClientSecurity(args.tls_ca, args.tls_cert, args.tls_key, resolve_token(args.token_file), args.tls_server_name)
+    except SecurityError as exc:
+        raise UsageError(str(exc)) from None
+    with WorkerClient(args.address, timeout=30, security=security) as worker:
+        try:
+            reply = worker.release_lease(force=True)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                raise WorkerUnreachable("the", args.address, exc.details() or "") from None
+            raise RoundFailed(f"release {args.address}: {exc.code().name}: {exc.details()}") from None
+    if reply.released:
+        print(f"released the lease of run {reply.lease.run_id!r} ({reply.lease.holder}) on {args.address}")
+    else:
+        print(f"{args.address} held no lease")
+    return 0
+
+
 def _results(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / RESULTS_FILE).is_file():
         raise UsageError(f"{run_dir} holds no {RESULTS_FILE}; pass a run directory made by 'coordinator run'")
@@ -328,7 +364,8 @@ def command_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": command_run, "twin": command_twin, "move": command_move, "report": command_report, "show": command_show, "compare": command_compare}
+COMMANDS = {"run": command_run, "twin": command_twin, "move": command_move, "release": command_release, "report": command_report,
+            "show": command_show, "compare": command_compare}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 from coordinator import validators as v
 from coordinator.errors import UsageError
-from weightrelay import defaults, models
+from weightrelay import defaults, leases, models
 from weightrelay.data import DEFAULT_DATASET
 
 
@@ -93,6 +93,7 @@ class RunConfig:
     connect_timeout: float = 15.0
     call_timeout: float = 300.0     # deadline of each Describe, Initialize, Evaluate, GetWeights and SetWeights
     train_timeout: float = 1800.0   # per epoch: a Train's deadline is epochs x this
+    lease_seconds: int = leases.DEFAULT_SECONDS  # each worker's lease, renewed every third of it while the run lives
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -175,6 +176,7 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "connect_timeout": v.positive_number,
     "call_timeout": v.positive_number,
     "train_timeout": v.positive_number,
+    "lease_seconds": v.lease_seconds,
     "tls_ca": v.text,
     "tls_cert": v.text,
     "tls_key": v.text,

@@ -23,6 +23,12 @@ class WorkerUnreachable(CoordinatorError):
         super().__init__(f"{name} worker unreachable at {address}: is it running?{tail}")
 
 
+class WorkerLeased(CoordinatorError):
+    """A worker is leased to another run (worker.proto, Leases): this run cannot use it now."""
+
+    exit_code = 3
+
+
 class IncompatibleWorkers(CoordinatorError):
     exit_code = 4
 

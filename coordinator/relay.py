@@ -86,7 +86,7 @@ class Relay:
             names = self.config.ring(list(addresses))
             session.connect({name: addresses[name] for name in names}, self.config.objective_for)
             pairs = swap_pairs(w.objective for w in session.workers.values())
-            session.initialize()
+            session.initialize(resumed=previous is not None)
             self.results.run.order = names
             self.results.swap_pairs = pairs
             session.start(self.results.run)

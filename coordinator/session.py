@@ -7,6 +7,7 @@ name the worker, the round and the step, and records how the run ended whatever 
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,11 @@ import grpc
 from coordinator import compatibility, moves
 from coordinator.config import RunConfig
 from coordinator.errors import (CoordinatorError, IncompatibleWorkers, RoundFailed, SettingsRefused, UsageError,
-                                WorkerUnreachable)
+                                WorkerLeased, WorkerUnreachable)
+from coordinator.lease_keeper import LeaseKeeper
 from coordinator.records import Results, RunInfo, WorkerInfo, now, to_json, write_results
 from coordinator.results import RESULTS_FILE
-from weightrelay import codec, models
+from weightrelay import codec, errors, leases, models
 from weightrelay.client import WorkerClient
 from weightrelay.security import ClientSecurity, SecurityError, resolve_token
 from weightrelay.v1 import worker_pb2 as pb
@@ -28,6 +30,8 @@ from weightrelay.v1 import worker_pb2 as pb
 #: on_event(kind, payload): "start", "step", "train_progress", "train_done", "evaluation", "transfer",
 #: "checkpoint", "round_done", "done"
 EventSink = Callable[[str, dict[str, Any]], None]
+#: How long Initialize waits for a worker still ending a Train (see Session._when_not_training).
+INITIALIZE_WAIT = 60.0
 T = TypeVar("T")
 
 
@@ -44,11 +48,15 @@ def _where(round_index: int | None) -> str:
 
 
 class Session:
+    """The run's workers are its own until it ends: Initialize takes each worker's lease (see
+    coordinator.lease_keeper), every later call carries it, and the end of the run releases it."""
+
     def __init__(self, config: RunConfig, run_dir: Path, on_event: EventSink):
         self.config = config
         self.run_dir = run_dir
         self.on_event = on_event
         self.workers: dict[str, Worker] = {}
+        self.leases = LeaseKeeper(run_dir, config.lease_seconds)
 
     # -- calls -----------------------------------------------------------------------------
     def call(self, worker: Worker, what: str, round_index: int | None, fn: Callable[[], T], settings: bool = False) -> T:
@@ -74,6 +82,8 @@ class Session:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return RoundFailed(f"{step}: {where} did not finish within its deadline "
                                "(DEADLINE_EXCEEDED); is it stopped or overloaded? (--call-timeout, --train-timeout)")
+        if code == grpc.StatusCode.FAILED_PRECONDITION and errors.reason_of(exc) == leases.LEASE_HELD:
+            return WorkerLeased(f"{step}: {where} is not this run's: {details}")
         if settings and code == grpc.StatusCode.INVALID_ARGUMENT:
             return SettingsRefused(f"{step}: {where} refuses the run's settings: {details}")
         return RoundFailed(f"{step} on {where} failed: {code.name}: {details}")
@@ -102,14 +112,33 @@ class Session:
             self.workers[name] = worker
             worker.describe = self.call(worker, "Describe", None, client.describe)
 
-    def initialize(self) -> None:
+    def initialize(self, resumed: bool = False) -> None:
         """A clean start: every worker builds the run's model with fresh weights from --seed on the run's data set
-        and its objective, whatever it held before, so a run against long-lived workers repeats exactly."""
+        and its objective, whatever it held before, so a run against long-lived workers repeats exactly; and
+        each worker's lease is taken for this run (`resumed`: taken back with the ids the run kept)."""
         spec = models.to_proto(models.load_model(self.config.model))
+        lease = self.leases.request()
+        if resumed:
+            self.leases.resume({name: worker.client for name, worker in self.workers.items()})
         for worker in self.workers.values():
-            self.call(worker, "Initialize", None, lambda w=worker: w.client.initialize(spec, self.config.seed, self.config.dataset, w.objective),
-                      settings=True)
+            self.call(worker, "Initialize", None, lambda w=worker: self._when_not_training(
+                lambda: w.client.initialize(spec, self.config.seed, self.config.dataset, w.objective, lease=lease)), settings=True)
+            self.leases.took(worker.name, worker.client)
             worker.describe = self.call(worker, "Describe", None, worker.client.describe)
+        self.leases.start()
+
+    def _when_not_training(self, call: Callable[[], T]) -> T:
+        """`call`, again while the worker answers WORKER_TRAINING, for up to INITIALIZE_WAIT seconds: a run
+        resumed right after its coordinator was killed finds its workers ending the Train it left, which
+        stops at the Train's next batch."""
+        deadline = time.monotonic() + min(INITIALIZE_WAIT, self.config.call_timeout)
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if errors.reason_of(exc) != errors.WORKER_TRAINING or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
 
     def check_compatible(self) -> None:
         """Refuse workers whose parameters or data differ, or that are not what their names say."""
@@ -163,5 +192,7 @@ class Session:
         self.on_event("done", {"run_dir": str(self.run_dir), "results": str(self.run_dir / RESULTS_FILE)})
 
     def close(self) -> None:
+        """Release the run's leases and close the channels."""
+        self.leases.release()
         for worker in self.workers.values():
             worker.client.close()

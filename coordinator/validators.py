@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from weightrelay import defaults, models
+from weightrelay import defaults, leases, models
 from weightrelay.objectives import parse_objective
 
 _WORKER_NAME = re.compile(r"^[a-z][a-z0-9_]*(-[a-z0-9_]+)*$")
@@ -82,6 +82,14 @@ def learning_rate(value: Any) -> float:
 
 def momentum(value: Any) -> float:
     return _within(defaults.momentum_problem, unit_interval(value))
+
+
+def lease_seconds(value: Any) -> int:
+    """A lease's duration a worker grants: at least 3 s (renewed every third of it), at most a day."""
+    seconds = positive_int(value)
+    if not 3 <= seconds <= leases.MAX_SECONDS:
+        raise ValueError(f"{value} must be in [3, {leases.MAX_SECONDS}] seconds")
+    return seconds
 
 
 def seed(value: Any) -> int:

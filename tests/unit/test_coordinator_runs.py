@@ -87,6 +87,7 @@ class FakeClient:
     def __init__(self, address: str, timeout: float | None = None, security=None):
         self.address, self.accepts_packed_pieces = address, False
         self.stub = self
+        self.lease_id = ""
 
     @property
     def worker(self) -> FakeWorker:
@@ -111,8 +112,9 @@ class FakeClient:
             weights_sha256=w.sha(),
         )
 
-    def initialize(self, spec, seed: int, dataset: str, objective: str) -> pb.InitializeReply:
+    def initialize(self, spec, seed: int, dataset: str, objective: str, lease: pb.LeaseRequest | None = None) -> pb.InitializeReply:
         w = self.worker
+        self.lease_id = f"lease-{lease.run_id}" if lease is not None else ""
         if w.refuse_initialize:
             raise FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, w.refuse_initialize)
         rng = np.random.default_rng(seed)
@@ -127,6 +129,13 @@ class FakeClient:
                                   seconds=0.1, objective=request.objective, weights_sha256=w.sha())
         progress = pb.TrainProgress(epoch=1, epochs=1, batch=steps, batches=steps, loss=0.5, accuracy=0.75, samples_per_second=1e4)
         return FakeStream([pb.TrainEvent(progress=progress), pb.TrainEvent(summary=summary)])
+
+    def renew_lease(self, seconds: int = 0, timeout: float | None = None) -> pb.Lease:
+        return pb.Lease(lease_id=self.lease_id)
+
+    def release_lease(self, force: bool = False, timeout: float | None = None) -> pb.ReleaseLeaseReply:
+        self.lease_id = ""
+        return pb.ReleaseLeaseReply(released=True)
 
     def train_to_end(self, request: pb.TrainRequest, timeout: float | None = None) -> pb.TrainSummary:
         return list(self.train(request, timeout))[-1].summary

@@ -278,8 +278,6 @@ def _first_line(exc: BaseException) -> str:
 
 
 # -- the one interface the run calls -------------------------------------------------------------
-EventSink = Callable[[str, dict[str, Any]], None]
-
 
 class Tracking:
     """The trackers of one run. `watching(printer, run_dir, kind)` gives the run's event sink (the printer,

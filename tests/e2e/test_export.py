@@ -69,7 +69,8 @@ def test_relayed_weights_exported_score_as_the_workers_do(request, tmp_path, dat
     kept = load_kept(run_dir, "keras", None)
     x = load_mnist(data_dir, download=False).test.x
     worker_probabilities = {}
-    for worker in (torch_worker, keras_worker):  # each worker scores the kept weights itself
+    for worker in (torch_worker, keras_worker):  # each worker builds the run's model and scores the kept weights itself
+        worker.client.initialize(models.to_proto(kept.model.spec))
         worker.client.set_weights(kept.weights)
         reply = worker.client.evaluate(True, True)
         assert reply.weights_sha256 == kept.sha256

@@ -51,7 +51,7 @@ class MlflowServer:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)  # the server and the workers it started
             try:
-                self.process.wait(30)
+                self.process.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
@@ -76,13 +76,19 @@ def event_accumulator(path):
     return accumulator
 
 
-def relay(tmp_path, data_dir, *flags: str, rounds: int = ROUNDS) -> list[str]:
-    return ["run", "--local", "--rounds", str(rounds), "--max-train-samples", "1000", "--data-dir", str(data_dir),
-            "--out", str(tmp_path / "runs"), *flags]
+@pytest.fixture
+def relay(tmp_path, torch_worker, keras_worker):
+    """relay(*flags, rounds=ROUNDS): the arguments of a small relay against the session's torch and keras workers."""
+
+    def arguments(*flags: str, rounds: int = ROUNDS) -> list[str]:
+        return ["run", "--torch", torch_worker.address, "--keras", keras_worker.address, "--rounds", str(rounds),
+                "--max-train-samples", "1000", "--out", str(tmp_path / "runs"), *flags]
+
+    return arguments
 
 
-def test_a_relay_logged_live_to_mlflow_and_tensorboard(tmp_path, data_dir, mlflow_server):
-    done = coordinator(*relay(tmp_path, data_dir, "--mlflow", mlflow_server.uri, "--mlflow-experiment", "e2e", "--tensorboard", str(tmp_path / "tb")))
+def test_a_relay_logged_live_to_mlflow_and_tensorboard(tmp_path, relay, mlflow_server):
+    done = coordinator(*relay("--mlflow", mlflow_server.uri, "--mlflow-experiment", "e2e", "--tensorboard", str(tmp_path / "tb")))
     assert done.returncode == 0, done.stderr + done.stdout
     run_dir = results_path(done.stdout).parent
 
@@ -126,10 +132,10 @@ def test_a_relay_logged_live_to_mlflow_and_tensorboard(tmp_path, data_dir, mlflo
     assert b"max_train_samples" in hparams["_hparams_/session_start_info"]
 
 
-def test_an_unreachable_tracking_server_stops_the_run_before_it_starts(tmp_path, data_dir):
+def test_an_unreachable_tracking_server_stops_the_run_before_it_starts(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    done = coordinator(*relay(tmp_path, data_dir, "--mlflow", uri))
+    done = coordinator("run", "--local", "--rounds", "1", "--out", str(tmp_path / "runs"), "--mlflow", uri)
     assert done.returncode == 3 and uri in done.stderr and "does not answer" in done.stderr, done.stderr
     assert time.monotonic() - started < 60 and not (tmp_path / "runs").exists()  # no run directory, no worker started
 
@@ -162,9 +168,9 @@ def test_a_sweep_is_a_parent_run_with_a_child_per_experiment(tmp_path, mlflow_se
     assert parent.data.params["points"] == "lr=0.01,0.05"
 
 
-def test_a_server_that_goes_away_mid_run_costs_a_warning_not_the_run(tmp_path, data_dir, mlflow_server):
+def test_a_server_that_goes_away_mid_run_costs_a_warning_not_the_run(tmp_path, relay, mlflow_server):
     """Last in the module: it stops the server."""
-    process = subprocess.Popen([sys.executable, "-m", "coordinator", *relay(tmp_path, data_dir, "--mlflow", mlflow_server.uri, rounds=2)],
+    process = subprocess.Popen([sys.executable, "-m", "coordinator", *relay("--mlflow", mlflow_server.uri, rounds=2)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     for line in process.stdout:

@@ -108,6 +108,9 @@ class RunConfig:
     via_coordinator: bool = False                        # move weights through the coordinator, not worker to worker
     every_steps: int = 0                                 # twin: also measure every K steps
     twin_objective: str = "identity"                     # twin: the objective every worker trains
+    mlflow: str = ""                                     # an MLflow tracking URI to log the run to (coordinator.tracking)
+    mlflow_experiment: str = "weightrelay"               # the MLflow experiment of its runs
+    tensorboard: str = ""                                # a directory for TensorBoard event files, one folder per run
 
     def addresses(self) -> dict[str, str]:
         """{name: HOST:PORT} of the workers to connect to (not --local), in the order given."""
@@ -189,6 +192,9 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "via_coordinator": v.boolean,
     "every_steps": v.non_negative_int,
     "twin_objective": v.objective,
+    "mlflow": v.text,
+    "mlflow_experiment": v.text,
+    "tensorboard": v.text,
     **{alias.key: v.address if alias.setting == "worker" else v.objective for alias in ALIASES.values()},
 }
 #: How a repeatable flag checks each of its values (the config file gives the whole list).

@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from coordinator.config import RunConfig
 from coordinator.errors import UsageError, WorkerStartFailed
@@ -88,8 +88,9 @@ def _actor_class():
     return _ACTOR
 
 
-def connect(address: str) -> None:
-    """Join the cluster at `address` ("local": start one on 127.0.0.1 for this process)."""
+def connect(address: str) -> TextIO:
+    """Join the cluster at `address` ("local": start one on 127.0.0.1 for this process). From then on
+    sys.stdout is stderr: the caller keeps the real stdout (returned) for its own output."""
     options: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     if address == LOCAL:
         options.update(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
@@ -99,6 +100,9 @@ def connect(address: str) -> None:
         ray.init(**options)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise UsageError(f"--ray {address}: cannot join the Ray cluster: {exc}") from None
+    # Ray prints the cluster's errors (a node lost) on sys.stdout: stdout is the sweep's (its --json events).
+    stdout, sys.stdout = sys.stdout, sys.stderr
+    return stdout
 
 
 class RaySet:
@@ -150,7 +154,7 @@ class RaySet:
 
 class RayPlacer:
     def __init__(self, address: str, resources: dict[str, dict[str, Any]]):
-        connect(address)
+        self.stdout = connect(address)
         self.resources = resources
 
     def start(self, names: tuple[str, ...], config: RunConfig, log_dir: Path) -> RaySet:
@@ -158,4 +162,5 @@ class RayPlacer:
 
     def close(self) -> None:
         ray.shutdown()
+        sys.stdout = self.stdout
 

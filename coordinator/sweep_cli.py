@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from coordinator import validators
@@ -69,6 +70,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     if bool(args.file) == bool(args.resume):
         raise UsageError("give a sweep file (coordinator sweep FILE.toml) or --resume SWEEP_DIR, not both")
     placed = "ray" if args.ray else "local"
+    stdout = sys.stdout  # the sweep's own output (Ray's messages are sent to stderr)
     if args.resume:
         if not (args.resume / SWEEP_FILE).is_file() or not (args.resume / SWEEP_JSON).is_file():
             raise UsageError(f"--resume {args.resume}: no {SWEEP_FILE} and {SWEEP_JSON} there; pass a directory made by 'coordinator sweep'")
@@ -84,7 +86,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     sweep = Sweep(spec, sweep_dir, placer, placement, view=None)
     first = spec.settings(spec.points[0], spec.seeds[0]).config
     tally = Tally(len(sweep.jobs), sweep.counts()["complete"], first.rounds if spec.mode == "relay" else 1)
-    sweep.view = view = make_view(tally, quiet=args.quiet, as_json=args.json)
+    sweep.view = view = make_view(tally, quiet=args.quiet, as_json=args.json, stream=stdout)
     try:
         status = sweep.run()
         report = None

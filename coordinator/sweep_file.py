@@ -1,7 +1,7 @@
 """A sweep file: the settings of many runs, read and checked whole before any run starts.
 
     seeds = 5                      # or a list: seeds = [0, 1, 7]
-    retries = 2                    # a run whose workers die is started again this often (default 2)
+    retries = 3                    # a run whose workers die is started again this often (default 3)
     differences = ["torch_trained - keras_trained"]   # paired over seeds (default: every two trained phases)
 
     [base]                         # any `coordinator run` setting, or mode = "twin" and twin settings
@@ -35,7 +35,7 @@ from coordinator.local import WORKER_MODULES, framework_of
 from coordinator.results import ring_phases
 
 MODES = ("relay", "twin")
-DEFAULT_RETRIES = 2
+DEFAULT_RETRIES = 3
 TOP_LEVEL = ("seeds", "retries", "differences", "base", "grid", "resources")
 #: What a sweep decides itself: the seeds come from `seeds`, the workers are started for each run.
 NOT_SWEPT = {"seed": "give the seeds with the top-level key seeds = N or seeds = [...]",
@@ -225,6 +225,8 @@ def read_sweep(path: Path | str, placed: str = "local") -> SweepSpec:
         base.names[key] = f"key base.{raw_key} of sweep file {path}"
     grid: dict[str, list[Any]] = {}
     for raw_key, values in grid_table.items():
+        if raw_key.replace("-", "_") not in cfg.VALIDATORS:
+            _setting(path, "grid", raw_key, None, grid=True)  # names the unknown setting
         if not isinstance(values, list):
             raise _fail(path, f"key grid.{raw_key} must be a list of values, e.g. [{values!r}]")
         if not values:

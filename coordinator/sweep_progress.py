@@ -109,12 +109,12 @@ class SweepJson(SweepLines):
 class SweepRich(SweepLines):
     """Live view for terminals: the run lines scroll above a bar of the runs with the counts and the ETA."""
 
-    def __init__(self, tally: Tally):
-        super().__init__(tally)
+    def __init__(self, tally: Tally, stream: TextIO | None = None):
+        super().__init__(tally, stream)
         from rich.console import Console
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = Console()
+        self.console = Console(file=self.stream)
         self.progress = Progress(TextColumn("runs"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=self.console)
         self.task = self.progress.add_task(tally.line(), total=tally.total, completed=tally.done)
         self.progress.start()
@@ -130,11 +130,13 @@ class SweepRich(SweepLines):
         self.progress.stop()
 
 
-def make_view(tally: Tally, quiet: bool = False, as_json: bool = False) -> SweepLines:
+def make_view(tally: Tally, quiet: bool = False, as_json: bool = False, stream: TextIO | None = None) -> SweepLines:
+    """The view for the output style, on `stream` (default stdout)."""
+    stream = stream or sys.stdout
     if as_json:
-        return SweepJson(tally)
+        return SweepJson(tally, stream)
     if quiet:
-        return SweepQuiet(tally)
-    if sys.stdout.isatty():
-        return SweepRich(tally)
-    return SweepLines(tally)
+        return SweepQuiet(tally, stream)
+    if stream.isatty():
+        return SweepRich(tally, stream)
+    return SweepLines(tally, stream)

@@ -22,7 +22,6 @@ setting no run would accept is refused here, naming its key in the file, with ex
 from __future__ import annotations
 
 import itertools
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,12 +194,7 @@ def read_sweep(path: Path | str, placed: str = "local") -> SweepSpec:
     `placed`: "local" or "ray", where the runs' workers start (the data set is looked for on this
     machine only for local workers)."""
     path = Path(path)
-    try:
-        document = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"cannot read sweep file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"sweep file {path} is not valid TOML: {exc}") from None
+    document = cfg.read_toml(path, "sweep file")
     for key in document:
         if key not in TOP_LEVEL:
             raise _fail(path, f"unknown key {key!r}; a sweep file has {', '.join(TOP_LEVEL)}")

@@ -20,6 +20,7 @@ from coordinator.local import LocalWorkers
 from coordinator.progress import make_printer
 from coordinator.relay import Relay
 from coordinator.results import RESULTS_FILE, load_results
+from coordinator.sweep_cli import add_sweep_parser, command_sweep
 from coordinator.twin import Twin
 from weightrelay import models
 from weightrelay.buffers import keep_freed_memory, peak_rss_bytes
@@ -183,11 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_b", type=Path, metavar="RUN_B")
     compare.add_argument("--round", type=int, default=None, help="round to compare (default: each run's last completed)")
     exporting.add_parser(commands)
+    add_sweep_parser(commands)
     return parser
 
 
-def _new_run_dir(out: Path) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+def _new_run_dir(out: Path, prefix: str = "") -> Path:
+    stamp = prefix + datetime.now().strftime("%Y%m%d-%H%M%S")
     for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
         candidate = out / f"{stamp}{suffix}"
         try:
@@ -377,7 +379,7 @@ def command_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": command_run, "twin": command_twin, "move": command_move, "release": command_release, "report": command_report,
-            "show": command_show, "compare": command_compare, "export": exporting.command}
+            "show": command_show, "compare": command_compare, "export": exporting.command, "sweep": command_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

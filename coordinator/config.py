@@ -247,16 +247,21 @@ class Settings:
         return given or "--" + key.replace("_", "-")
 
 
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file's document; UsageError naming the file (as `what`) when it cannot be read or parsed."""
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def read_layer(path: Path | str) -> Layer:
     """Checked settings from a TOML file: top-level keys, or a [run] table, named like the flags
     (`batch_size` or `batch-size`); the aliases of the default workers as well."""
     path = Path(path)
-    try:
-        document = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    document = read_toml(path)
     table = document.get("run", document)
     layer = Layer({}, source=f"config file {path}")
     for raw_key, value in table.items():

@@ -67,8 +67,10 @@ class Job:
 
 
 class Sweep:
-    def __init__(self, spec: SweepSpec, sweep_dir: Path, placer: Placer, placement: dict[str, Any], view: SweepLines | None):
+    def __init__(self, spec: SweepSpec, sweep_dir: Path, placer: Placer, placement: dict[str, Any], view: SweepLines | None,
+                 tracking: Any = None):
         self.spec = spec
+        self.tracking = tracking  # coordinator.tracking.SweepTracking where the sweep logs to MLflow
         self.sweep_dir = sweep_dir
         self.placer = placer
         self.placement = placement  # {"kind": "local" or "ray", "parallel": K, ...}
@@ -117,8 +119,14 @@ class Sweep:
             if kind == "round_done":
                 self.view("run_round", {"run": job.name, "round": event["round"]})
 
-        runner = (Relay if self.spec.mode == "relay" else Twin)(config, job.run_dir, on_event)
-        runner.run(dict(workers.addresses), previous)
+        trackers = self.tracking.child(config) if self.tracking is not None else None
+        sink = trackers.watching(on_event, job.run_dir, self.spec.mode) if trackers else on_event
+        runner = (Relay if self.spec.mode == "relay" else Twin)(config, job.run_dir, sink)
+        try:
+            runner.run(dict(workers.addresses), previous)
+        finally:
+            if trackers:
+                trackers.finish(job.run_dir)
 
     def _run(self, slot: int, job: Job, current: tuple[WorkerSet, tuple] | None) -> tuple[WorkerSet, tuple] | None:
         """Run `job` to its end on the slot's workers (new ones after each failure); the workers it leaves."""

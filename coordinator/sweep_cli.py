@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
+import json
 import os
 import sys
 from pathlib import Path
@@ -37,6 +39,9 @@ def add_sweep_parser(commands) -> None:
                             "needs pip install 'weightrelay[ray]'")
     sweep.add_argument("--parallel", type=_positive, default=1, metavar="K", help="runs at a time, each with its own workers (default 1)")
     sweep.add_argument("--out", type=Path, help="directory that receives SWEEP_DIR (default: [base] out, else runs/)")
+    sweep.add_argument("--mlflow", metavar="URI", help="log the sweep to this MLflow tracking server: a parent run with the intervals, "
+                                                       "a child run per experiment (default: [base] mlflow)")
+    sweep.add_argument("--mlflow-experiment", metavar="NAME", help="the MLflow experiment (default: [base] mlflow_experiment, else weightrelay)")
     output = sweep.add_mutually_exclusive_group()
     output.add_argument("--quiet", action="store_true", help="print only where sweep.json and the report are")
     output.add_argument("--json", action="store_true", help="print one JSON object per event on stdout")
@@ -64,6 +69,15 @@ def _placer(args: argparse.Namespace, spec: SweepSpec) -> tuple[Placer, dict]:
     return RayPlacer(args.ray, spec.resources), {"kind": "ray", "address": args.ray, "parallel": args.parallel, "resources": spec.resources}
 
 
+def sweep_tracking(config, sweep_dir: Path, spec: SweepSpec):
+    """The sweep's MLflow parent run, where its settings ask for MLflow; None otherwise."""
+    if not config.mlflow:
+        return None
+    from coordinator.tracking import SweepTracking
+
+    return SweepTracking(config, sweep_dir.name, {"grid": json.dumps(spec.grid, sort_keys=True), "seeds": ",".join(map(str, spec.seeds))})
+
+
 def command_sweep(args: argparse.Namespace) -> int:
     from coordinator.cli import _new_run_dir
 
@@ -83,8 +97,13 @@ def command_sweep(args: argparse.Namespace) -> int:
     else:
         sweep_dir = _new_run_dir(args.out or Path(spec.base.values.get("out", "runs")), prefix="sweep-")
         keep_file(spec, sweep_dir)
-    sweep = Sweep(spec, sweep_dir, placer, placement, view=None)
     first = spec.settings(spec.points[0], spec.seeds[0]).config
+    mlflow = {key: value for key, value in (("mlflow", args.mlflow), ("mlflow_experiment", args.mlflow_experiment)) if value}
+    if mlflow:  # every run of the sweep logs there, as if [base] said so
+        spec.base.values.update(mlflow)
+        first = replace(first, **mlflow)
+    trackers = sweep_tracking(first, sweep_dir, spec)  # an unreachable tracking server stops the sweep here
+    sweep = Sweep(spec, sweep_dir, placer, placement, view=None, tracking=trackers)
     tally = Tally(len(sweep.jobs), sweep.counts()["complete"], first.rounds if spec.mode == "relay" else 1)
     sweep.view = view = make_view(tally, quiet=args.quiet, as_json=args.json, stream=stdout)
     try:
@@ -98,6 +117,8 @@ def command_sweep(args: argparse.Namespace) -> int:
                             "status": status, "counts": sweep.counts()})
     finally:
         view.close()
+        if trackers is not None:
+            trackers.finish_sweep(sweep)
     if status != "complete":
         failed = [job for job in sweep.jobs if job.status != "complete"]
         raise RoundFailed(f"{len(failed)} of {len(sweep.jobs)} runs failed ({', '.join(job.name for job in failed)}: "

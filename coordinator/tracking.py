@@ -365,6 +365,23 @@ class SweepTracking:
         ARTIFACTS it holds, and its figures) as artifacts."""
         self.parent_run._each(lambda t: t.finish(sweep_dir, status))
 
+    def finish_sweep(self, sweep: Any) -> None:
+        """A sweep's end (coordinator.sweep.Sweep): each point's intervals as the parent's metrics, named
+        POINT/KIND/OF/METRIC/{mean,low,high}, then the parent ended with the sweep's status."""
+        values: Scalars = {}
+        for point in sweep.document()["points"]:
+            rows = [(f"{r['kind']}/{r['of']}/{r['metric']}", r) for r in point["metrics"]]
+            rows += [(f"{r['a']}-minus-{r['b']}/{r['metric']}", r) for r in point["differences"]]
+            for name, row in rows:
+                name = _name(f"{point['name']}/{name}".replace("<->", "_"))
+                if row.get("mean") is not None:
+                    values[f"{name}/mean"] = row["mean"]
+                if row.get("ci95"):
+                    values[f"{name}/low"], values[f"{name}/high"] = row["ci95"]
+        if values:
+            self.intervals(values)
+        self.finish(sweep.sweep_dir, sweep.status)
+
 
 def connect(config: RunConfig, parent_run_id: str | None = None) -> Tracking:
     """The trackers the settings ask for, each checked now: a missing package is a usage error (exit 2), a

@@ -14,8 +14,6 @@ import urllib.request
 
 import pytest
 
-from coordinator.config import RunConfig
-from coordinator.tracking import SweepTracking
 from tests.e2e.runner import coordinator, results_path
 from tests.support import free_port
 
@@ -140,23 +138,14 @@ def test_an_unreachable_tracking_server_stops_the_run_before_it_starts(tmp_path)
     assert time.monotonic() - started < 60 and not (tmp_path / "runs").exists()  # no run directory, no worker started
 
 
-def test_a_sweep_is_a_parent_run_with_a_child_per_experiment(tmp_path, mlflow_server):
-    """The sweep's side of MLflow (coordinator.tracking.SweepTracking) against the real server: a parent,
-    a child run per experiment, the intervals as the parent's metrics."""
-    config = RunConfig(mlflow=mlflow_server.uri, mlflow_experiment="sweep-e2e")
-    sweep = SweepTracking(config, "sweep-1", {"points": "lr=0.01,0.05", "seeds": "0,1"})
-    for lr in (0.01, 0.05):
-        for seed in (0, 1):
-            child = sweep.child(RunConfig(mlflow=mlflow_server.uri, mlflow_experiment="sweep-e2e", lr=lr, seed=seed))
-            (tmp_path / f"{lr}-{seed}").mkdir()
-            sink = child.watching(lambda kind, event: None, tmp_path / f"{lr}-{seed}", "relay")
-            sink("evaluation", {"round": 0, "phase": "torch_trained", "accuracy": 0.5 + lr, "loss": 1.0, "swap_rate": 0.9,
-                                "swap_rates": {"1<->7": 0.9}, "confusion_matrix": [[1]]})
-            (tmp_path / f"{lr}-{seed}" / "results.json").write_text('{"status": "complete"}')
-            child.finish(tmp_path / f"{lr}-{seed}")
-    sweep.intervals({"torch_trained/accuracy/low": 0.51, "torch_trained/accuracy/high": 0.55})
-    sweep.finish(tmp_path, "complete")
-
+def test_a_sweep_is_a_parent_run_with_a_child_per_experiment(tmp_path, mlflow_server, data_dir):
+    """`coordinator sweep --mlflow` of 2 points x 2 seeds: a parent run (the sweep, its intervals as metrics)
+    with a child run per experiment, each logged as a run is."""
+    (tmp_path / "sweep.toml").write_text("seeds = 2\n[base]\nrounds = 1\nmax_train_samples = 300\n[grid]\nlr = [0.01, 0.05]\n")
+    done = coordinator("sweep", str(tmp_path / "sweep.toml"), "--local", "--parallel", "2", "--mlflow", mlflow_server.uri,
+                       "--mlflow-experiment", "sweep-e2e", "--no-report", "--out", str(tmp_path / "out"),
+                       env={**os.environ, "WEIGHTRELAY_DATA_DIR": str(data_dir)})
+    assert done.returncode == 0, done.stderr + done.stdout
     client = mlflow_server.client
     experiment = client.get_experiment_by_name("sweep-e2e")
     runs = client.search_runs([experiment.experiment_id])
@@ -164,8 +153,13 @@ def test_a_sweep_is_a_parent_run_with_a_child_per_experiment(tmp_path, mlflow_se
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 4 and len(runs) == 5 and parent.info.status == "FINISHED"
     assert {(c.data.params["lr"], c.data.params["seed"]) for c in children} == {("0.01", "0"), ("0.01", "1"), ("0.05", "0"), ("0.05", "1")}
-    assert parent.data.metrics == {"torch_trained/accuracy/low": 0.51, "torch_trained/accuracy/high": 0.55}
-    assert parent.data.params["points"] == "lr=0.01,0.05"
+    assert all(c.info.status == "FINISHED" and "torch_trained/accuracy" in c.data.metrics for c in children)
+    [sweep_dir] = (tmp_path / "out").iterdir()
+    point = json.loads((sweep_dir / "sweep.json").read_text())["points"][0]
+    row = next(r for r in point["metrics"] if r["of"] == "torch_trained" and r["metric"] == "accuracy")
+    name = f"{point['name']}/{row['kind']}/torch_trained/accuracy"
+    assert parent.data.metrics[f"{name}/mean"] == pytest.approx(row["mean"])
+    assert [parent.data.metrics[f"{name}/low"], parent.data.metrics[f"{name}/high"]] == pytest.approx(row["ci95"])
 
 
 def test_a_server_that_goes_away_mid_run_costs_a_warning_not_the_run(tmp_path, relay, mlflow_server):

@@ -89,7 +89,7 @@ name = "head"
 
 @pytest.mark.parametrize("text,message", [
     ('[[layers]]\nkind = "lstm"', "unknown kind 'lstm'"),
-    ('[[layers]]\nkind = "dense"\nunits = 10\nactivation = "gelu"', "activation 'gelu' is not one of"),
+    ('[[layers]]\nkind = "dense"\nunits = 10\nactivation = "swish"', "activation 'swish' is not one of"),
     ('[[layers]]\nkind = "dense"\nwidth = 10', "unknown key(s) width"),
     ('[[layers]]\nkind = "dropout"\nrate = 1.5', "rate must be a number in [0, 1)"),
     ('[[layers]]\nkind = "batchnorm"\nmomentum = 0', "momentum must be a number in (0, 1)"),

@@ -434,17 +434,6 @@ class MaxPool2D(Pool2D):
         return maxpool2d_nchw(x, self.size, self.step)
 
 
-@register("avgpool2d", prefix="avgpool", message=pb.AvgPool2DLayer)
-@dataclass(frozen=True)
-class AvgPool2D(Pool2D):
-    """Square average pooling without padding (every window is whole, so no framework's padding rule enters);
-    `stride = 0` is the pool size."""
-
-    def reference(self, r, tensors, inputs):
-        (x,) = inputs
-        return avgpool2d_nchw(x, self.size, self.step)
-
-
 @register("flatten", prefix="flatten", message=pb.FlattenLayer)
 @dataclass(frozen=True)
 class Flatten(Layer):
@@ -541,6 +530,17 @@ class Add(Layer):
 
     def reference(self, r, tensors, inputs):
         return sum(inputs[1:], inputs[0])
+
+
+@register("avgpool2d", prefix="avgpool", message=pb.AvgPool2DLayer)
+@dataclass(frozen=True)
+class AvgPool2D(Pool2D):
+    """Square average pooling without padding (every window is whole, so no framework's padding rule enters);
+    `stride = 0` is the pool size."""
+
+    def reference(self, r, tensors, inputs):
+        (x,) = inputs
+        return avgpool2d_nchw(x, self.size, self.step)
 
 
 @register("global_avgpool2d", prefix="gap", message=pb.GlobalAvgPool2DLayer)

@@ -276,7 +276,7 @@ def _output(spec: ModelSpec, index: int, source: str, outputs: dict[str, Flow]) 
     if source not in later:
         known = [INPUT, *(layer.name for layer in spec.layers[:index])]
         raise LayerError(f"input {source!r} names no layer; name one of the earlier layers ({', '.join(known)})")
-    cycle = _path(spec, later[source], spec.layers[index].name, later)
+    cycle = [source] if later[source] == index else _path(spec, later[source], spec.layers[index].name, later)
     if cycle is not None:
         raise LayerError(f"its inputs make a cycle ({' -> '.join([spec.layers[index].name, *cycle])}); a model's layers "
                          "may take only earlier layers' outputs")

@@ -31,13 +31,8 @@ from weightrelay.data import load_mnist
 data = load_mnist({data_dir()!r}, download=False)
 x, y = data.train.x.reshape(len(data.train.x), -1), data.train.y
 """
-IDIOMATIC = {
-    "torch": """
-import torch, torch.nn.functional as F
-from torch import nn
-torch.manual_seed(0)
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the worker trains too (--device auto)
-model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
+#: PyTorch's plain loop over `model` (built before it, on `device`)
+TORCH_LOOP = """
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
 xs, ys = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 def epoch():
@@ -45,7 +40,15 @@ def epoch():
         opt.zero_grad(); loss = F.cross_entropy(model(xs[idx]), ys[idx]); loss.backward(); opt.step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-""",
+"""
+IDIOMATIC = {
+    "torch": """
+import torch, torch.nn.functional as F
+from torch import nn
+torch.manual_seed(0)
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where the worker trains too (--device auto)
+model = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
+""" + TORCH_LOOP,
     "keras": """
 import os; os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras
@@ -95,14 +98,7 @@ from torch_service.adapter import SpecModel
 torch.manual_seed(0)
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 model = SpecModel(resolved).to(device).train()
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
-xs, ys = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-def epoch():
-    for idx in torch.randperm(len(xs), device=device).split(64):
-        opt.zero_grad(); loss = F.cross_entropy(model(xs[idx]), ys[idx]); loss.backward(); opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-""",
+""" + TORCH_LOOP,
     "keras": """
 import os; os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import keras

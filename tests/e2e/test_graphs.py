@@ -11,6 +11,7 @@ import pytest
 from coordinator.results import load_results
 from tests.e2e.runner import coordinator, results_path
 from tests.support import write_cifar10, write_idx_dataset
+from tests.unit.test_graphs import RESIDUAL_TOML
 
 pytestmark = pytest.mark.e2e
 
@@ -46,36 +47,6 @@ def test_a_ring_of_three_frameworks_relays_resnet20_and_vit_tiny_exactly(tmp_pat
     described = results["workers"]["jax"]["model"]
     assert described["name"] == model
     assert_every_move_exact(results)
-
-
-RESIDUAL_TOML = """
-name = "hand-written-residual"
-[[layers]]
-kind = "conv2d"
-filters = 8
-padding = "same"
-[[layers]]
-kind = "batchnorm"
-activation = "relu"
-name = "entry"
-[[layers]]
-kind = "conv2d"
-filters = 8
-padding = "same"
-[[layers]]
-kind = "batchnorm"
-[[layers]]
-kind = "add"
-inputs = ["bn2", "entry"]
-activation = "relu"
-[[layers]]
-kind = "maxpool2d"
-[[layers]]
-kind = "flatten"
-[[layers]]
-kind = "dense"
-units = "classes"
-"""
 
 
 def test_a_hand_written_residual_block_relays_exactly_and_a_mismatched_add_is_refused_before_anything_runs(tmp_path, data):

@@ -80,7 +80,9 @@ def qkv_to_heads(in_proj_weight: np.ndarray, in_proj_bias: np.ndarray, heads: in
     """PyTorch's packed [3D, D] (rows: q, then k, then v; y = x @ W^T) and [3D] -> per projection q, k, v a
     kernel [D, heads, head_dim] (y[..., h, j] = x @ kernel[:, h, j]) and a bias [heads, head_dim]."""
     d = in_proj_weight.shape[1]
-    return [(np.ascontiguousarray(w.T.reshape(d, heads, d // heads)), np.ascontiguousarray(b.reshape(heads, d // heads)))
+    # np.array copies: a reshaped slice of the bias would still be the caller's memory, which the worker
+    # reuses for the next weight set (a framework may keep the very array it is given)
+    return [(np.array(w.T.reshape(d, heads, d // heads), order="C"), np.array(b.reshape(heads, d // heads), order="C"))
             for w, b in zip(np.split(in_proj_weight, 3), np.split(in_proj_bias, 3))]
 
 

@@ -72,6 +72,7 @@ def test_twin_training_of_vit_tiny_across_three_frameworks(tmp_path, data):
     checkpoints = results["checkpoints"]
     assert [c["step"] for c in checkpoints][:3] == [0, 1, 2]
     assert set(checkpoints[1]["pairs"]) == {"torch/keras", "torch/jax", "keras/jax"}
+    assert all(pair["differing_predictions"] == 0 for pair in checkpoints[0]["pairs"].values())  # the same start computes alike
     for pair in checkpoints[1]["pairs"].values():  # after the first step
         assert 0 < pair["relative_l2"] <= 1e-5, pair["relative_l2"]
         assert "block1_attn.in_proj_weight" in pair["per_tensor"]["relative_l2"]

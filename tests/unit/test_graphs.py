@@ -155,6 +155,30 @@ def test_the_new_layouts_round_trip_bit_exactly(name):
             assert back[key].tobytes() == weights[key].tobytes() and back[key].flags.c_contiguous, key
 
 
+def _arrays(tree):
+    """Every array of a layer list, a tree of dicts, or a weight set."""
+    if isinstance(tree, dict):
+        return [a for value in tree.values() for a in _arrays(value)]
+    if isinstance(tree, (list, tuple)):
+        return [a for value in tree for a in _arrays(value)]
+    return [tree]
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_no_conversion_hands_back_memory_of_its_input(name):
+    """The worker reuses a received set's memory for the next one, and TensorFlow may keep the very array it is
+    assigned: every converted array must be fresh memory, in both directions."""
+    model = models.resolve(SPECS[name](), (3, 28, 28), 10)
+    weights = weights_with_signal(model)
+    for to, back in ((canonical_to_keras, keras_to_canonical), (canonical_to_flax, lambda trees, m: flax_to_canonical(*trees, m))):
+        converted = to(weights, model)
+        for array in _arrays(converted):
+            assert not any(np.shares_memory(array, w) for w in weights.values()), name
+        returned = back(converted, model)
+        for array in returned.values():
+            assert not any(np.shares_memory(array, c) for c in _arrays(converted)), name
+
+
 def _wrong_heads(kernel, bias):
     """The head reshape left out: features grouped [hd, heads] instead of [heads, hd]."""
     d, heads, hd = kernel.shape

@@ -14,7 +14,9 @@ position embedding's [tokens, features] table (tokens are row-major over H, W ev
 same in every layout. Attention is canonical in PyTorch's packing (`in_proj_weight` [3D, D]: q, k, v
 stacked; `out_proj.weight` [D, D]); Keras and Flax hold one kernel [D, heads, head_dim] and bias
 [heads, head_dim] per projection and an output kernel [heads, head_dim, D]. Every conversion copies
-into fresh C-contiguous arrays and a round trip is bit-exact.
+into fresh C-contiguous arrays (np.array, not ascontiguousarray, which hands back its input where that
+already is contiguous, as a kernel with a dimension of 1 is): the worker reuses a received set's memory
+and a framework may keep the very array it is assigned. A round trip is bit-exact.
 """
 
 from __future__ import annotations
@@ -53,27 +55,27 @@ NO_TENSORS: Layout[Any] = Layout(_holds_none, _holds_none)
 def dense_to_in_out(weight: np.ndarray, flattened_from: tuple[int, int, int] | None = None) -> np.ndarray:
     """[out, in] -> [in, out]; after a flatten of (C, H, W), rows reordered C, H, W -> H, W, C."""
     if flattened_from is None:
-        return np.ascontiguousarray(weight.T)
+        return np.array(weight.T, order="C")
     c, h, w = flattened_from
-    return np.ascontiguousarray(weight.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1))
+    return np.array(weight.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1), order="C")
 
 
 def dense_from_in_out(kernel: np.ndarray, flattened_from: tuple[int, int, int] | None = None) -> np.ndarray:
     """Inverse of dense_to_in_out."""
     if flattened_from is None:
-        return np.ascontiguousarray(kernel.T)
+        return np.array(kernel.T, order="C")
     c, h, w = flattened_from
-    return np.ascontiguousarray(kernel.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w))
+    return np.array(kernel.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w), order="C")
 
 
 def conv_to_hwio(weight: np.ndarray) -> np.ndarray:
     """[out, in, kh, kw] (OIHW) -> [kh, kw, in, out] (HWIO)."""
-    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
+    return np.array(weight.transpose(2, 3, 1, 0), order="C")
 
 
 def conv_from_hwio(kernel: np.ndarray) -> np.ndarray:
     """[kh, kw, in, out] (HWIO) -> [out, in, kh, kw] (OIHW)."""
-    return np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+    return np.array(kernel.transpose(3, 2, 0, 1), order="C")
 
 
 def qkv_to_heads(in_proj_weight: np.ndarray, in_proj_bias: np.ndarray, heads: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -91,19 +93,19 @@ def qkv_from_heads(projections: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np
     d = projections[0][0].shape[0]
     weight = np.concatenate([np.asarray(kernel).reshape(d, d).T for kernel, _ in projections])
     bias = np.concatenate([np.asarray(bias).reshape(d) for _, bias in projections])
-    return np.ascontiguousarray(weight), np.ascontiguousarray(bias)
+    return np.array(weight, order="C"), np.array(bias, order="C")
 
 
 def out_to_heads(out_weight: np.ndarray, heads: int) -> np.ndarray:
     """PyTorch's output projection [D, D] (y = concat(heads) @ W^T) -> [heads, head_dim, D]."""
     d = out_weight.shape[0]
-    return np.ascontiguousarray(out_weight.T.reshape(heads, d // heads, d))
+    return np.array(out_weight.T.reshape(heads, d // heads, d), order="C")
 
 
 def out_from_heads(kernel: np.ndarray) -> np.ndarray:
     """Inverse of out_to_heads."""
     d = kernel.shape[2]
-    return np.ascontiguousarray(np.asarray(kernel).reshape(-1, d).T)
+    return np.array(np.asarray(kernel).reshape(-1, d).T, order="C")
 
 
 def to_nhwc(x: np.ndarray) -> np.ndarray:

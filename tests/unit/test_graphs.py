@@ -100,7 +100,13 @@ def small_vit(eps: float = 1e-5) -> ModelSpec:
     ))
 
 
-SPECS = {"small-residual": small_residual, "small-vit": small_vit, "resnet20": lambda: models.builtin("resnet20"),
+def ones() -> ModelSpec:
+    """Kernels with a dimension of 1 (a 1x1 conv of one channel, a dense layer of one unit): their transposes are
+    contiguous views, which a conversion must still copy."""
+    return ModelSpec("ones", (Conv2D(1, 1, name="one"), Flatten(), Dense(1, name="unit"), Dense(0, name="head")))
+
+
+SPECS = {"ones": ones, "small-residual": small_residual, "small-vit": small_vit, "resnet20": lambda: models.builtin("resnet20"),
          "vit-tiny": lambda: models.builtin("vit-tiny")}
 
 

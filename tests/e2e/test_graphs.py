@@ -1,8 +1,8 @@
 """Residual networks and transformers relayed between PyTorch, Keras and JAX by `coordinator run` and `twin`, as a
 user runs them (a subprocess, local workers). To keep CI short these train on small generated files in the real
-formats (MNIST's and CIFAR-10's) rather than on all of MNIST: every evaluation covers the whole test set, and a
-ResNet-20 forward pass over MNIST's 10,000 test images takes a while on a CPU in each framework. The same runs on
-real MNIST with --max-train-samples 2000 are in the CHANGELOG's entry for this change."""
+formats (MNIST's and CIFAR-10's) rather than on real MNIST: every evaluation covers the whole test set, and
+ResNet-20 over MNIST's 10,000 test images takes minutes on a small CPU in each framework. The runs on real MNIST
+with --max-train-samples 2000 (the issue's acceptance) are recorded in the CHANGELOG's entry for this change."""
 
 from __future__ import annotations
 
@@ -39,13 +39,16 @@ def data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("model", ["resnet20", "vit-tiny"])
-@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
-def test_a_ring_of_three_frameworks_relays_resnet20_and_vit_tiny_exactly(tmp_path, data, model, dataset):
+def test_a_ring_of_three_frameworks_relays_resnet20_and_vit_tiny_exactly_on_cifar10(tmp_path, data, model):
+    """On 3-channel 32x32 inputs (vit-tiny takes patches of 4 there); on MNIST the hand-written residual block and
+    the twin run below cover the 1-channel path, and the integration tests both built-ins on both."""
+    dataset = "cifar10"
     results = run("run", *THREE, "--model", model, "--dataset", dataset, "--data-dir", str(data[dataset]), "--rounds", "1",
                   "--lr", "0.05", "--max-train-samples", "256", "--out", str(tmp_path))
     assert results["status"] == "complete" and results["config"]["model"] == model
-    described = results["workers"]["jax"]["model"]
-    assert described["name"] == model
+    assert results["workers"]["jax"]["model"]["name"] == model
+    if model == "vit-tiny":
+        assert "patch conv2d 64@4x4/4 valid [64x8x8]" in results["workers"]["keras"]["architecture"]
     assert_every_move_exact(results)
 
 

@@ -42,10 +42,9 @@ def workers(torch_worker, keras_worker, jax_worker):
         w.client.initialize("mlp", 0, "mnist", "")
 
 
-@pytest.mark.parametrize("name,channels,trainer", [
-    ("small-residual", 1, "torch"), ("small-residual", 3, "jax"),
-    ("small-vit eps 0.05", 1, "keras"), ("small-vit eps 0.05", 3, "torch"),
-    ("resnet20", 3, "keras"), ("vit-tiny", 1, "jax"),
+@pytest.mark.parametrize("name,channels,trainer", [  # each framework trains a residual network and a transformer
+    ("small-residual", 1, "keras"), ("small-vit eps 0.05", 3, "jax"), ("resnet20", 3, "torch"),
+    ("vit-tiny", 1, "torch"), ("small-vit eps 0.05", 1, "keras"), ("small-residual", 3, "jax"),
 ])
 def test_moved_weights_give_the_reference_probabilities_in_every_framework(name, channels, trainer, workers, data_dirs):
     spec = models.to_proto(SPECS[name])

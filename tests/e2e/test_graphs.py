@@ -44,7 +44,7 @@ def test_a_ring_of_three_frameworks_relays_resnet20_and_vit_tiny_exactly_on_cifa
     the twin run below cover the 1-channel path, and the integration tests both built-ins on both."""
     dataset = "cifar10"
     results = run("run", *THREE, "--model", model, "--dataset", dataset, "--data-dir", str(data[dataset]), "--rounds", "1",
-                  "--lr", "0.05", "--max-train-samples", "256", "--out", str(tmp_path))
+                  "--lr", "0.05", "--max-train-samples", "128", "--out", str(tmp_path))
     assert results["status"] == "complete" and results["config"]["model"] == model
     assert results["workers"]["jax"]["model"]["name"] == model
     if model == "vit-tiny":
@@ -56,7 +56,7 @@ def test_a_hand_written_residual_block_relays_exactly_and_a_mismatched_add_is_re
     path = tmp_path / "residual.toml"
     path.write_text(RESIDUAL_TOML)
     results = run("run", *THREE, "--model", str(path), "--data-dir", str(data["mnist"]), "--rounds", "1", "--lr", "0.05",
-                  "--max-train-samples", "256", "--out", str(tmp_path / "runs"))
+                  "--max-train-samples", "128", "--out", str(tmp_path / "runs"))
     assert_every_move_exact(results)
     assert "add1 add (bn2 + entry) relu" in results["workers"]["keras"]["architecture"]
 
@@ -70,7 +70,7 @@ def test_a_hand_written_residual_block_relays_exactly_and_a_mismatched_add_is_re
 
 
 def test_twin_training_of_vit_tiny_across_three_frameworks(tmp_path, data):
-    results = run("twin", *THREE, "--model", "vit-tiny", "--epochs", "1", "--every-steps", "2", "--max-train-samples", "256",
+    results = run("twin", *THREE, "--model", "vit-tiny", "--epochs", "1", "--every-steps", "2", "--max-train-samples", "128",
                   "--data-dir", str(data["mnist"]), "--out", str(tmp_path))
     checkpoints = results["checkpoints"]
     assert [c["step"] for c in checkpoints][:3] == [0, 1, 2]
@@ -80,6 +80,6 @@ def test_twin_training_of_vit_tiny_across_three_frameworks(tmp_path, data):
         assert 0 < pair["relative_l2"] <= 1e-5, pair["relative_l2"]
         assert "block1_attn.in_proj_weight" in pair["per_tensor"]["relative_l2"]
     same = run("twin", "--local", "--workers", "torch,torch-b", "--model", "vit-tiny", "--epochs", "1", "--every-steps", "2",
-               "--max-train-samples", "256", "--data-dir", str(data["mnist"]), "--out", str(tmp_path / "same"))
+               "--max-train-samples", "128", "--data-dir", str(data["mnist"]), "--out", str(tmp_path / "same"))
     for checkpoint in same["checkpoints"]:
         assert checkpoint["pairs"]["torch/torch-b"]["relative_l2"] == 0, checkpoint["step"]

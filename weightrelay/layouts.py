@@ -9,8 +9,14 @@ so it needs none.
 Canonical (worker.proto): dense weight [out, in], taking a flatten's features in C, H, W order;
 conv2d weight [out, in, kh, kw] (OIHW). Channels-last frameworks hold dense kernels [in, out]
 whose rows after a flatten of N, H, W, C come in H, W, C order, and convolution kernels
-[kh, kw, in, out] (HWIO); per-channel vectors (biases, batchnorm's tensors) are the same in every
-layout. Every conversion copies into fresh C-contiguous arrays and a round trip is bit-exact.
+[kh, kw, in, out] (HWIO); per-channel vectors (biases, batchnorm's and layernorm's tensors) and the
+position embedding's [tokens, features] table (tokens are row-major over H, W everywhere) are the
+same in every layout. Attention is canonical in PyTorch's packing (`in_proj_weight` [3D, D]: q, k, v
+stacked; `out_proj.weight` [D, D]); Keras and Flax hold one kernel [D, heads, head_dim] and bias
+[heads, head_dim] per projection and an output kernel [heads, head_dim, D]. Every conversion copies
+into fresh C-contiguous arrays (np.array, not ascontiguousarray, which hands back its input where that
+already is contiguous, as a kernel with a dimension of 1 is): the worker reuses a received set's memory
+and a framework may keep the very array it is assigned. A round trip is bit-exact.
 """
 
 from __future__ import annotations
@@ -49,27 +55,57 @@ NO_TENSORS: Layout[Any] = Layout(_holds_none, _holds_none)
 def dense_to_in_out(weight: np.ndarray, flattened_from: tuple[int, int, int] | None = None) -> np.ndarray:
     """[out, in] -> [in, out]; after a flatten of (C, H, W), rows reordered C, H, W -> H, W, C."""
     if flattened_from is None:
-        return np.ascontiguousarray(weight.T)
+        return np.array(weight.T, order="C")
     c, h, w = flattened_from
-    return np.ascontiguousarray(weight.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1))
+    return np.array(weight.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1), order="C")
 
 
 def dense_from_in_out(kernel: np.ndarray, flattened_from: tuple[int, int, int] | None = None) -> np.ndarray:
     """Inverse of dense_to_in_out."""
     if flattened_from is None:
-        return np.ascontiguousarray(kernel.T)
+        return np.array(kernel.T, order="C")
     c, h, w = flattened_from
-    return np.ascontiguousarray(kernel.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w))
+    return np.array(kernel.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w), order="C")
 
 
 def conv_to_hwio(weight: np.ndarray) -> np.ndarray:
     """[out, in, kh, kw] (OIHW) -> [kh, kw, in, out] (HWIO)."""
-    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
+    return np.array(weight.transpose(2, 3, 1, 0), order="C")
 
 
 def conv_from_hwio(kernel: np.ndarray) -> np.ndarray:
     """[kh, kw, in, out] (HWIO) -> [out, in, kh, kw] (OIHW)."""
-    return np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+    return np.array(kernel.transpose(3, 2, 0, 1), order="C")
+
+
+def qkv_to_heads(in_proj_weight: np.ndarray, in_proj_bias: np.ndarray, heads: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """PyTorch's packed [3D, D] (rows: q, then k, then v; y = x @ W^T) and [3D] -> per projection q, k, v a
+    kernel [D, heads, head_dim] (y[..., h, j] = x @ kernel[:, h, j]) and a bias [heads, head_dim]."""
+    d = in_proj_weight.shape[1]
+    # np.array copies: a reshaped slice of the bias would still be the caller's memory, which the worker
+    # reuses for the next weight set (a framework may keep the very array it is given)
+    return [(np.array(w.T.reshape(d, heads, d // heads), order="C"), np.array(b.reshape(heads, d // heads), order="C"))
+            for w, b in zip(np.split(in_proj_weight, 3), np.split(in_proj_bias, 3))]
+
+
+def qkv_from_heads(projections: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of qkv_to_heads: (in_proj_weight [3D, D], in_proj_bias [3D]) from q, k, v's (kernel, bias)."""
+    d = projections[0][0].shape[0]
+    weight = np.concatenate([np.asarray(kernel).reshape(d, d).T for kernel, _ in projections])
+    bias = np.concatenate([np.asarray(bias).reshape(d) for _, bias in projections])
+    return np.array(weight, order="C"), np.array(bias, order="C")
+
+
+def out_to_heads(out_weight: np.ndarray, heads: int) -> np.ndarray:
+    """PyTorch's output projection [D, D] (y = concat(heads) @ W^T) -> [heads, head_dim, D]."""
+    d = out_weight.shape[0]
+    return np.array(out_weight.T.reshape(heads, d // heads, d), order="C")
+
+
+def out_from_heads(kernel: np.ndarray) -> np.ndarray:
+    """Inverse of out_to_heads."""
+    d = kernel.shape[2]
+    return np.array(np.asarray(kernel).reshape(-1, d).T, order="C")
 
 
 def to_nhwc(x: np.ndarray) -> np.ndarray:
@@ -98,8 +134,25 @@ def _copies(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
     return {part: np.array(array) for part, array in arrays.items()}
 
 
+PROJECTIONS = ("query", "key", "value")
+
+
+def _attention_to_channels_last(tensors: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    arrays = {}
+    for projection, (kernel, bias) in zip(PROJECTIONS, qkv_to_heads(tensors["in_proj_weight"], tensors["in_proj_bias"], r.layer.heads)):
+        arrays[f"{projection}_kernel"], arrays[f"{projection}_bias"] = kernel, bias
+    return {**arrays, "out_kernel": out_to_heads(tensors["out_proj.weight"], r.layer.heads), "out_bias": np.array(tensors["out_proj.bias"])}
+
+
+def _attention_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    weight, bias = qkv_from_heads([(arrays[f"{p}_kernel"], arrays[f"{p}_bias"]) for p in PROJECTIONS])
+    return {"in_proj_weight": weight, "in_proj_bias": bias, "out_proj.weight": out_from_heads(arrays["out_kernel"]),
+            "out_proj.bias": np.array(arrays["out_bias"])}
+
+
 #: kind -> canonical tensors <-> the channels-last arrays Keras and Flax hold, by part: dense and conv2d
-#: {"kernel", "bias"}, batchnorm its canonical parts (per-channel vectors need no conversion).
+#: {"kernel", "bias"}; batchnorm, layernorm and position_embedding their canonical parts (they need no
+#: conversion); multihead_attention {"query_kernel", "query_bias", "key_...", "value_...", "out_kernel", "out_bias"}.
 CHANNELS_LAST: dict[str, Layout[dict[str, np.ndarray]]] = {
     "dense": Layout(_dense_to_channels_last, _dense_from_channels_last),
     "conv2d": Layout(_conv2d_to_channels_last, _conv2d_from_channels_last),
@@ -107,4 +160,12 @@ CHANNELS_LAST: dict[str, Layout[dict[str, np.ndarray]]] = {
     "flatten": NO_TENSORS,
     "batchnorm": Layout(_copies, _copies),
     "dropout": NO_TENSORS,
+    "add": NO_TENSORS,
+    "avgpool2d": NO_TENSORS,
+    "global_avgpool2d": NO_TENSORS,
+    "layernorm": Layout(_copies, _copies),
+    "tokens": NO_TENSORS,
+    "position_embedding": Layout(_copies, _copies),
+    "multihead_attention": Layout(_attention_to_channels_last, _attention_from_channels_last),
+    "token_mean": NO_TENSORS,
 }

@@ -3,6 +3,7 @@ pass (scored by onnxruntime, on real images), refusals that name what is wrong, 
 exporter, and a run directory's kept weights out as ONNX and safetensors."""
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,15 @@ def test_a_kind_without_an_onnx_function_is_refused_by_name(monkeypatch):
     monkeypatch.delitem(onnx_graph.ONNX_BUILDERS, "batchnorm")
     model = models.resolve(models.builtin("cnn-bn"), (1, 28, 28), 10)
     with pytest.raises(onnx_graph.UnsupportedKind, match=r"kind\(s\) batchnorm \(layer 1 \(batchnorm bn1\); .*layer 8 .*--format safetensors"):
+        onnx_graph.build(model, random_weights(model))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vit-tiny"])
+def test_built_ins_of_kinds_without_an_onnx_function_are_refused_naming_them(name):
+    model = models.resolve(models.builtin(name), (1, 28, 28), 10)
+    missing = sorted({layer.kind for layer in model.layers} - set(onnx_graph.ONNX_BUILDERS))
+    assert missing  # these built-ins use the residual and attention kinds
+    with pytest.raises(onnx_graph.UnsupportedKind, match=r"kind\(s\) " + re.escape(missing[0])):
         onnx_graph.build(model, random_weights(model))
 
 

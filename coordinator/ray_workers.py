@@ -45,11 +45,11 @@ def _die_with_parent() -> None:
 class WorkerActor:
     """One worker process on a Ray node (made a Ray actor class by `_actor_class`)."""
 
-    def __init__(self, module: str, args: list[str]):
+    def __init__(self, module: str, args: list[str], host: str = ""):
         self.directory = Path(tempfile.mkdtemp(prefix="weightrelay-actor-"))
         ready = self.directory / "ready.json"
         self.log_path = self.directory / "worker.log"
-        host = ray.util.get_node_ip_address()
+        host = host or ray.util.get_node_ip_address()  # a loopback cluster's workers stay on loopback
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen([sys.executable, "-m", module, "--host", host, "--port", "0", "--ready-file", str(ready), *args],
                                             stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
@@ -108,7 +108,7 @@ def connect(address: str) -> TextIO:
 class RaySet:
     """The workers of one run as actors (see the module's docstring)."""
 
-    def __init__(self, names: tuple[str, ...], config: RunConfig, resources: dict[str, dict[str, Any]]):
+    def __init__(self, names: tuple[str, ...], config: RunConfig, resources: dict[str, dict[str, Any]], host: str = ""):
         args = ["--dataset", config.dataset, "--model", config.model, "--seed", str(config.seed)]
         if config.data_dir:
             args += ["--data-dir", str(config.data_dir)]
@@ -116,7 +116,7 @@ class RaySet:
         for name in names:
             framework = framework_of(name)
             asked = {"num_cpus": 1, **resources.get(framework, {})}
-            self.actors[name] = _actor_class().options(scheduling_strategy="SPREAD", **asked).remote(WORKER_MODULES[framework], args)
+            self.actors[name] = _actor_class().options(scheduling_strategy="SPREAD", **asked).remote(WORKER_MODULES[framework], args, host)
         self.addresses: dict[str, str] = {}
         self.nodes: dict[str, str] = {}
         try:
@@ -156,9 +156,11 @@ class RayPlacer:
     def __init__(self, address: str, resources: dict[str, dict[str, Any]]):
         self.stdout = connect(address)
         self.resources = resources
+        #: where the workers listen: 127.0.0.1 on a cluster on loopback (every node is this machine), else each node's address
+        self.host = "127.0.0.1" if address == LOCAL or address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost") else ""
 
     def start(self, names: tuple[str, ...], config: RunConfig, log_dir: Path) -> RaySet:
-        return RaySet(names, config, self.resources)
+        return RaySet(names, config, self.resources, self.host)
 
     def close(self) -> None:
         ray.shutdown()

@@ -21,6 +21,10 @@ pytestmark = pytest.mark.e2e
 #: The model whose PyTorch and Keras files are checked too: convolutions, batchnorm with its buffers, and a
 #: flatten of (C, H, W) before a dense layer: every layout rule between the canonical layout and Keras'.
 FRAMEWORK_FILES_ON = "cnn-bn"
+#: Built-ins relayed on one batch of training samples instead of 2000 (a round is the fewest): on 2 CPU cores
+#: resnet20's test took 140 s with 2000, 98-118 s with 64 (its six evaluations of the test set take most of it). Its
+#: kept weights then give every image the same class, but probabilities that vary by far more than the tolerance.
+SHORT_RUN = {"resnet20": 64}
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
@@ -60,17 +64,12 @@ def test_relayed_weights_exported_score_as_the_workers_do(request, tmp_path, dat
     if model == "mlp":  # the shared run of the e2e tests relays the default model
         run_dir = request.getfixturevalue("two_round_run")[2]
     else:
-        done = coordinator("run", "--rounds", "1", "--model", model, "--lr", "0.05", "--max-train-samples", "2000", "--no-report", "--quiet",
+        samples = str(SHORT_RUN.get(model, 2000))
+        done = coordinator("run", "--rounds", "1", "--model", model, "--lr", "0.05", "--max-train-samples", samples, "--no-report", "--quiet",
                            "--torch", torch_worker.address, "--keras", keras_worker.address, "--data-dir", str(data_dir),
                            "--out", str(tmp_path / "runs"))
         assert done.returncode == 0, done.stderr + done.stdout
         run_dir = results_path(done.stdout).parent
-    kinds = {layer.kind for layer in models.builtin(model).layers}
-    if not kinds <= set(ONNX_BUILDERS):  # a kind ONNX export does not have yet: refused, naming it
-        refused = coordinator("export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
-        assert refused.returncode == 2 and all(kind in refused.stderr for kind in kinds - set(ONNX_BUILDERS)), refused.stderr
-        pytest.skip(f"{model}: ONNX export refuses {', '.join(sorted(kinds - set(ONNX_BUILDERS)))} (checked)")
-
     kept = load_kept(run_dir, "keras", None)
     x = load_mnist(data_dir, download=False).test.x
     worker_probabilities = {}
@@ -86,6 +85,8 @@ def test_relayed_weights_exported_score_as_the_workers_do(request, tmp_path, dat
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     logits, probabilities = session.run(["logits", "probabilities"], {"input": x})
     assert logits.shape == (len(x), 10)
+    # the images' probabilities differ by over 100 times the tolerance, so that agreeing within it is no accident
+    assert np.ptp(probabilities, axis=0).max() > 1e-3
     for name, expected in worker_probabilities.items():
         agree(expected, probabilities, f"onnxruntime vs the {name} worker")
 

@@ -21,10 +21,6 @@ pytestmark = pytest.mark.e2e
 #: The model whose PyTorch and Keras files are checked too: convolutions, batchnorm with its buffers, and a
 #: flatten of (C, H, W) before a dense layer: every layout rule between the canonical layout and Keras'.
 FRAMEWORK_FILES_ON = "cnn-bn"
-#: Built-ins relayed on one batch of training samples instead of 2000 (a round is the fewest): on 2 CPU cores
-#: resnet20's test took 140 s with 2000, 98-118 s with 64 (its six evaluations of the test set take most of it). Its
-#: kept weights then give every image the same class, but probabilities that vary by far more than the tolerance.
-SHORT_RUN = {"resnet20": 64}
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
@@ -64,8 +60,8 @@ def test_relayed_weights_exported_score_as_the_workers_do(request, tmp_path, dat
     if model == "mlp":  # the shared run of the e2e tests relays the default model
         run_dir = request.getfixturevalue("two_round_run")[2]
     else:
-        samples = str(SHORT_RUN.get(model, 2000))
-        done = coordinator("run", "--rounds", "1", "--model", model, "--lr", "0.05", "--max-train-samples", samples, "--no-report", "--quiet",
+        # 2000 samples: enough training that the kept weights' predictions vary, so agreeing on them means something
+        done = coordinator("run", "--rounds", "1", "--model", model, "--lr", "0.05", "--max-train-samples", "2000", "--no-report", "--quiet",
                            "--torch", torch_worker.address, "--keras", keras_worker.address, "--data-dir", str(data_dir),
                            "--out", str(tmp_path / "runs"))
         assert done.returncode == 0, done.stderr + done.stdout
@@ -85,8 +81,9 @@ def test_relayed_weights_exported_score_as_the_workers_do(request, tmp_path, dat
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     logits, probabilities = session.run(["logits", "probabilities"], {"input": x})
     assert logits.shape == (len(x), 10)
-    # the images' probabilities differ by over 100 times the tolerance, so that agreeing within it is no accident
-    assert np.ptp(probabilities, axis=0).max() > 1e-3
+    # the images' probabilities differ by far more than the tolerance and more than one class is predicted,
+    # so that agreeing within it is no accident
+    assert np.ptp(probabilities, axis=0).max() > 1e-2 and len(np.unique(probabilities.argmax(1))) > 1
     for name, expected in worker_probabilities.items():
         agree(expected, probabilities, f"onnxruntime vs the {name} worker")
 

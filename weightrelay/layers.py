@@ -7,9 +7,10 @@ kind's name (TOML `kind`, the LayerSpec oneof field of worker.proto) to its clas
 loops over a spec's layers and dispatches through these classes.
 
 A new kind is one class here, registered with `@register(kind, prefix, message)` (and its message
-in worker.proto's LayerSpec), one builder in each adapter's BUILDERS table, and its layout in the tables of
-`weightrelay.layouts`, `keras_service.layout` and `jax_service.layout`; tests/unit/test_models.py
-checks that every table covers every registered kind.
+in worker.proto's LayerSpec), one builder in each adapter's BUILDERS table, its layout in the tables of
+`weightrelay.layouts`, `keras_service.layout` and `jax_service.layout`, and its ONNX function in
+`coordinator.onnx_graph.ONNX_BUILDERS`; tests/unit/test_models.py and tests/unit/test_onnx_graph.py
+check that every table covers every registered kind.
 
 Canonical layout (see worker.proto): dense `<name>.weight` [out, in]; conv2d `<name>.weight`
 [out, in, kh, kw]; `<name>.bias` [out]; batchnorm `.weight`, `.bias`, `.running_mean`,

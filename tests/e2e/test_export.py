@@ -60,17 +60,12 @@ def test_relayed_weights_exported_score_as_the_workers_do(request, tmp_path, dat
     if model == "mlp":  # the shared run of the e2e tests relays the default model
         run_dir = request.getfixturevalue("two_round_run")[2]
     else:
+        # 2000 samples: enough training that the kept weights' predictions vary, so agreeing on them means something
         done = coordinator("run", "--rounds", "1", "--model", model, "--lr", "0.05", "--max-train-samples", "2000", "--no-report", "--quiet",
                            "--torch", torch_worker.address, "--keras", keras_worker.address, "--data-dir", str(data_dir),
                            "--out", str(tmp_path / "runs"))
         assert done.returncode == 0, done.stderr + done.stdout
         run_dir = results_path(done.stdout).parent
-    kinds = {layer.kind for layer in models.builtin(model).layers}
-    if not kinds <= set(ONNX_BUILDERS):  # a kind ONNX export does not have yet: refused, naming it
-        refused = coordinator("export", str(run_dir), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
-        assert refused.returncode == 2 and all(kind in refused.stderr for kind in kinds - set(ONNX_BUILDERS)), refused.stderr
-        pytest.skip(f"{model}: ONNX export refuses {', '.join(sorted(kinds - set(ONNX_BUILDERS)))} (checked)")
-
     kept = load_kept(run_dir, "keras", None)
     x = load_mnist(data_dir, download=False).test.x
     worker_probabilities = {}
@@ -86,6 +81,9 @@ def test_relayed_weights_exported_score_as_the_workers_do(request, tmp_path, dat
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     logits, probabilities = session.run(["logits", "probabilities"], {"input": x})
     assert logits.shape == (len(x), 10)
+    # the images' probabilities differ by far more than the tolerance and more than one class is predicted,
+    # so that agreeing within it is no accident
+    assert np.ptp(probabilities, axis=0).max() > 1e-2 and len(np.unique(probabilities.argmax(1))) > 1
     for name, expected in worker_probabilities.items():
         agree(expected, probabilities, f"onnxruntime vs the {name} worker")
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jax_service.layout import canonical_to_flax, flax_to_canonical  # noqa: E402
+from jax_service.layout import canonical_to_flax, flax_into_canonical, flax_to_canonical  # noqa: E402
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
 from weightrelay.layouts import to_nhwc  # noqa: E402
@@ -78,6 +78,15 @@ class SpecModule(nn.Module):
         for r in self.model.layers:
             x = ACTIVATIONS[r.layer.activation](BUILDERS[r.kind](r, x, train))
         return x
+
+
+def host_view(array: jax.Array) -> np.ndarray:
+    """An array's values as numpy: a read-only view of its memory where JAX lends it (the CPU, through DLPack),
+    else a copy (jax.device_get: a GPU's array)."""
+    try:
+        return np.from_dlpack(array)
+    except Exception:  # noqa: BLE001 - memory DLPack cannot lend to numpy (another device)
+        return np.asarray(jax.device_get(array))
 
 
 def resolve_device(requested: str) -> jax.Device:
@@ -143,13 +152,21 @@ class JaxAdapter(FrameworkAdapter):
         return f"{self._device.platform}:{self._device.id}"
 
     def get_weights(self) -> WeightSet:
-        return flax_to_canonical(jax.device_get(self.params), jax.device_get(self.stats), self.resolved)
+        return flax_to_canonical(*self._host_trees(), self.resolved)
+
+    def _host_trees(self) -> tuple[Any, Any]:
+        """(params, batch_stats) as numpy: views of the arrays' memory on the CPU (host_view), valid while they live."""
+        return jax.tree_util.tree_map(host_view, self.params), jax.tree_util.tree_map(host_view, self.stats)
+
+    def read_weights(self, out: WeightSet) -> None:
+        """Converted from the arrays' own memory (on the CPU: no copy between) straight into `out`."""
+        flax_into_canonical(*self._host_trees(), self.resolved, out)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """The converted arrays are fresh and aligned (weightrelay.layouts), nothing else holds them: on the CPU
+        device_put takes them as the arrays' memory without a copy (none of the worker's reused memory)."""
         params, stats = canonical_to_flax(weights, self.resolved)
-        # jnp.array copies: on the CPU jnp.asarray may alias the numpy memory, which the worker reuses
-        self.params = jax.device_put(jax.tree_util.tree_map(jnp.array, params), self._device)
-        self.stats = jax.device_put(jax.tree_util.tree_map(jnp.array, stats), self._device)
+        self.params, self.stats = jax.device_put((params, stats), self._device)
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         params, stats = self.params, self.stats

@@ -28,12 +28,12 @@ def in_trees(core: Layout[dict[str, np.ndarray]], params: dict[str, str], stats:
         arrays = core.to_framework(tensors, r)
         return {key: arrays[part] for key, part in params.items()}, {key: arrays[part] for key, part in stats.items()}
 
-    def from_flax(trees, r):
+    def by_part(trees):
         in_params, in_stats = trees
-        arrays = {part: in_params[key] for key, part in params.items()} | {part: in_stats[key] for key, part in stats.items()}
-        return core.to_canonical(arrays, r)
+        return {part: in_params[key] for key, part in params.items()} | {part: in_stats[key] for key, part in stats.items()}
 
-    return Layout(to_flax, from_flax)
+    return Layout(to_flax, lambda trees, r: core.to_canonical(by_part(trees), r),
+                  lambda trees, r, out: core.read_into(by_part(trees), r, out))
 
 
 #: kind -> its layout in Flax: (its params entries, its batch_stats entries)
@@ -58,6 +58,14 @@ def canonical_to_flax(weights: Mapping[str, np.ndarray], model: ResolvedModel) -
                 if leaves:
                     tree[r.name] = leaves
     return params, stats
+
+
+def flax_into_canonical(params: Mapping[str, Mapping[str, Any]], stats: Mapping[str, Mapping[str, Any]], model: ResolvedModel,
+                        out: WeightSet) -> None:
+    """flax_to_canonical written into `out`'s arrays (the manifest's tensors, by name) instead of fresh ones."""
+    for r in model.layers:
+        if r.params:
+            LAYOUTS[r.kind].read_into((params.get(r.name, {}), stats.get(r.name, {})), r, r.tensors(out))
 
 
 def flax_to_canonical(params: Mapping[str, Mapping[str, Any]], stats: Mapping[str, Mapping[str, Any]], model: ResolvedModel) -> WeightSet:

@@ -13,8 +13,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_service.layout import canonical_to_keras, keras_to_canonical  # noqa: E402
+from keras_service.layout import canonical_to_keras, keras_into_canonical, keras_to_canonical  # noqa: E402
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, Step, TrainConfig, schedule, seed32  # noqa: E402
+from weightrelay.buffers import ALIGNMENT  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
 from weightrelay.layouts import to_nhwc  # noqa: E402
 from weightrelay.models import ResolvedLayer, ResolvedModel  # noqa: E402
@@ -30,6 +31,29 @@ def configure_devices(requested: str) -> None:
         return
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def host_view(tensor: tf.Tensor) -> np.ndarray:
+    """A tensor's values as numpy: a read-only view of its memory where TensorFlow lends it (a tensor in host
+    memory, through DLPack), else a copy (a GPU's tensor). Read before anything changes the tensor again."""
+    try:
+        return np.from_dlpack(tensor)
+    except Exception:  # noqa: BLE001 - a tensor DLPack cannot lend to numpy (another device, an unsupported dtype)
+        return tensor.numpy()
+
+
+def owned_tensor(value: np.ndarray, device: str) -> tf.Tensor | np.ndarray:
+    """`value` (a fresh array nothing else writes) as a tensor that shares its memory, where the variable to take
+    it lives in host memory and TensorFlow can (C-contiguous, aligned to ALIGNMENT bytes): AssignVariableOp
+    then keeps that tensor as the variable's own memory instead of copying it twice (into a tensor, then into
+    the variable). Otherwise `value` itself, which TensorFlow copies."""
+    aligned = value.flags.c_contiguous and value.flags.writeable and value.ctypes.data % ALIGNMENT == 0
+    if not aligned or "GPU" in device.upper():
+        return value
+    try:
+        return tf.experimental.dlpack.from_dlpack(value.__dlpack__())
+    except Exception:  # noqa: BLE001 - a dtype DLPack does not carry: TensorFlow copies it
+        return value
 
 
 def _activation(name: str) -> str | None:
@@ -226,19 +250,32 @@ class KerasAdapter(FrameworkAdapter):
         placed = self.model.weights[0].value.device
         return placed.rsplit("device:", 1)[-1].lower() if placed else "cpu:0"
 
+    def _host_layers(self) -> dict[str, list[np.ndarray]]:
+        """{layer name: its variables' values}, as views of their memory where TensorFlow lends it (host_view):
+        valid while nothing assigns them, so only for converting at once."""
+        return {name: [host_view(tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype)) for v in variables]
+                for name, variables in self._variables().items()}
+
     def get_weights(self) -> WeightSet:
-        layers = {name: [tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype).numpy() for v in variables]
-                  for name, variables in self._variables().items()}
-        return keras_to_canonical(layers, self.resolved)
+        return keras_to_canonical(self._host_layers(), self.resolved)
+
+    def read_weights(self, out: WeightSet) -> None:
+        """Converted from the variables' own memory straight into `out`: no copy of the set between."""
+        keras_into_canonical(self._host_layers(), self.resolved, out)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """The converted arrays (fresh, aligned: weightrelay.layouts) become the variables' memory (owned_tensor),
+        after every one is checked: no copy beyond the layout conversion itself."""
         layers = canonical_to_keras(weights, self.resolved)
         pairs = [pair for name, variables in self._variables().items() for pair in zip(variables, layers[name], strict=True)]
         for variable, value in pairs:  # all checked before any is assigned
             if tuple(value.shape) != tuple(variable.shape) or value.dtype != variable.dtype.as_numpy_dtype:
                 raise ValueError(f"variable {variable.name}: expected {variable.dtype.name} {list(variable.shape)}, got {value.dtype} {list(value.shape)}")
-        for variable, value in pairs:
-            tf.raw_ops.AssignVariableOp(resource=variable.handle, value=value)
+        del layers  # each array is the variable's memory once assigned: the old one goes as soon as it is replaced
+        while pairs:
+            variable, value = pairs.pop(0)
+            tf.raw_ops.AssignVariableOp(resource=variable.handle, value=owned_tensor(value, variable.device))
+            del value
 
     def _touch_variables(self) -> None:
         """Read every weight variable and assign it what was read (its own value, nothing changes).

@@ -26,7 +26,11 @@ def listed(core: Layout[dict[str, np.ndarray]], order: tuple[str, ...]) -> Layou
         arrays = core.to_framework(tensors, r)
         return [arrays[part] for part in order]
 
-    return Layout(to_keras, lambda arrays, r: core.to_canonical(dict(zip(order, arrays, strict=True)), r))
+    def by_part(arrays):
+        return dict(zip(order, arrays, strict=True))
+
+    return Layout(to_keras, lambda arrays, r: core.to_canonical(by_part(arrays), r),
+                  lambda arrays, r, out: core.read_into(by_part(arrays), r, out))
 
 
 BATCHNORM_ORDER = ("weight", "bias", "running_mean", "running_var")  # Keras: gamma, beta, moving mean, moving variance
@@ -45,6 +49,13 @@ LAYOUTS: dict[str, Layout[KerasWeights]] = {
 def canonical_to_keras(weights: Mapping[str, np.ndarray], model: ResolvedModel) -> dict[str, list[np.ndarray]]:
     """{layer name: the list Keras' layer.set_weights takes} for every layer with tensors."""
     return {r.name: LAYOUTS[r.kind].to_framework(r.tensors(weights), r) for r in model.layers if r.params}
+
+
+def keras_into_canonical(layer_weights: Mapping[str, KerasWeights], model: ResolvedModel, out: WeightSet) -> None:
+    """keras_to_canonical written into `out`'s arrays (the manifest's tensors, by name) instead of fresh ones."""
+    for r in model.layers:
+        if r.params:
+            LAYOUTS[r.kind].read_into(layer_weights[r.name], r, r.tensors(out))
 
 
 def keras_to_canonical(layer_weights: Mapping[str, KerasWeights], model: ResolvedModel) -> WeightSet:

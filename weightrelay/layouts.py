@@ -10,16 +10,28 @@ Canonical (worker.proto): dense weight [out, in], taking a flatten's features in
 conv2d weight [out, in, kh, kw] (OIHW). Channels-last frameworks hold dense kernels [in, out]
 whose rows after a flatten of N, H, W, C come in H, W, C order, and convolution kernels
 [kh, kw, in, out] (HWIO); per-channel vectors (biases, batchnorm's tensors) are the same in every
-layout. Every conversion copies into fresh C-contiguous arrays and a round trip is bit-exact.
+layout. Every conversion copies into fresh C-contiguous arrays, aligned (buffers.aligned_empty: so that a
+framework can take them as its own memory without another copy), and a round trip is bit-exact.
+`Layout.read_into` writes a kind's canonical tensors straight into arrays the caller gives (a worker's
+reused send buffer) instead of fresh ones.
+
+Large dense kernels are transposed tile by tile (`transpose_into`): numpy's transposing copy of a
+whole large matrix walks one of the two arrays a row length apart at every element, so nearly every
+access misses the caches and the TLB; tiles that fit the cache make it a few times faster, and the
+tiles are shared among threads (numpy copies without the GIL).
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import numpy as np
 
+from weightrelay.buffers import aligned_empty
 from weightrelay.layers import ResolvedLayer
 
 F = TypeVar("F")
@@ -35,6 +47,18 @@ class Layout(Generic[F]):
 
     to_framework: Callable[[Tensors, ResolvedLayer], F]
     to_canonical: Callable[[F, ResolvedLayer], dict[str, np.ndarray]]
+    #: `into(form, r, out)`: what to_canonical gives, written into `out`'s arrays (by part) instead of fresh
+    #: ones; None: to_canonical's arrays are copied there (for kinds whose tensors are small)
+    into: Callable[[F, ResolvedLayer, Tensors], None] | None = None
+
+    def read_into(self, form: F, r: ResolvedLayer, out: Tensors) -> None:
+        """The layer's canonical tensors, from the framework's `form`, written into `out` (by part, each of
+        its tensor's shape and dtype): without a full-size array between them where the kind has `into`."""
+        if self.into is not None:
+            self.into(form, r, out)
+            return
+        for part, array in self.to_canonical(form, r).items():
+            np.copyto(out[part], array)
 
 
 def _holds_none(form: Any, r: ResolvedLayer) -> Any:
@@ -45,31 +69,108 @@ def _holds_none(form: Any, r: ResolvedLayer) -> Any:
 NO_TENSORS: Layout[Any] = Layout(_holds_none, _holds_none)
 
 
+# -- fresh arrays and tiled transposes -----------------------------------------------------------
+#: Matrices from this size on are transposed in tiles (`transpose_into`); smaller ones fit the caches whole.
+TILED_TRANSPOSE_BYTES = 1024 * 1024
+#: A tile: TILE_ROWS rows of the source become as many columns of the result, within blocks of
+#: BLOCK x BLOCK elements (a block's tiles stay in the cache while it is written).
+TILE_ROWS, BLOCK = 64, 1024
+#: Most threads one transpose uses (the cores the process may run on, up to this).
+MAX_TRANSPOSE_THREADS = 4
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def fresh_copy(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous, aligned copy of `array`."""
+    out = aligned_empty(array.shape, array.dtype)
+    np.copyto(out, array)
+    return out
+
+
+def _threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(MAX_TRANSPOSE_THREADS, cores))
+
+
+def _transpose_blocks(src: np.ndarray, out: np.ndarray, blocks: list[tuple[int, int]]) -> None:
+    for i, j in blocks:
+        source, target = src[i : i + BLOCK, j : j + BLOCK], out[j : j + BLOCK, i : i + BLOCK]
+        for row in range(0, source.shape[0], TILE_ROWS):
+            target[:, row : row + TILE_ROWS] = source[row : row + TILE_ROWS].T
+
+
+def transpose_into(src: np.ndarray, out: np.ndarray) -> None:
+    """out[...] = src.T for a 2-D `src` (any strides) and `out` of the transposed shape: the same values as
+    np.copyto(out, src.T), bit for bit, tile by tile on up to MAX_TRANSPOSE_THREADS threads for a large one."""
+    if src.ndim != 2 or out.shape != src.shape[::-1]:
+        raise ValueError(f"transpose_into: {list(src.shape)} does not transpose to {list(out.shape)}")
+    rows, cols = src.shape
+    if src.nbytes < TILED_TRANSPOSE_BYTES:
+        np.copyto(out, src.T)
+        return
+    blocks = [(i, j) for i in range(0, rows, BLOCK) for j in range(0, cols, BLOCK)]
+    threads = min(_threads(), len(blocks))
+    if threads == 1:
+        _transpose_blocks(src, out, blocks)
+        return
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool._max_workers < threads:
+            _pool = ThreadPoolExecutor(threads, thread_name_prefix="transpose")
+        pool = _pool
+    share = -(-len(blocks) // threads)
+    parts = [pool.submit(_transpose_blocks, src, out, blocks[k : k + share]) for k in range(0, len(blocks), share)]
+    for part in parts:
+        part.result()
+
+
+def transposed(src: np.ndarray) -> np.ndarray:
+    """src.T of a 2-D array as a fresh aligned C-contiguous array (transpose_into)."""
+    out = aligned_empty(src.shape[::-1], src.dtype)
+    transpose_into(src, out)
+    return out
+
+
 # -- the arithmetic ---------------------------------------------------------------------------
+def _rows_hwc_from_chw(rows: np.ndarray, c: int, h: int, w: int) -> np.ndarray:
+    """[c*h*w, n] rows in C, H, W order -> a fresh array of them in H, W, C order (whole rows move)."""
+    return fresh_copy(rows.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1))
+
+
+def _rows_chw_from_hwc(rows: np.ndarray, c: int, h: int, w: int) -> np.ndarray:
+    """Inverse of _rows_hwc_from_chw."""
+    return fresh_copy(rows.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(c * h * w, -1))
+
+
 def dense_to_in_out(weight: np.ndarray, flattened_from: tuple[int, int, int] | None = None) -> np.ndarray:
     """[out, in] -> [in, out]; after a flatten of (C, H, W), rows reordered C, H, W -> H, W, C."""
     if flattened_from is None:
-        return np.ascontiguousarray(weight.T)
-    c, h, w = flattened_from
-    return np.ascontiguousarray(weight.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1))
+        return transposed(weight)
+    return _rows_hwc_from_chw(transposed(weight), *flattened_from)
 
 
-def dense_from_in_out(kernel: np.ndarray, flattened_from: tuple[int, int, int] | None = None) -> np.ndarray:
-    """Inverse of dense_to_in_out."""
-    if flattened_from is None:
-        return np.ascontiguousarray(kernel.T)
-    c, h, w = flattened_from
-    return np.ascontiguousarray(kernel.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w))
+def dense_from_in_out(kernel: np.ndarray, flattened_from: tuple[int, int, int] | None = None,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of dense_to_in_out; written into `out` (the canonical shape) where given, which is returned."""
+    if out is None:
+        out = aligned_empty(kernel.shape[::-1], kernel.dtype)
+    transpose_into(kernel if flattened_from is None else _rows_chw_from_hwc(kernel, *flattened_from), out)
+    return out
 
 
 def conv_to_hwio(weight: np.ndarray) -> np.ndarray:
     """[out, in, kh, kw] (OIHW) -> [kh, kw, in, out] (HWIO)."""
-    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
+    return fresh_copy(weight.transpose(2, 3, 1, 0))
 
 
 def conv_from_hwio(kernel: np.ndarray) -> np.ndarray:
     """[kh, kw, in, out] (HWIO) -> [out, in, kh, kw] (OIHW)."""
-    return np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))
+    return fresh_copy(kernel.transpose(3, 2, 0, 1))
 
 
 def to_nhwc(x: np.ndarray) -> np.ndarray:
@@ -79,29 +180,34 @@ def to_nhwc(x: np.ndarray) -> np.ndarray:
 
 # -- each kind's channels-last layout, by part ------------------------------------------------
 def _dense_to_channels_last(tensors: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {"kernel": dense_to_in_out(tensors["weight"], r.flattened_from), "bias": np.array(tensors["bias"])}
+    return {"kernel": dense_to_in_out(tensors["weight"], r.flattened_from), "bias": fresh_copy(tensors["bias"])}
 
 
 def _dense_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {"weight": dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from), "bias": np.array(arrays["bias"])}
+    return {"weight": dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from), "bias": fresh_copy(np.asarray(arrays["bias"]))}
+
+
+def _dense_into_canonical(arrays: Tensors, r: ResolvedLayer, out: Tensors) -> None:
+    dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from, out=out["weight"])
+    np.copyto(out["bias"], arrays["bias"])
 
 
 def _conv2d_to_channels_last(tensors: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {"kernel": conv_to_hwio(tensors["weight"]), "bias": np.array(tensors["bias"])}
+    return {"kernel": conv_to_hwio(tensors["weight"]), "bias": fresh_copy(tensors["bias"])}
 
 
 def _conv2d_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {"weight": conv_from_hwio(np.asarray(arrays["kernel"])), "bias": np.array(arrays["bias"])}
+    return {"weight": conv_from_hwio(np.asarray(arrays["kernel"])), "bias": fresh_copy(np.asarray(arrays["bias"]))}
 
 
 def _copies(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {part: np.array(array) for part, array in arrays.items()}
+    return {part: fresh_copy(np.asarray(array)) for part, array in arrays.items()}
 
 
 #: kind -> canonical tensors <-> the channels-last arrays Keras and Flax hold, by part: dense and conv2d
 #: {"kernel", "bias"}, batchnorm its canonical parts (per-channel vectors need no conversion).
 CHANNELS_LAST: dict[str, Layout[dict[str, np.ndarray]]] = {
-    "dense": Layout(_dense_to_channels_last, _dense_from_channels_last),
+    "dense": Layout(_dense_to_channels_last, _dense_from_channels_last, _dense_into_canonical),
     "conv2d": Layout(_conv2d_to_channels_last, _conv2d_from_channels_last),
     "maxpool2d": NO_TENSORS,
     "flatten": NO_TENSORS,

@@ -17,7 +17,7 @@ from keras_service.layout import canonical_to_keras, keras_into_canonical, keras
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, Step, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.buffers import ALIGNMENT  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
-from weightrelay.layouts import to_nhwc  # noqa: E402
+from weightrelay.layouts import TILED_TRANSPOSE_BYTES, fresh_copy, to_nhwc  # noqa: E402
 from weightrelay.models import ResolvedLayer, ResolvedModel  # noqa: E402
 
 
@@ -42,18 +42,37 @@ def host_view(tensor: tf.Tensor) -> np.ndarray:
         return tensor.numpy()
 
 
+def _lendable(value: np.ndarray) -> bool:
+    """Whether TensorFlow can take `value`'s memory as a tensor's (DLPack): C-contiguous and aligned to ALIGNMENT
+    bytes (its kernels abort the process on less aligned memory)."""
+    return value.flags.c_contiguous and value.ctypes.data % ALIGNMENT == 0
+
+
 def owned_tensor(value: np.ndarray, device: str) -> tf.Tensor | np.ndarray:
     """`value` (a fresh array nothing else writes) as a tensor that shares its memory, where the variable to take
-    it lives in host memory and TensorFlow can (C-contiguous, aligned to ALIGNMENT bytes): AssignVariableOp
-    then keeps that tensor as the variable's own memory instead of copying it twice (into a tensor, then into
-    the variable). Otherwise `value` itself, which TensorFlow copies."""
-    aligned = value.flags.c_contiguous and value.flags.writeable and value.ctypes.data % ALIGNMENT == 0
-    if not aligned or "GPU" in device.upper():
+    it lives in host memory and TensorFlow can (_lendable): AssignVariableOp then keeps that tensor as the
+    variable's own memory instead of copying it twice (into a tensor, then into the variable). Otherwise
+    `value` itself, which TensorFlow copies."""
+    if not (_lendable(value) and value.flags.writeable) or "GPU" in device.upper():
         return value
     try:
         return tf.experimental.dlpack.from_dlpack(value.__dlpack__())
     except Exception:  # noqa: BLE001 - a dtype DLPack does not carry: TensorFlow copies it
         return value
+
+
+def transposed_tensor(matrix: np.ndarray) -> tf.Tensor:
+    """matrix.T as a tensor in TensorFlow's own memory, by its multi-threaded transpose kernel, read straight
+    from `matrix` where TensorFlow can (_lendable; else from a copy). TensorFlow's CPU allocator keeps the
+    memory it frees for its next tensors, so a variable that takes this tensor gives back memory the next
+    one reuses: no fresh pages to touch, and the worker does not grow from move to move."""
+    source = matrix
+    if _lendable(matrix):
+        try:
+            source = tf.experimental.dlpack.from_dlpack(matrix.__dlpack__())
+        except Exception:  # noqa: BLE001 - a dtype DLPack does not carry
+            source = matrix
+    return tf.transpose(tf.convert_to_tensor(source))
 
 
 def _activation(name: str) -> str | None:
@@ -263,18 +282,39 @@ class KerasAdapter(FrameworkAdapter):
         """Converted from the variables' own memory straight into `out`: no copy of the set between."""
         keras_into_canonical(self._host_layers(), self.resolved, out)
 
+    def _keras_values(self, weights: Mapping[str, np.ndarray], variables: dict[str, list[tf.Variable]]) -> dict[str, list]:
+        """{layer name: its variables' new values}: a large plain dense kernel (the layout's transpose, no flatten
+        before it) transposed by TensorFlow into its own memory (transposed_tensor) where the variable is in host
+        memory; every other layer by the layout (fresh aligned arrays, weightrelay.layouts)."""
+        values = {}
+        for r in self.resolved.layers:
+            if not r.params:
+                continue
+            tensors = r.tensors(weights)
+            kernel = variables[r.name][0]
+            if (r.kind == "dense" and r.flattened_from is None and tensors["weight"].nbytes >= TILED_TRANSPOSE_BYTES
+                    and "GPU" not in kernel.device.upper()):
+                values[r.name] = [transposed_tensor(tensors["weight"]), fresh_copy(tensors["bias"])]
+            else:
+                values[r.name] = canonical_to_keras(weights, self.resolved, only=r.name)[r.name]
+        return values
+
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """The converted arrays (fresh, aligned: weightrelay.layouts) become the variables' memory (owned_tensor),
-        after every one is checked: no copy beyond the layout conversion itself."""
-        layers = canonical_to_keras(weights, self.resolved)
-        pairs = [pair for name, variables in self._variables().items() for pair in zip(variables, layers[name], strict=True)]
+        """Converted (_keras_values) and checked, every variable, before any is assigned; each new value becomes
+        the variable's memory (a tensor TensorFlow made, or owned_tensor): no copy beyond the conversion."""
+        variables = self._variables()
+        values = self._keras_values(weights, variables)
+        pairs = [pair for name, layer in variables.items() for pair in zip(layer, values[name], strict=True)]
         for variable, value in pairs:  # all checked before any is assigned
-            if tuple(value.shape) != tuple(variable.shape) or value.dtype != variable.dtype.as_numpy_dtype:
-                raise ValueError(f"variable {variable.name}: expected {variable.dtype.name} {list(variable.shape)}, got {value.dtype} {list(value.shape)}")
-        del layers  # each array is the variable's memory once assigned: the old one goes as soon as it is replaced
+            if tuple(value.shape) != tuple(variable.shape) or tf.as_dtype(value.dtype) != variable.dtype:
+                raise ValueError(f"variable {variable.name}: expected {variable.dtype.name} {list(variable.shape)}, "
+                                 f"got {tf.as_dtype(value.dtype).name} {list(value.shape)}")
+        del values  # each value is the variable's memory once assigned: the old one goes as soon as it is replaced
         while pairs:
             variable, value = pairs.pop(0)
-            tf.raw_ops.AssignVariableOp(resource=variable.handle, value=owned_tensor(value, variable.device))
+            if isinstance(value, np.ndarray):
+                value = owned_tensor(value, variable.device)
+            tf.raw_ops.AssignVariableOp(resource=variable.handle, value=value)
             del value
 
     def _touch_variables(self) -> None:

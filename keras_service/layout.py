@@ -46,9 +46,9 @@ LAYOUTS: dict[str, Layout[KerasWeights]] = {
 }
 
 
-def canonical_to_keras(weights: Mapping[str, np.ndarray], model: ResolvedModel) -> dict[str, list[np.ndarray]]:
-    """{layer name: the list Keras' layer.set_weights takes} for every layer with tensors."""
-    return {r.name: LAYOUTS[r.kind].to_framework(r.tensors(weights), r) for r in model.layers if r.params}
+def canonical_to_keras(weights: Mapping[str, np.ndarray], model: ResolvedModel, only: str | None = None) -> dict[str, list[np.ndarray]]:
+    """{layer name: the list Keras' layer.set_weights takes} for every layer with tensors (`only`: that layer alone)."""
+    return {r.name: LAYOUTS[r.kind].to_framework(r.tensors(weights), r) for r in model.layers if r.params and only in (None, r.name)}
 
 
 def keras_into_canonical(layer_weights: Mapping[str, KerasWeights], model: ResolvedModel, out: WeightSet) -> None:

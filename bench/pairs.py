@@ -18,7 +18,7 @@ import itertools
 from pathlib import Path
 
 from bench.common import Worker, table, write
-from weightrelay.buffers import peak_rss_bytes
+from weightrelay.buffers import peak_rss_bytes, rss_bytes
 
 #: framework -> the modules its worker needs (found without importing them)
 FRAMEWORK_MODULES = {"torch": ("torch",), "keras": ("tensorflow", "keras"), "jax": ("jax", "flax")}
@@ -45,17 +45,6 @@ def parse_pairs(text: str, frameworks: list[str]) -> list[tuple[str, str]]:
     if missing:
         raise SystemExit(f"--pairs: {', '.join(missing)} not installed here (installed: {', '.join(frameworks) or 'none'})")
     return pairs if REFERENCE in pairs else [REFERENCE, *pairs]
-
-
-def rss_bytes(pid: int) -> int:
-    """A process's resident set now (VmRSS); 0 where /proc is missing."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def measure_pair(sender_fw: str, receiver_fw: str, model: str, nbytes: int, repeats: int, device: str) -> dict:

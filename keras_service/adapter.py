@@ -291,10 +291,11 @@ class KerasAdapter(FrameworkAdapter):
             if not r.params:
                 continue
             tensors = r.tensors(weights)
-            kernel = variables[r.name][0]
-            if (r.kind == "dense" and r.flattened_from is None and tensors["weight"].nbytes >= TILED_TRANSPOSE_BYTES
+            weight, kernel = tensors.get("weight"), variables[r.name][0]
+            # both sides over 1: TensorFlow's transpose of a [1, n] or [n, 1] matrix shares its input's memory
+            if (r.kind == "dense" and r.flattened_from is None and weight.nbytes >= TILED_TRANSPOSE_BYTES and min(weight.shape) > 1
                     and "GPU" not in kernel.device.upper()):
-                values[r.name] = [transposed_tensor(tensors["weight"]), fresh_copy(tensors["bias"])]
+                values[r.name] = [transposed_tensor(weight), fresh_copy(tensors["bias"])]
             else:
                 values[r.name] = canonical_to_keras(weights, self.resolved, only=r.name)[r.name]
         return values

@@ -50,16 +50,26 @@ def keep_freed_memory() -> bool:
 ALIGNMENT = 64
 
 
-def peak_rss_bytes(pid: int | str = "self") -> int:
-    """A process's peak resident set, VmHWM (getrusage's ru_maxrss keeps a parent's peak across exec); 0 where
-    /proc is missing. Writing 5 to /proc/PID/clear_refs resets it (bench.transfer, before each move)."""
+def _status_bytes(pid: int | str, field: str) -> int:
+    """A size line of /proc/PID/status (kB) in bytes; 0 where /proc is missing."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """A process's peak resident set, VmHWM (getrusage's ru_maxrss keeps a parent's peak across exec); 0 where
+    /proc is missing. Writing 5 to /proc/PID/clear_refs resets it (bench.transfer, before each move)."""
+    return _status_bytes(pid, "VmHWM")
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident set now, VmRSS; 0 where /proc is missing."""
+    return _status_bytes(pid, "VmRSS")
 
 
 def arena_bytes(specs: Iterable[TensorSpec]) -> int:

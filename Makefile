@@ -3,12 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ROUNDS ?= 20
+# The extras installed: EXTRAS=dev leaves out Ray (the Ray sweep test is then skipped).
+EXTRAS ?= dev,ray
 
 .PHONY: install demo test test-fast test-containers kubectl proto constraints clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[dev]' -c constraints.txt
+	$(BIN)/pip install -e '.[$(EXTRAS)]' -c constraints.txt
 	touch $@
 
 install: $(VENV)/.installed

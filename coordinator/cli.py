@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from coordinator import config as cfg
+from coordinator import export as exporting
+from coordinator import tracking
 from coordinator import validators
 from coordinator.checks import check_settings
 from coordinator.errors import CoordinatorError, UsageError, WorkerUnreachable
@@ -18,6 +20,7 @@ from coordinator.local import LocalWorkers
 from coordinator.progress import make_printer
 from coordinator.relay import Relay
 from coordinator.results import RESULTS_FILE, load_results
+from coordinator.sweep_cli import add_sweep_parser, command_sweep
 from coordinator.twin import Twin
 from weightrelay import models
 from weightrelay.buffers import keep_freed_memory, peak_rss_bytes
@@ -88,6 +91,10 @@ def _add_shared_flags(parser: argparse.ArgumentParser, what: str) -> None:
     output.add_argument("--quiet", action="store_true", default=False, help="print only where the results and the report are")
     output.add_argument("--json", action="store_true", default=False, help="print one JSON object per event on stdout")
     parser.add_argument("--no-report", action="store_true", default=False, help="skip writing report.html at the end")
+    trackers = parser.add_argument_group("tracking (optional extras: weightrelay[mlflow], weightrelay[tensorboard])")
+    trackers.add_argument("--mlflow", type=t["mlflow"], metavar="URI", help="log the run live to this MLflow tracking server or store")
+    trackers.add_argument("--mlflow-experiment", type=t["mlflow_experiment"], metavar="NAME", help=f"MLflow experiment (default {d.mlflow_experiment})")
+    trackers.add_argument("--tensorboard", type=t["tensorboard"], metavar="DIR", help="write TensorBoard event files to DIR/<run name>/")
 
 
 def _add_run_parser(commands) -> None:
@@ -176,11 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_a", type=Path, metavar="RUN_A")
     compare.add_argument("run_b", type=Path, metavar="RUN_B")
     compare.add_argument("--round", type=int, default=None, help="round to compare (default: each run's last completed)")
+    exporting.add_parser(commands)
+    add_sweep_parser(commands)
     return parser
 
 
-def _new_run_dir(out: Path) -> Path:
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+def _new_run_dir(out: Path, prefix: str = "") -> Path:
+    stamp = prefix + datetime.now().strftime("%Y%m%d-%H%M%S")
     for suffix in [""] + [f"-{i}" for i in range(2, 1000)]:
         candidate = out / f"{stamp}{suffix}"
         try:
@@ -232,16 +241,19 @@ def command_run(args: argparse.Namespace) -> int:
         saved, previous = _resumable(resume)
     settings = resolve_settings(args, saved)
     check_settings(settings, "relay")
+    trackers = tracking.connect(settings.config)  # an unreachable tracking server stops the run here
     run_dir = resume or _new_run_dir(Path(settings.config.out))
-    _run_with_workers(Relay, settings.config, run_dir, args, previous)
+    _run_with_workers(Relay, settings.config, run_dir, args, previous, trackers)
     return 0
 
 
 def _run_with_workers(kind: type[Relay] | type[Twin], config: cfg.RunConfig, run_dir: Path, args: argparse.Namespace,
-                      previous: dict[str, Any] | None = None) -> None:
-    """Save the settings, run `kind` (Relay or Twin) against the given or --local workers, write the report."""
+                      previous: dict[str, Any] | None = None, trackers: tracking.Tracking | None = None) -> None:
+    """Save the settings, run `kind` (Relay or Twin) against the given or --local workers, write the report;
+    the trackers see it all as it goes, and get the run directory at the end."""
     (run_dir / CONFIG_FILE).write_text(cfg.to_toml(config))
-    printer = make_printer(config.rounds, quiet=args.quiet, as_json=args.json)
+    trackers = trackers or tracking.Tracking(config, [])
+    printer = trackers.watching(make_printer(config.rounds, quiet=args.quiet, as_json=args.json), run_dir, "relay" if kind is Relay else "twin")
     try:
         runner = kind(config, run_dir, printer)
         if config.local:
@@ -258,12 +270,14 @@ def _run_with_workers(kind: type[Relay] | type[Twin], config: cfg.RunConfig, run
             printer("report", {"path": str(write_report(run_dir))})
     finally:
         printer.close()
+        trackers.finish(run_dir)
 
 
 def command_twin(args: argparse.Namespace) -> int:
     settings = resolve_settings(args)
     check_settings(settings, "twin")
-    _run_with_workers(Twin, settings.config, _new_run_dir(Path(settings.config.out)), args)
+    trackers = tracking.connect(settings.config)
+    _run_with_workers(Twin, settings.config, _new_run_dir(Path(settings.config.out)), args, trackers=trackers)
     return 0
 
 
@@ -365,7 +379,7 @@ def command_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": command_run, "twin": command_twin, "move": command_move, "release": command_release, "report": command_report,
-            "show": command_show, "compare": command_compare}
+            "show": command_show, "compare": command_compare, "export": exporting.command, "sweep": command_sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

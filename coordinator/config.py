@@ -108,6 +108,9 @@ class RunConfig:
     via_coordinator: bool = False                        # move weights through the coordinator, not worker to worker
     every_steps: int = 0                                 # twin: also measure every K steps
     twin_objective: str = "identity"                     # twin: the objective every worker trains
+    mlflow: str = ""                                     # an MLflow tracking URI to log the run to (coordinator.tracking)
+    mlflow_experiment: str = "weightrelay"               # the MLflow experiment of its runs
+    tensorboard: str = ""                                # a directory for TensorBoard event files, one folder per run
 
     def addresses(self) -> dict[str, str]:
         """{name: HOST:PORT} of the workers to connect to (not --local), in the order given."""
@@ -189,6 +192,9 @@ VALIDATORS: dict[str, Callable[[Any], Any]] = {
     "via_coordinator": v.boolean,
     "every_steps": v.non_negative_int,
     "twin_objective": v.objective,
+    "mlflow": v.text,
+    "mlflow_experiment": v.text,
+    "tensorboard": v.text,
     **{alias.key: v.address if alias.setting == "worker" else v.objective for alias in ALIASES.values()},
 }
 #: How a repeatable flag checks each of its values (the config file gives the whole list).
@@ -241,16 +247,21 @@ class Settings:
         return given or "--" + key.replace("_", "-")
 
 
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file's document; UsageError naming the file (as `what`) when it cannot be read or parsed."""
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{what} {path} is not valid TOML: {exc}") from None
+
+
 def read_layer(path: Path | str) -> Layer:
     """Checked settings from a TOML file: top-level keys, or a [run] table, named like the flags
     (`batch_size` or `batch-size`); the aliases of the default workers as well."""
     path = Path(path)
-    try:
-        document = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+    document = read_toml(path)
     table = document.get("run", document)
     layer = Layer({}, source=f"config file {path}")
     for raw_key, value in table.items():

@@ -20,15 +20,26 @@ from jax_service.layout import canonical_to_flax, flax_into_canonical, flax_to_c
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
 from weightrelay.layouts import to_nhwc  # noqa: E402
-from weightrelay.models import ResolvedLayer, ResolvedModel  # noqa: E402
+from weightrelay.models import INPUT, ResolvedLayer, ResolvedModel  # noqa: E402
 
-ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid}
+ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid,
+               "gelu": lambda x: nn.gelu(x, approximate=False),  # Flax's default is the tanh form
+               "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
 
 
-# -- one builder per kind: called inside SpecModule's compact __call__, it applies the layer to x (N, H, W, C),
-# its submodule named after the spec's layer where it has tensors ------------------------------------------
+class PositionEmbedding(nn.Module):
+    """A learned table `embedding` [tokens, features] added to every sample's tokens (flax.linen has no such layer)."""
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        return x + self.param("embedding", nn.initializers.normal(stddev=0.02), x.shape[1:])
+
+
+# -- one builder per kind: called inside SpecModule's compact __call__, it applies the layer to x (N, H, W, C;
+# a kind of several inputs, add, gets the tuple of them), its submodule named after the spec's layer where it
+# has tensors ----------------------------------------------------------------------------------------------
 def build_dense(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    return nn.Dense(r.output_shape[0], name=r.name)(x)
+    return nn.Dense(r.output_shape[-1], name=r.name)(x)
 
 
 def build_conv2d(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -57,6 +68,43 @@ def build_dropout(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     return nn.Dropout(r.layer.rate, deterministic=not train)(x)
 
 
+def build_add(r: ResolvedLayer, xs: tuple[jnp.ndarray, ...], train: bool) -> jnp.ndarray:
+    return sum(xs[1:], xs[0])
+
+
+def build_avgpool2d(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    size, step = r.layer.size, r.layer.step
+    return nn.avg_pool(x, (size, size), strides=(step, step), padding="VALID")
+
+
+def build_global_avgpool2d(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    return jnp.mean(x, axis=(1, 2))  # flax.linen has no layer for it
+
+
+def build_layernorm(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    # the two-pass variance (E[(x - mean)^2]), as the reference and the other frameworks compute it
+    return nn.LayerNorm(epsilon=r.layer.eps, use_fast_variance=False, name=r.name)(x)
+
+
+def build_tokens(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    return x.reshape((x.shape[0], -1, x.shape[-1]))  # N, H, W, C -> N, H*W, C: row-major over H, W
+
+
+def build_position_embedding(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    return PositionEmbedding(name=r.name)(x)
+
+
+def build_multihead_attention(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    features = r.input_shape[-1]
+    attention = nn.MultiHeadDotProductAttention(num_heads=r.layer.heads, qkv_features=features, out_features=features,
+                                                dropout_rate=0.0, deterministic=True, name=r.name)
+    return attention(x)  # self-attention: keys and values are the query's tokens
+
+
+def build_token_mean(r: ResolvedLayer, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    return jnp.mean(x, axis=1)
+
+
 #: kind -> its builder (every kind of weightrelay.layers.KINDS; tests/unit/test_models.py checks)
 BUILDERS: dict[str, Callable[[ResolvedLayer, jnp.ndarray, bool], jnp.ndarray]] = {
     "dense": build_dense,
@@ -65,18 +113,29 @@ BUILDERS: dict[str, Callable[[ResolvedLayer, jnp.ndarray, bool], jnp.ndarray]] =
     "flatten": build_flatten,
     "batchnorm": build_batchnorm,
     "dropout": build_dropout,
+    "add": build_add,
+    "avgpool2d": build_avgpool2d,
+    "global_avgpool2d": build_global_avgpool2d,
+    "layernorm": build_layernorm,
+    "tokens": build_tokens,
+    "position_embedding": build_position_embedding,
+    "multihead_attention": build_multihead_attention,
+    "token_mean": build_token_mean,
 }
 
 
 class SpecModule(nn.Module):
-    """The spec's layers in order, each followed by its activation; parameters keep the spec's layer names."""
+    """The spec's layers in order, each over the outputs of the layers it takes and followed by its activation;
+    parameters keep the spec's layer names."""
 
     model: ResolvedModel
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        outputs = {INPUT: x}
         for r in self.model.layers:
-            x = ACTIVATIONS[r.layer.activation](BUILDERS[r.kind](r, x, train))
+            taken = tuple(outputs[source] for source in r.sources)
+            x = outputs[r.name] = ACTIVATIONS[r.layer.activation](BUILDERS[r.kind](r, taken[0] if len(taken) == 1 else taken, train))
         return x
 
 

@@ -2,7 +2,9 @@
 
 Flax holds the channels-last arrays of `weightrelay.layouts` (Dense kernel [in, out], rows after a
 flatten of N, H, W, C in H, W, C order; Conv kernel HWIO) under `params[layer]["kernel"]`; a
-BatchNorm keeps `params[layer]["scale"]`, `["bias"]` and `batch_stats[layer]["mean"]`, `["var"]`.
+BatchNorm keeps `params[layer]["scale"]`, `["bias"]` and `batch_stats[layer]["mean"]`, `["var"]`; a
+LayerNorm `["scale"]`, `["bias"]`; a MultiHeadDotProductAttention one {"kernel", "bias"} per projection
+under `["query"]`, `["key"]`, `["value"]`, `["out"]`.
 `LAYOUTS` holds one `Layout` per kind: the core's channels-last arrays, placed in those two trees.
 """
 
@@ -21,16 +23,32 @@ Leaves = dict[str, np.ndarray]  # one layer's entries in a tree
 
 
 def in_trees(core: Layout[dict[str, np.ndarray]], params: dict[str, str], stats: dict[str, str] | None = None) -> Layout[tuple[Leaves, Leaves]]:
-    """A core layout whose arrays Flax keeps in (params, batch_stats): each maps Flax's name -> the core's part."""
+    """A core layout whose arrays Flax keeps in (params, batch_stats): each maps Flax's name -> the core's part; a
+    name "a/b" is entry b of the layer's submodule a (e.g. "query/kernel")."""
     stats = stats or {}
+
+    def place(arrays, names):
+        leaves: Leaves = {}
+        for key, part in names.items():
+            *inner, leaf = key.split("/")
+            node = leaves
+            for step in inner:
+                node = node.setdefault(step, {})
+            node[leaf] = arrays[part]
+        return leaves
+
+    def pick(leaves, key):
+        for step in key.split("/"):
+            leaves = leaves[step]
+        return leaves
 
     def to_flax(tensors, r):
         arrays = core.to_framework(tensors, r)
-        return {key: arrays[part] for key, part in params.items()}, {key: arrays[part] for key, part in stats.items()}
+        return place(arrays, params), place(arrays, stats)
 
     def by_part(trees):
         in_params, in_stats = trees
-        return {part: in_params[key] for key, part in params.items()} | {part: in_stats[key] for key, part in stats.items()}
+        return {part: pick(in_params, key) for key, part in params.items()} | {part: pick(in_stats, key) for key, part in stats.items()}
 
     return Layout(to_flax, lambda trees, r: core.to_canonical(by_part(trees), r),
                   lambda trees, r, out: core.read_into(by_part(trees), r, out))
@@ -44,6 +62,16 @@ LAYOUTS: dict[str, Layout[tuple[Leaves, Leaves]]] = {
     "flatten": NO_TENSORS,
     "batchnorm": in_trees(CHANNELS_LAST["batchnorm"], {"scale": "weight", "bias": "bias"}, {"mean": "running_mean", "var": "running_var"}),
     "dropout": NO_TENSORS,
+    "add": NO_TENSORS,
+    "avgpool2d": NO_TENSORS,
+    "global_avgpool2d": NO_TENSORS,
+    "layernorm": in_trees(CHANNELS_LAST["layernorm"], {"scale": "weight", "bias": "bias"}),
+    "tokens": NO_TENSORS,
+    "position_embedding": in_trees(CHANNELS_LAST["position_embedding"], {"embedding": "weight"}),
+    "multihead_attention": in_trees(CHANNELS_LAST["multihead_attention"], {
+        f"{flax}/{leaf}": f"{core}_{leaf}" for flax, core in (("query", "query"), ("key", "key"), ("value", "value"), ("out", "out"))
+        for leaf in ("kernel", "bias")}),
+    "token_mean": NO_TENSORS,
 }
 
 

@@ -7,7 +7,7 @@ import os
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from typing import Callable, Iterator, Mapping  # noqa: E402
+from typing import Any, Callable, Iterator, Mapping  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -18,7 +18,7 @@ from weightrelay.adapter import FrameworkAdapter, ProgressTracker, Step, TrainCo
 from weightrelay.buffers import ALIGNMENT  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
 from weightrelay.layouts import TILED_TRANSPOSE_BYTES, fresh_copy, to_nhwc  # noqa: E402
-from weightrelay.models import ResolvedLayer, ResolvedModel  # noqa: E402
+from weightrelay.models import INPUT, ResolvedLayer, ResolvedModel  # noqa: E402
 
 
 def configure_devices(requested: str) -> None:
@@ -75,47 +75,121 @@ def transposed_tensor(matrix: np.ndarray) -> tf.Tensor:
     return tf.transpose(tf.convert_to_tensor(source))
 
 
-def _activation(name: str) -> str | None:
-    return None if name == "none" else name
+def gelu(x):
+    """The exact gelu (with the error function), whatever Keras' default form."""
+    return keras.activations.gelu(x, approximate=False)
 
 
-# -- one builder per kind: the Keras layers (N, H, W, C) that compute it, named after the spec's layer --------
-def build_dense(r: ResolvedLayer) -> list[keras.layers.Layer]:
-    return [keras.layers.Dense(r.output_shape[0], activation=_activation(r.layer.activation), name=r.name)]
+def gelu_tanh(x):
+    """gelu's tanh approximation."""
+    return keras.activations.gelu(x, approximate=True)
 
 
-def build_conv2d(r: ResolvedLayer) -> list[keras.layers.Layer]:
+#: the spec's activation -> Keras' (by name where Keras' name means the same function)
+ACTIVATIONS: dict[str, str | Callable | None] = {"none": None, "relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "gelu": gelu, "gelu_tanh": gelu_tanh}
+
+
+def _activation(name: str) -> str | Callable | None:
+    return ACTIVATIONS[name]
+
+
+def _then_activation(r: ResolvedLayer, x):
+    """x, then the layer's activation as a layer of its own (for Keras layers that take none)."""
+    if r.layer.activation == "none":
+        return x
+    return keras.layers.Activation(_activation(r.layer.activation), name=f"{r.name}_activation")(x)
+
+
+# -- one builder per kind: applies the Keras layers (N, H, W, C) that compute it, named after the spec's layer,
+# to its input (a kind of several inputs, add, gets the list of them) ------------------------------------------
+def build_dense(r: ResolvedLayer, x):
+    return keras.layers.Dense(r.output_shape[-1], activation=_activation(r.layer.activation), name=r.name)(x)
+
+
+def build_conv2d(r: ResolvedLayer, x):
     layer = r.layer  # Keras' "same" is TensorFlow's SAME, the padding the spec resolves to
-    return [keras.layers.Conv2D(layer.filters, layer.kernel, strides=layer.stride, padding=layer.padding,
-                                activation=_activation(layer.activation), name=r.name)]
+    return keras.layers.Conv2D(layer.filters, layer.kernel, strides=layer.stride, padding=layer.padding,
+                               activation=_activation(layer.activation), name=r.name)(x)
 
 
-def build_maxpool2d(r: ResolvedLayer) -> list[keras.layers.Layer]:
-    return [keras.layers.MaxPooling2D(r.layer.size, strides=r.layer.step, padding="valid", name=r.name)]
+def build_maxpool2d(r: ResolvedLayer, x):
+    return keras.layers.MaxPooling2D(r.layer.size, strides=r.layer.step, padding="valid", name=r.name)(x)
 
 
-def build_flatten(r: ResolvedLayer) -> list[keras.layers.Layer]:
-    return [keras.layers.Flatten(name=r.name)]  # H, W, C order: the layout permutes the next kernel
+def build_flatten(r: ResolvedLayer, x):
+    return keras.layers.Flatten(name=r.name)(x)  # H, W, C order: the layout permutes the next kernel
 
 
-def build_batchnorm(r: ResolvedLayer) -> list[keras.layers.Layer]:
+def build_batchnorm(r: ResolvedLayer, x):
     layer = r.layer
     norm = keras.layers.BatchNormalization(axis=-1, momentum=1.0 - layer.momentum, epsilon=layer.eps, name=r.name)
-    return [norm] if layer.activation == "none" else [norm, keras.layers.Activation(layer.activation, name=f"{r.name}_activation")]
+    return _then_activation(r, norm(x))
 
 
-def build_dropout(r: ResolvedLayer) -> list[keras.layers.Layer]:
-    return [keras.layers.Dropout(r.layer.rate, name=r.name)]
+def build_dropout(r: ResolvedLayer, x):
+    return keras.layers.Dropout(r.layer.rate, name=r.name)(x)
+
+
+def build_add(r: ResolvedLayer, xs):
+    return _then_activation(r, keras.layers.Add(name=r.name)(list(xs)))
+
+
+def build_avgpool2d(r: ResolvedLayer, x):
+    return keras.layers.AveragePooling2D(r.layer.size, strides=r.layer.step, padding="valid", name=r.name)(x)
+
+
+def build_global_avgpool2d(r: ResolvedLayer, x):
+    return keras.layers.GlobalAveragePooling2D(name=r.name)(x)
+
+
+def build_layernorm(r: ResolvedLayer, x):
+    return keras.layers.LayerNormalization(axis=-1, epsilon=r.layer.eps, name=r.name)(x)
+
+
+def build_tokens(r: ResolvedLayer, x):
+    return keras.layers.Reshape(r.output_shape, name=r.name)(x)  # N, H, W, C -> N, H*W, C: row-major over H, W
+
+
+class PositionEmbedding(keras.layers.Layer):
+    """A learned table [tokens, features] added to every sample's tokens (keras.layers has no such layer)."""
+
+    def build(self, input_shape):
+        self.embedding = self.add_weight(shape=tuple(input_shape[1:]), initializer=keras.initializers.RandomNormal(stddev=0.02), name="embedding")
+
+    def call(self, x):
+        return x + self.embedding
+
+
+def build_position_embedding(r: ResolvedLayer, x):
+    return PositionEmbedding(name=r.name)(x)
+
+
+def build_multihead_attention(r: ResolvedLayer, x):
+    heads = r.layer.heads
+    attention = keras.layers.MultiHeadAttention(heads, key_dim=r.input_shape[-1] // heads, dropout=0.0, name=r.name)
+    return attention(x, x)
+
+
+def build_token_mean(r: ResolvedLayer, x):
+    return keras.layers.GlobalAveragePooling1D(name=r.name)(x)
 
 
 #: kind -> its builder (every kind of weightrelay.layers.KINDS; tests/unit/test_models.py checks)
-BUILDERS: dict[str, Callable[[ResolvedLayer], list[keras.layers.Layer]]] = {
+BUILDERS: dict[str, Callable[[ResolvedLayer, Any], Any]] = {
     "dense": build_dense,
     "conv2d": build_conv2d,
     "maxpool2d": build_maxpool2d,
     "flatten": build_flatten,
     "batchnorm": build_batchnorm,
     "dropout": build_dropout,
+    "add": build_add,
+    "avgpool2d": build_avgpool2d,
+    "global_avgpool2d": build_global_avgpool2d,
+    "layernorm": build_layernorm,
+    "tokens": build_tokens,
+    "position_embedding": build_position_embedding,
+    "multihead_attention": build_multihead_attention,
+    "token_mean": build_token_mean,
 }
 
 #: kind -> whether the training steps of a model made only of such layers go through XLA (jit_compile):
@@ -128,16 +202,27 @@ XLA: dict[str, bool] = {
     "flatten": True,
     "batchnorm": True,
     "dropout": False,
+    "add": True,
+    "avgpool2d": False,
+    "global_avgpool2d": True,
+    "layernorm": True,
+    "tokens": True,
+    "position_embedding": True,
+    "multihead_attention": True,
+    "token_mean": True,
 }
 
 
 def build_model(model: ResolvedModel) -> keras.Model:
-    """The spec as a Keras Sequential on N, H, W, C inputs; layers keep the spec's names."""
+    """The spec as a Keras functional model on N, H, W, C inputs, each layer over the outputs of the layers it
+    takes; layers keep the spec's names."""
     c, h, w = model.input_shape
-    layers: list = [keras.Input(shape=(h, w, c))]
+    inputs = keras.Input(shape=(h, w, c))
+    outputs = {INPUT: inputs}
     for r in model.layers:
-        layers.extend(BUILDERS[r.kind](r))
-    return keras.Sequential(layers, name="model")
+        taken = [outputs[source] for source in r.sources]
+        outputs[r.name] = BUILDERS[r.kind](r, taken[0] if len(taken) == 1 else taken)
+    return keras.Model(inputs, outputs[model.layers[-1].name], name="model")
 
 
 #: Batches run per call of the compiled training function (fewer where progress is due sooner): one
@@ -145,9 +230,15 @@ def build_model(model: ResolvedModel) -> keras.Model:
 CHUNK_STEPS = 64
 
 
+#: kinds whose models go through XLA whatever else they hold: TensorFlow's own kernels run attention as many
+#: small operations, which XLA fuses (a transformer's patch convolution is one matrix product, which XLA does well)
+XLA_FIRST = frozenset({"multihead_attention"})
+
+
 def compiles_well(model: ResolvedModel) -> bool:
-    """Whether the training steps go through XLA: where every layer's kind is marked so in XLA."""
-    return all(XLA[r.kind] for r in model.layers)
+    """Whether the training steps go through XLA: where the model has a kind of XLA_FIRST, or every layer's kind is
+    marked so in XLA."""
+    return any(r.kind in XLA_FIRST for r in model.layers) or all(XLA[r.kind] for r in model.layers)
 
 
 class _TrainingSteps:

@@ -2,7 +2,8 @@
 
 Keras holds the channels-last arrays of `weightrelay.layouts` (Dense kernel [in, out], rows
 after a Flatten in H, W, C order; Conv2D kernel HWIO) as each layer's get_weights() list;
-BatchNormalization's list is [gamma, beta, moving_mean, moving_variance]. `LAYOUTS` holds one
+BatchNormalization's list is [gamma, beta, moving_mean, moving_variance], LayerNormalization's
+[gamma, beta], MultiHeadAttention's the kernel and bias of its query, key, value and output projections. `LAYOUTS` holds one
 `Layout` per kind: the core's channels-last arrays, listed in the order Keras keeps them.
 """
 
@@ -35,6 +36,9 @@ def listed(core: Layout[dict[str, np.ndarray]], order: tuple[str, ...]) -> Layou
 
 BATCHNORM_ORDER = ("weight", "bias", "running_mean", "running_var")  # Keras: gamma, beta, moving mean, moving variance
 
+#: MultiHeadAttention's weights, in the order Keras keeps them (query, key, value, output; kernel, then bias)
+ATTENTION_ORDER = ("query_kernel", "query_bias", "key_kernel", "key_bias", "value_kernel", "value_bias", "out_kernel", "out_bias")
+
 #: kind -> its layout in Keras
 LAYOUTS: dict[str, Layout[KerasWeights]] = {
     "dense": listed(CHANNELS_LAST["dense"], ("kernel", "bias")),
@@ -43,6 +47,14 @@ LAYOUTS: dict[str, Layout[KerasWeights]] = {
     "flatten": NO_TENSORS,
     "batchnorm": listed(CHANNELS_LAST["batchnorm"], BATCHNORM_ORDER),
     "dropout": NO_TENSORS,
+    "add": NO_TENSORS,
+    "avgpool2d": NO_TENSORS,
+    "global_avgpool2d": NO_TENSORS,
+    "layernorm": listed(CHANNELS_LAST["layernorm"], ("weight", "bias")),
+    "tokens": NO_TENSORS,
+    "position_embedding": listed(CHANNELS_LAST["position_embedding"], ("weight",)),
+    "multihead_attention": listed(CHANNELS_LAST["multihead_attention"], ATTENTION_ORDER),
+    "token_mean": NO_TENSORS,
 }
 
 

@@ -25,6 +25,17 @@ def data_dir() -> Path:
     return shared if shared.is_dir() else default_data_dir()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_dir_for_subprocesses(data_dir):
+    """Coordinators, sweeps and Ray nodes that the tests start find MNIST where the tests do (as under
+    .ci/run, which exports it), never in the download cache of a machine without a network."""
+    previous = os.environ.get("WEIGHTRELAY_DATA_DIR")
+    os.environ["WEIGHTRELAY_DATA_DIR"] = str(data_dir)
+    yield
+    if previous is None:
+        del os.environ["WEIGHTRELAY_DATA_DIR"]
+
+
 class RunningWorker:
     def __init__(self, name: str, log_dir: Path, data_dir: Path, extra: list[str] | None = None):
         self.process = LocalWorker(name, log_dir, ["--data-dir", str(data_dir), *(extra or [])])

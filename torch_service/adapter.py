@@ -11,14 +11,56 @@ from torch import nn
 
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule
 from weightrelay.codec import WeightSet
-from weightrelay.models import ResolvedLayer, ResolvedModel
+from weightrelay.models import INPUT, ResolvedLayer, ResolvedModel
 
-ACTIVATIONS = {"none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
+    "gelu": lambda: nn.GELU(approximate="none"), "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+}
+
+
+class Add(nn.Module):
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        total = xs[0]
+        for x in xs[1:]:
+            total = total + x
+        return total
+
+
+class Tokens(nn.Module):
+    """N, C, H, W -> N, H*W, C (row-major over H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class TokenMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+class PositionEmbedding(nn.Module):
+    """A learned table `weight` [tokens, features] added to every sample's tokens (torch.nn has no such layer)."""
+
+    def __init__(self, tokens: int, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(tokens, features))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
+
+
+class SelfAttention(nn.MultiheadAttention):
+    """torch.nn's attention over the tokens as query, key and value; its tensors are the canonical ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x, x, x, need_weights=False)[0]
 
 
 # -- one builder per kind: the layer as a module whose parameters keep the canonical names ----------
 def build_dense(r: ResolvedLayer) -> nn.Module:
-    return nn.Linear(r.input_shape[0], r.output_shape[0])
+    return nn.Linear(r.input_shape[-1], r.output_shape[-1])  # on flat features, or on each token
 
 
 def build_conv2d(r: ResolvedLayer) -> nn.Module:
@@ -45,6 +87,26 @@ def build_dropout(r: ResolvedLayer) -> nn.Module:
     return nn.Dropout(r.layer.rate)
 
 
+def build_avgpool2d(r: ResolvedLayer) -> nn.Module:
+    return nn.AvgPool2d(r.layer.size, r.layer.step)
+
+
+def build_global_avgpool2d(r: ResolvedLayer) -> nn.Module:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def build_layernorm(r: ResolvedLayer) -> nn.Module:
+    return nn.LayerNorm(r.input_shape[-1], eps=r.layer.eps)
+
+
+def build_position_embedding(r: ResolvedLayer) -> nn.Module:
+    return PositionEmbedding(*r.input_shape)
+
+
+def build_multihead_attention(r: ResolvedLayer) -> nn.Module:
+    return SelfAttention(r.input_shape[-1], r.layer.heads, dropout=0.0, bias=True, batch_first=True)
+
+
 #: kind -> its builder (every kind of weightrelay.layers.KINDS; tests/unit/test_models.py checks)
 BUILDERS: dict[str, Callable[[ResolvedLayer], nn.Module]] = {
     "dense": build_dense,
@@ -53,28 +115,43 @@ BUILDERS: dict[str, Callable[[ResolvedLayer], nn.Module]] = {
     "flatten": build_flatten,
     "batchnorm": build_batchnorm,
     "dropout": build_dropout,
+    "add": lambda r: Add(),
+    "avgpool2d": build_avgpool2d,
+    "global_avgpool2d": build_global_avgpool2d,
+    "layernorm": build_layernorm,
+    "tokens": lambda r: Tokens(),
+    "position_embedding": build_position_embedding,
+    "multihead_attention": build_multihead_attention,
+    "token_mean": lambda r: TokenMean(),
 }
 
 
 class SpecModel(nn.Module):
-    """The spec's layers in order, each after its padding where PyTorch's own cannot express it (TensorFlow-style
-    SAME with an odd pad pixel) and followed by its activation."""
+    """The spec's layers in order, each over the outputs of the layers it takes, after its padding where PyTorch's
+    own cannot express it (TensorFlow-style SAME with an odd pad pixel) and followed by its activation. An output
+    is let go after the last layer that takes it."""
 
     def __init__(self, model: ResolvedModel) -> None:
         super().__init__()
-        self.steps: list[tuple[nn.Module | None, nn.Module, nn.Module]] = []
-        for r in model.layers:
+        last_use = {source: index for index, r in enumerate(model.layers) for source in r.sources}
+        self.steps: list[tuple[str, tuple[str, ...], nn.Module | None, nn.Module, nn.Module, tuple[str, ...]]] = []
+        for index, r in enumerate(model.layers):
             module = BUILDERS[r.kind](r)
             self.add_module(r.name, module)  # parameters named <layer>.weight etc.
             top, bottom, left, right = r.padding
             pad = None if top == bottom and left == right else nn.ZeroPad2d((left, right, top, bottom))
-            self.steps.append((pad, module, ACTIVATIONS[r.layer.activation]()))
+            done = tuple(source for source in dict.fromkeys(r.sources) if last_use[source] == index)
+            self.steps.append((r.name, r.sources, pad, module, ACTIVATIONS[r.layer.activation](), done))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for pad, module, activation in self.steps:
+        outputs = {INPUT: x}
+        for name, sources, pad, module, activation, done in self.steps:
+            inputs = [outputs[source] for source in sources]
+            for source in done:
+                del outputs[source]
             if pad is not None:
-                x = pad(x)
-            x = activation(module(x))
+                inputs = [pad(inputs[0])]
+            x = outputs[name] = activation(module(*inputs))
         return x
 
 

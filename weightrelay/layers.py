@@ -13,8 +13,13 @@ checks that every table covers every registered kind.
 
 Canonical layout (see worker.proto): dense `<name>.weight` [out, in]; conv2d `<name>.weight`
 [out, in, kh, kw]; `<name>.bias` [out]; batchnorm `.weight`, `.bias`, `.running_mean`,
-`.running_var` [channels] (the last two are buffers); activations flow as N, C, H, W, and a
-flatten orders features C, H, W.
+`.running_var` [channels] (the last two are buffers); layernorm `.weight`, `.bias` [features];
+position_embedding `.weight` [tokens, features]; multihead_attention PyTorch's `.in_proj_weight`
+[3D, D], `.in_proj_bias` [3D], `.out_proj.weight` [D, D], `.out_proj.bias` [D]. Activations flow as
+N, C, H, W, a flatten orders features C, H, W, and tokens flow as N, tokens, features.
+
+A model is a graph: a layer takes the outputs of the layers its `inputs` name (earlier layers only,
+or "input", the model's input), by default the layer before it; `weightrelay.models.resolve` walks it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from weightrelay.reference import batchnorm, conv2d_nchw, maxpool2d_nchw
+from weightrelay.reference import INPUT, attention, avgpool2d_nchw, batchnorm, conv2d_nchw, layernorm, maxpool2d_nchw
 from weightrelay.codec import TensorSpec
 from weightrelay.v1 import worker_pb2 as pb
 
-ACTIVATIONS = ("none", "relu", "tanh", "sigmoid")
+#: "gelu" is the exact form (with the error function), "gelu_tanh" the tanh approximation: named apart, so
+#: that no framework's default form (Flax's is the approximation) stands in for the other
+ACTIVATIONS = ("none", "relu", "tanh", "sigmoid", "gelu", "gelu_tanh")
 PADDINGS = ("valid", "same")
 #: `units = 0` in a dense layer: one unit per class of the data set (the output layer).
 CLASSES = 0
@@ -140,6 +147,8 @@ class Flow:
 
     shape: tuple[int, ...]
     flattened_from: tuple[int, int, int] | None = None
+    #: the layer whose output it is ("input": the model's input), for messages
+    source: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,11 @@ class ResolvedLayer:
     @property
     def input_shapes(self) -> tuple[tuple[int, ...], ...]:
         return tuple(flow.shape for flow in self.inputs)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The names of the layers whose outputs it takes, in order ("input": the model's input)."""
+        return tuple(flow.source for flow in self.inputs)
 
     @property
     def output_shape(self) -> tuple[int, ...]:
@@ -203,6 +217,8 @@ class Layer:
     the kind's name alone does not describe it); everything else here works for every kind."""
 
     name: str = field(default="", kw_only=True)
+    #: the layers whose outputs it takes, by name ("input": the model's); () is the layer before it
+    inputs: tuple[str, ...] = field(default=(), kw_only=True)
 
     kind: ClassVar[str]  # its name: TOML `kind`, the LayerSpec oneof field
     prefix: ClassVar[str]  # default names: prefix and count by kind (fc1, conv1, ...)
@@ -213,8 +229,8 @@ class Layer:
 
     @classmethod
     def settings(cls) -> tuple[Field, ...]:
-        """The kind's own fields (all but `name`), in their order."""
-        return tuple(f for f in fields(cls) if f.name != "name")
+        """The kind's own fields (all but `name` and `inputs`), in their order."""
+        return tuple(f for f in fields(cls) if f.name not in ("name", "inputs"))
 
     # -- checks and resolution
     def check(self) -> None:
@@ -249,13 +265,17 @@ class Layer:
         return self.kind
 
     def describe(self, r: ResolvedLayer) -> str:
-        """e.g. "conv1 conv2d 6@5x5/1 same relu [6x28x28]"."""
+        """e.g. "conv1 conv2d 6@5x5/1 same relu [6x28x28]"; the layers it takes where it names them
+        ("add1 add (conv2 + bn1) relu [16x28x28]")."""
         activation = f" {self.activation}" if self.activation != "none" else ""
-        return f"{self.name} {self.summary(r)}{activation} [{'x'.join(map(str, r.output_shape))}]"
+        taken = f" ({' + '.join(r.sources)})" if self.inputs else ""
+        return f"{self.name} {self.summary(r)}{taken}{activation} [{'x'.join(map(str, r.output_shape))}]"
 
     # -- its forms: dict (TOML) and proto
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **{f.name: getattr(self, f.name) for f in self.settings()}, "name": self.name}
+        """`inputs` only where given, so that a stack's form is what it was before graphs."""
+        named = {"inputs": list(self.inputs)} if self.inputs else {}
+        return {"kind": self.kind, **{f.name: getattr(self, f.name) for f in self.settings()}, "name": self.name, **named}
 
     @classmethod
     def from_dict(cls: type[L], values: Mapping[str, Any]) -> L:
@@ -264,16 +284,21 @@ class Layer:
         extra = set(values) - allowed
         if extra:
             raise LayerError(f"unknown key(s) {', '.join(sorted(extra))}; {cls.kind} takes {', '.join(sorted(allowed))}")
+        if "inputs" in values:
+            given = values["inputs"]
+            if not isinstance(given, (list, tuple)) or not given or not all(isinstance(n, str) for n in given):
+                raise LayerError(f"inputs must be a list of layer names, e.g. inputs = [\"conv1\", \"bn3\"], got {given!r}")
+            values = {**values, "inputs": tuple(given)}
         return cls(**values)
 
     def to_proto(self) -> pb.LayerSpec:
         settings = {f.name: f.metadata["rule"].to_proto(getattr(self, f.name)) for f in self.settings()}
-        return pb.LayerSpec(name=self.name, **{self.kind: self.message(**settings)})
+        return pb.LayerSpec(name=self.name, inputs=list(self.inputs), **{self.kind: self.message(**settings)})
 
     @classmethod
     def from_proto(cls: type[L], entry: pb.LayerSpec) -> L:
         part = getattr(entry, cls.kind)
-        return cls(name=entry.name, **{f.name: f.metadata["rule"].from_proto(f.name, getattr(part, f.name)) for f in cls.settings()})
+        return cls(name=entry.name, inputs=tuple(entry.inputs), **{f.name: f.metadata["rule"].from_proto(f.name, getattr(part, f.name)) for f in cls.settings()})
 
 
 #: kind name -> its class, in the order errors list them
@@ -316,18 +341,20 @@ class Dense(Layer):
         return super().from_dict({**values, "units": CLASSES} if values.get("units") == "classes" else values)
 
     def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
+        """On flat features, or on tokens (tokens, features): then applied to each token's features."""
         x = self.one(inputs)
-        if len(x.shape) != 1:
-            raise LayerError(f"a dense layer needs flat input, got {list(x.shape)}; put a flatten before it")
+        if len(x.shape) not in (1, 2):
+            raise LayerError(f"a dense layer needs flat input or tokens, got {list(x.shape)}; put a flatten (or tokens) before it")
         units = self.units or classes
-        return ResolvedLayer(self, tuple(inputs), Flow((units,)), (self.tensor("weight", (units, x.shape[0])), self.tensor("bias", (units,))))
+        params = (self.tensor("weight", (units, x.shape[-1])), self.tensor("bias", (units,)))
+        return ResolvedLayer(self, tuple(inputs), Flow((*x.shape[:-1], units)), params)
 
     def reference(self, r, tensors, inputs):
         (x,) = inputs
         return x @ tensors["weight"].T + tensors["bias"]
 
     def summary(self, r: ResolvedLayer) -> str:
-        return f"dense {r.output_shape[0]}"
+        return f"dense {r.output_shape[-1]}"
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -373,10 +400,9 @@ class Conv2D(Layer):
         return f"conv2d {self.filters}@{self.kernel}x{self.kernel}/{self.stride} {self.padding}"
 
 
-@register("maxpool2d", prefix="pool", message=pb.MaxPool2DLayer)
 @dataclass(frozen=True)
-class MaxPool2D(Layer):
-    """Square max pooling without padding; `stride = 0` is the pool size."""
+class Pool2D(Layer):
+    """Square pooling without padding (a base, not a kind); `stride = 0` is the pool size."""
 
     size: int = option(2, Whole(1))
     stride: int = option(0, Whole(0))
@@ -388,18 +414,24 @@ class MaxPool2D(Layer):
     def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
         x = self.one(inputs)
         if len(x.shape) != 3:
-            raise LayerError(f"maxpool2d needs (C, H, W) input, got {list(x.shape)}")
+            raise LayerError(f"{self.kind} needs (C, H, W) input, got {list(x.shape)}")
         c, h, w = x.shape
         if self.size > h or self.size > w:
             raise LayerError(f"pool size {self.size} is larger than the input {list(x.shape)}")
         return ResolvedLayer(self, tuple(inputs), Flow((c, (h - self.size) // self.step + 1, (w - self.size) // self.step + 1)))
 
+    def summary(self, r: ResolvedLayer) -> str:
+        return f"{self.kind} {self.size}/{self.step}"
+
+
+@register("maxpool2d", prefix="pool", message=pb.MaxPool2DLayer)
+@dataclass(frozen=True)
+class MaxPool2D(Pool2D):
+    """Square max pooling without padding; `stride = 0` is the pool size."""
+
     def reference(self, r, tensors, inputs):
         (x,) = inputs
         return maxpool2d_nchw(x, self.size, self.step)
-
-    def summary(self, r: ResolvedLayer) -> str:
-        return f"maxpool2d {self.size}/{self.step}"
 
 
 @register("flatten", prefix="flatten", message=pb.FlattenLayer)
@@ -436,6 +468,9 @@ class BatchNorm(Layer):
 
     def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
         x = self.one(inputs)
+        if len(x.shape) == 2:
+            raise LayerError(f"batchnorm on tokens {list(x.shape)} would normalise over tokens in one framework and over "
+                             "features in another; use a layernorm")
         c_h_w = x.flattened_from
         if c_h_w is not None and c_h_w[0] > 1 and c_h_w[1] * c_h_w[2] > 1:
             raise LayerError(f"a batchnorm right after flattening {list(c_h_w)} would normalise features whose order "
@@ -470,3 +505,166 @@ class Dropout(Layer):
 
     def summary(self, r: ResolvedLayer) -> str:
         return f"dropout {self.rate:g}"
+
+
+# -- graphs, and the kinds of residual networks and transformers ------------------------------
+@register("add", prefix="add", message=pb.AddLayer)
+@dataclass(frozen=True)
+class Add(Layer):
+    """The sum of two or more inputs of one shape (a residual connection), then its activation."""
+
+    activation: str = option("none", ACTIVATION)
+
+    def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
+        if len(inputs) < 2:
+            raise LayerError(f"add takes two or more inputs, got {len(inputs)}; name them, e.g. inputs = [\"conv2\", \"bn1\"]")
+        first = inputs[0]
+        for other in inputs[1:]:
+            if other.shape != first.shape:
+                raise LayerError(f"its inputs disagree in shape: {first.source} gives {list(first.shape)}, {other.source} gives "
+                                 f"{list(other.shape)}; give the shortcut a layer that makes them agree (a 1x1 conv2d with the stride)")
+            if other.flattened_from != first.flattened_from:
+                raise LayerError(f"its inputs {first.source} and {other.source} order their features differently (one was "
+                                 "flattened from (C, H, W), whose order differs between frameworks); add them before the flatten")
+        return ResolvedLayer(self, tuple(inputs), replace(first, source=""))
+
+    def reference(self, r, tensors, inputs):
+        return sum(inputs[1:], inputs[0])
+
+
+@register("avgpool2d", prefix="avgpool", message=pb.AvgPool2DLayer)
+@dataclass(frozen=True)
+class AvgPool2D(Pool2D):
+    """Square average pooling without padding (every window is whole, so no framework's padding rule enters);
+    `stride = 0` is the pool size."""
+
+    def reference(self, r, tensors, inputs):
+        (x,) = inputs
+        return avgpool2d_nchw(x, self.size, self.step)
+
+
+@register("global_avgpool2d", prefix="gap", message=pb.GlobalAvgPool2DLayer)
+@dataclass(frozen=True)
+class GlobalAvgPool2D(Layer):
+    """The mean over H and W of each channel: (C, H, W) -> (C,), features in channel order in every framework."""
+
+    def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
+        x = self.one(inputs)
+        if len(x.shape) != 3:
+            raise LayerError(f"global_avgpool2d needs (C, H, W) input, got {list(x.shape)}")
+        return ResolvedLayer(self, tuple(inputs), Flow((x.shape[0],)))
+
+    def reference(self, r, tensors, inputs):
+        (x,) = inputs
+        return x.mean(axis=(2, 3))
+
+
+@register("layernorm", prefix="ln", message=pb.LayerNormLayer)
+@dataclass(frozen=True)
+class LayerNorm(Layer):
+    """Normalises each sample's (each token's) features over the last axis with the biased variance:
+    `weight`, `bias` [features]. `eps` is always the spec's (frameworks' defaults differ: 1e-5, 1e-3, 1e-6)."""
+
+    eps: float = option(1e-5, Fraction(low_open=True))
+
+    @classmethod
+    def from_proto(cls, entry: pb.LayerSpec) -> "LayerNorm":
+        """proto3 has no presence: 0 means the default."""
+        layer = super().from_proto(entry)
+        return replace(layer, eps=layer.eps or cls.eps)
+
+    def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
+        x = self.one(inputs)
+        if len(x.shape) not in (1, 2):
+            raise LayerError(f"layernorm needs tokens or flat features, got {list(x.shape)}; put a tokens layer (or a flatten) before it")
+        c_h_w = x.flattened_from
+        if c_h_w is not None and c_h_w[0] > 1 and c_h_w[1] * c_h_w[2] > 1:
+            raise LayerError(f"a layernorm right after flattening {list(c_h_w)} would scale features whose order differs "
+                             "between frameworks; put it after a dense layer")
+        features = x.shape[-1]
+        return ResolvedLayer(self, tuple(inputs), x, (self.tensor("weight", (features,)), self.tensor("bias", (features,))))
+
+    def reference(self, r, tensors, inputs):
+        (x,) = inputs
+        return layernorm(x, tensors["weight"], tensors["bias"], self.eps)
+
+    def summary(self, r: ResolvedLayer) -> str:
+        return f"layernorm eps={self.eps:g}"
+
+
+@register("tokens", prefix="tokens", message=pb.TokensLayer)
+@dataclass(frozen=True)
+class Tokens(Layer):
+    """(C, H, W) -> (H*W, C): one token per pixel, row-major over H, W, its features the channels."""
+
+    def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
+        x = self.one(inputs)
+        if len(x.shape) != 3:
+            raise LayerError(f"tokens needs (C, H, W) input, got {list(x.shape)}; put it after a conv2d (e.g. the patch embedding)")
+        c, h, w = x.shape
+        return ResolvedLayer(self, tuple(inputs), Flow((h * w, c)))
+
+    def reference(self, r, tensors, inputs):
+        (x,) = inputs
+        return x.reshape(x.shape[0], x.shape[1], -1).transpose(0, 2, 1)
+
+
+@register("position_embedding", prefix="pos", message=pb.PositionEmbeddingLayer)
+@dataclass(frozen=True)
+class PositionEmbedding(Layer):
+    """Adds a learned table `weight` [tokens, features] to the tokens."""
+
+    def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
+        x = self.one(inputs)
+        if len(x.shape) != 2:
+            raise LayerError(f"position_embedding needs tokens (tokens, features), got {list(x.shape)}; put a tokens layer before it")
+        return ResolvedLayer(self, tuple(inputs), x, (self.tensor("weight", x.shape),))
+
+    def reference(self, r, tensors, inputs):
+        (x,) = inputs
+        return x + tensors["weight"]
+
+
+@register("multihead_attention", prefix="attn", message=pb.MultiHeadAttentionLayer)
+@dataclass(frozen=True)
+class MultiHeadAttention(Layer):
+    """Self-attention over the tokens, softmax scale 1/sqrt(head_dim), no dropout, with PyTorch's tensors:
+    `in_proj_weight` [3D, D] (the q, k and v projections stacked, in that order), `in_proj_bias` [3D],
+    `out_proj.weight` [D, D], `out_proj.bias` [D]; head h takes features h*head_dim .. (h+1)*head_dim - 1."""
+
+    heads: int = option(1, Whole(1))
+
+    def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
+        x = self.one(inputs)
+        if len(x.shape) != 2:
+            raise LayerError(f"multihead_attention needs tokens (tokens, features), got {list(x.shape)}; put a tokens layer before it")
+        d = x.shape[1]
+        if d % self.heads:
+            divisors = [h for h in range(1, d + 1) if d % h == 0]
+            raise LayerError(f"{self.heads} heads do not divide the {d} features; use heads = one of {', '.join(map(str, divisors))}")
+        params = (self.tensor("in_proj_weight", (3 * d, d)), self.tensor("in_proj_bias", (3 * d,)),
+                  self.tensor("out_proj.weight", (d, d)), self.tensor("out_proj.bias", (d,)))
+        return ResolvedLayer(self, tuple(inputs), x, params)
+
+    def reference(self, r, tensors, inputs):
+        (x,) = inputs
+        return attention(x, tensors["in_proj_weight"], tensors["in_proj_bias"], tensors["out_proj.weight"], tensors["out_proj.bias"], self.heads)
+
+    def summary(self, r: ResolvedLayer) -> str:
+        return f"multihead_attention {self.heads} heads"
+
+
+@register("token_mean", prefix="token_mean", message=pb.TokenMeanLayer)
+@dataclass(frozen=True)
+class TokenMean(Layer):
+    """The mean over the tokens: (tokens, features) -> (features,)."""
+
+    def resolve(self, inputs: Sequence[Flow], classes: int) -> ResolvedLayer:
+        x = self.one(inputs)
+        if len(x.shape) != 2:
+            raise LayerError(f"token_mean needs tokens (tokens, features), got {list(x.shape)}")
+        return ResolvedLayer(self, tuple(inputs), Flow((x.shape[1],)))
+
+    def reference(self, r, tensors, inputs):
+        (x,) = inputs
+        return x.mean(axis=1)

@@ -9,9 +9,14 @@ so it needs none.
 Canonical (worker.proto): dense weight [out, in], taking a flatten's features in C, H, W order;
 conv2d weight [out, in, kh, kw] (OIHW). Channels-last frameworks hold dense kernels [in, out]
 whose rows after a flatten of N, H, W, C come in H, W, C order, and convolution kernels
-[kh, kw, in, out] (HWIO); per-channel vectors (biases, batchnorm's tensors) are the same in every
-layout. Every conversion copies into fresh C-contiguous arrays, aligned (buffers.aligned_empty: so that a
-framework can take them as its own memory without another copy), and a round trip is bit-exact.
+[kh, kw, in, out] (HWIO); per-channel vectors (biases, batchnorm's and layernorm's tensors) and the
+position embedding's [tokens, features] table (tokens are row-major over H, W everywhere) are the
+same in every layout. Attention is canonical in PyTorch's packing (`in_proj_weight` [3D, D]: q, k, v
+stacked; `out_proj.weight` [D, D]); Keras and Flax hold one kernel [D, heads, head_dim] and bias
+[heads, head_dim] per projection and an output kernel [heads, head_dim, D]. Every conversion copies
+into fresh C-contiguous arrays, aligned (buffers.aligned_empty: so that a framework can take them as its
+own memory without another copy), never handing back its input (the worker reuses a received set's
+memory and a framework may keep the very array it is assigned). A round trip is bit-exact.
 `Layout.read_into` writes a kind's canonical tensors straight into arrays the caller gives (a worker's
 reused send buffer) instead of fresh ones.
 
@@ -173,6 +178,36 @@ def conv_from_hwio(kernel: np.ndarray) -> np.ndarray:
     return fresh_copy(kernel.transpose(3, 2, 0, 1))
 
 
+def qkv_to_heads(in_proj_weight: np.ndarray, in_proj_bias: np.ndarray, heads: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """PyTorch's packed [3D, D] (rows: q, then k, then v; y = x @ W^T) and [3D] -> per projection q, k, v a
+    kernel [D, heads, head_dim] (y[..., h, j] = x @ kernel[:, h, j]) and a bias [heads, head_dim]."""
+    d = in_proj_weight.shape[1]
+    # np.array copies: a reshaped slice of the bias would still be the caller's memory, which the worker
+    # reuses for the next weight set (a framework may keep the very array it is given)
+    return [(np.array(w.T.reshape(d, heads, d // heads), order="C"), np.array(b.reshape(heads, d // heads), order="C"))
+            for w, b in zip(np.split(in_proj_weight, 3), np.split(in_proj_bias, 3))]
+
+
+def qkv_from_heads(projections: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of qkv_to_heads: (in_proj_weight [3D, D], in_proj_bias [3D]) from q, k, v's (kernel, bias)."""
+    d = projections[0][0].shape[0]
+    weight = np.concatenate([np.asarray(kernel).reshape(d, d).T for kernel, _ in projections])
+    bias = np.concatenate([np.asarray(bias).reshape(d) for _, bias in projections])
+    return np.array(weight, order="C"), np.array(bias, order="C")
+
+
+def out_to_heads(out_weight: np.ndarray, heads: int) -> np.ndarray:
+    """PyTorch's output projection [D, D] (y = concat(heads) @ W^T) -> [heads, head_dim, D]."""
+    d = out_weight.shape[0]
+    return np.array(out_weight.T.reshape(heads, d // heads, d), order="C")
+
+
+def out_from_heads(kernel: np.ndarray) -> np.ndarray:
+    """Inverse of out_to_heads."""
+    d = kernel.shape[2]
+    return np.array(np.asarray(kernel).reshape(-1, d).T, order="C")
+
+
 def to_nhwc(x: np.ndarray) -> np.ndarray:
     """Inputs N, C, H, W -> N, H, W, C (no copy when C is 1)."""
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
@@ -204,8 +239,25 @@ def _copies(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
     return {part: fresh_copy(np.asarray(array)) for part, array in arrays.items()}
 
 
+PROJECTIONS = ("query", "key", "value")
+
+
+def _attention_to_channels_last(tensors: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    arrays = {}
+    for projection, (kernel, bias) in zip(PROJECTIONS, qkv_to_heads(tensors["in_proj_weight"], tensors["in_proj_bias"], r.layer.heads)):
+        arrays[f"{projection}_kernel"], arrays[f"{projection}_bias"] = kernel, bias
+    return {**arrays, "out_kernel": out_to_heads(tensors["out_proj.weight"], r.layer.heads), "out_bias": np.array(tensors["out_proj.bias"])}
+
+
+def _attention_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    weight, bias = qkv_from_heads([(arrays[f"{p}_kernel"], arrays[f"{p}_bias"]) for p in PROJECTIONS])
+    return {"in_proj_weight": weight, "in_proj_bias": bias, "out_proj.weight": out_from_heads(arrays["out_kernel"]),
+            "out_proj.bias": np.array(arrays["out_bias"])}
+
+
 #: kind -> canonical tensors <-> the channels-last arrays Keras and Flax hold, by part: dense and conv2d
-#: {"kernel", "bias"}, batchnorm its canonical parts (per-channel vectors need no conversion).
+#: {"kernel", "bias"}; batchnorm, layernorm and position_embedding their canonical parts (they need no
+#: conversion); multihead_attention {"query_kernel", "query_bias", "key_...", "value_...", "out_kernel", "out_bias"}.
 CHANNELS_LAST: dict[str, Layout[dict[str, np.ndarray]]] = {
     "dense": Layout(_dense_to_channels_last, _dense_from_channels_last, _dense_into_canonical),
     "conv2d": Layout(_conv2d_to_channels_last, _conv2d_from_channels_last),
@@ -213,4 +265,12 @@ CHANNELS_LAST: dict[str, Layout[dict[str, np.ndarray]]] = {
     "flatten": NO_TENSORS,
     "batchnorm": Layout(_copies, _copies),
     "dropout": NO_TENSORS,
+    "add": NO_TENSORS,
+    "avgpool2d": NO_TENSORS,
+    "global_avgpool2d": NO_TENSORS,
+    "layernorm": Layout(_copies, _copies),
+    "tokens": NO_TENSORS,
+    "position_embedding": Layout(_copies, _copies),
+    "multihead_attention": Layout(_attention_to_channels_last, _attention_from_channels_last),
+    "token_mean": NO_TENSORS,
 }

@@ -22,8 +22,9 @@ from typing import Any
 
 from weightrelay.codec import TensorSpec
 from weightrelay.layers import (  # noqa: F401  (the kinds and their vocabulary are used as models.X)
-    ACTIVATIONS, CLASSES, KINDS, PADDINGS, BatchNorm, Conv2D, Dense, Dropout, Flatten, Flow, Layer, LayerError, MaxPool2D,
-    ResolvedLayer, SpecError, at, kind_class, label, same_padding,
+    ACTIVATIONS, CLASSES, INPUT, KINDS, PADDINGS, Add, AvgPool2D, BatchNorm, Conv2D, Dense, Dropout, Flatten, Flow,
+    GlobalAvgPool2D, Layer, LayerError, LayerNorm, MaxPool2D, MultiHeadAttention, PositionEmbedding, ResolvedLayer, SpecError,
+    TokenMean, Tokens, at, kind_class, label, same_padding,
 )
 from weightrelay.v1 import worker_pb2 as pb
 
@@ -71,13 +72,61 @@ def cnn_bn() -> ModelSpec:
     ))
 
 
-BUILTINS = {"mlp": mlp, "lenet": lenet, "cnn-bn": cnn_bn}
-BUILTIN_HELP = "mlp (the default: 784-128-64-10), mlp:W1,W2,... (hidden widths), lenet, cnn-bn, or a FILE.toml"
+def resnet20() -> ModelSpec:
+    """He et al.'s CIFAR ResNet-20 (any input size): a 3x3 conv of 16 with batchnorm and relu, three stages of three
+    basic blocks (conv-bn-relu-conv-bn, added to the block's input, relu) of 16, 32 and 64 filters; the first block
+    of stages 2 and 3 halves the size with stride 2 and takes its shortcut through a 1x1 conv with stride 2 and
+    a batchnorm; then the global average pool and a dense layer of the classes."""
+    layers: list[Layer] = [Conv2D(16, 3, padding="same", name="stem"), BatchNorm(activation="relu", name="stem_bn")]
+    previous = "stem_bn"
+    for stage, filters in enumerate((16, 32, 64), start=1):
+        for block in range(1, 4):
+            at_ = f"s{stage}b{block}"
+            stride = 2 if stage > 1 and block == 1 else 1
+            layers += [Conv2D(filters, 3, stride, "same", name=f"{at_}_conv1"), BatchNorm(activation="relu", name=f"{at_}_bn1"),
+                       Conv2D(filters, 3, padding="same", name=f"{at_}_conv2"), BatchNorm(name=f"{at_}_bn2")]
+            shortcut = previous
+            if stride != 1:
+                layers += [Conv2D(filters, 1, stride, "same", name=f"{at_}_proj", inputs=(previous,)), BatchNorm(name=f"{at_}_proj_bn")]
+                shortcut = f"{at_}_proj_bn"
+            layers.append(Add("relu", name=f"{at_}_add", inputs=(f"{at_}_bn2", shortcut)))
+            previous = f"{at_}_add"
+    return ModelSpec("resnet20", (*layers, GlobalAvgPool2D(name="pool"), Dense(CLASSES, name="head")))
+
+
+def vit_patch(input_shape: tuple[int, ...] | None) -> int:
+    """vit-tiny's patch size for an input (C, H, W): 7 where 7 divides H and W (28x28: 4x4 patches), else 4 (32x32: 8x8)."""
+    if input_shape is None or (input_shape[1] % 7 == 0 and input_shape[2] % 7 == 0):
+        return 7
+    return 4
+
+
+def vit_tiny(input_shape: tuple[int, ...] | None = None) -> ModelSpec:
+    """A small vision transformer of 64 features: patches through a conv of kernel = stride = the patch (`vit_patch`),
+    tokens, a position embedding, two pre-norm blocks (layernorm, attention of 4 heads, residual add; layernorm,
+    dense 128 gelu, dense 64, residual add), a final layernorm, the tokens' mean and a dense layer of the classes."""
+    patch, features = vit_patch(input_shape), 64
+    layers: list[Layer] = [Conv2D(features, patch, patch, name="patch"), Tokens(name="tokens"), PositionEmbedding(name="pos")]
+    previous = "pos"
+    for block in (1, 2):
+        at_ = f"block{block}"
+        layers += [LayerNorm(name=f"{at_}_ln1"), MultiHeadAttention(4, name=f"{at_}_attn"),
+                   Add(name=f"{at_}_add1", inputs=(previous, f"{at_}_attn")),
+                   LayerNorm(name=f"{at_}_ln2"), Dense(128, "gelu", name=f"{at_}_mlp1"), Dense(features, name=f"{at_}_mlp2"),
+                   Add(name=f"{at_}_add2", inputs=(f"{at_}_add1", f"{at_}_mlp2"))]
+        previous = f"{at_}_add2"
+    return ModelSpec("vit-tiny", (*layers, LayerNorm(name="ln"), TokenMean(name="mean"), Dense(CLASSES, name="head")))
+
+
+BUILTINS = {"mlp": mlp, "lenet": lenet, "cnn-bn": cnn_bn, "resnet20": resnet20, "vit-tiny": vit_tiny}
+#: built-ins whose layers depend on the input's shape: name -> the spec for an input (C, H, W) (None: the default one)
+BY_INPUT = {"vit-tiny": vit_tiny}
+BUILTIN_HELP = "mlp (the default: 784-128-64-10), mlp:W1,W2,... (hidden widths), lenet, cnn-bn, resnet20, vit-tiny, or a FILE.toml"
 DEFAULT_MODEL = "mlp"
 
 
 def builtin(name: str) -> ModelSpec:
-    """A built-in spec by name: `mlp`, `mlp:W1,W2,...`, `lenet`, `cnn-bn`."""
+    """A built-in spec by name: `mlp`, `mlp:W1,W2,...`, `lenet`, `cnn-bn`, `resnet20`, `vit-tiny`."""
     text = name.strip().lower()
     if text in BUILTINS:
         return BUILTINS[text]()
@@ -135,7 +184,7 @@ def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
 
 
 def validate(spec: ModelSpec) -> None:
-    """Check each layer's own values (shapes are checked by `resolve`)."""
+    """Check each layer's own values and the form of its input names (shapes and the graph are checked by `resolve`)."""
     names = set()
     for index, layer in enumerate(spec.layers):
         if not isinstance(layer, Layer) or KINDS.get(getattr(layer, "kind", None)) is not type(layer):
@@ -144,9 +193,14 @@ def validate(spec: ModelSpec) -> None:
         if layer.name:
             if not _NAME.match(layer.name):
                 raise SpecError(f"{where}: name {layer.name!r} must be letters, digits and _ (not starting with a digit), at most 64")
+            if layer.name == INPUT:
+                raise SpecError(f"{where}: the name {INPUT!r} means the model's input in `inputs`; call the layer something else")
             if layer.name in names:
                 raise SpecError(f"{where}: the name {layer.name!r} is used twice")
             names.add(layer.name)
+        for source in layer.inputs:
+            if not isinstance(source, str) or not (_NAME.match(source)):
+                raise SpecError(f"{where}: input {source!r} is not a layer name; name earlier layers, or {INPUT!r} for the model's input")
         with at(where):
             layer.check()
     if not spec.layers:
@@ -176,16 +230,33 @@ class ResolvedModel:
 
 
 def resolve(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> ResolvedModel:
-    """Walk the spec over one sample's shape (C, H, W); raise SpecError naming the layer that does not fit."""
+    """Walk the spec over one sample's shape (C, H, W); raise SpecError naming the layer that does not fit.
+
+    Each layer takes the outputs of the layers its `inputs` name (by default the layer before it); only earlier
+    layers may be named, so the walk in the spec's order meets every input before the layer that takes it, and
+    every layer's output but the last must be taken by some later layer (a framework's graph would drop it)."""
     validate(spec)
     spec = spec.named()
     validate(spec)  # default names may clash with given ones
-    flow = Flow(tuple(int(d) for d in input_shape))
+    shape = tuple(int(d) for d in input_shape)
+    if spec.name in BY_INPUT and spec == BY_INPUT[spec.name]().named():
+        spec = BY_INPUT[spec.name](shape).named()
+    outputs = {INPUT: Flow(shape, source=INPUT)}
     resolved: list[ResolvedLayer] = []
+    taken: set[str] = set()
     for index, layer in enumerate(spec.layers):
+        sources = layer.inputs or ((spec.layers[index - 1].name if index else INPUT),)
         with at(label(index, layer.kind, layer.name)):
-            resolved.append(layer.resolve((flow,), num_classes))  # each layer takes the output of the one before
-        flow = resolved[-1].output
+            inputs = tuple(_output(spec, index, source, outputs) for source in sources)
+            r = layer.resolve(inputs, num_classes)
+        resolved.append(replace(r, output=replace(r.output, source=layer.name)))
+        outputs[layer.name] = resolved[-1].output
+        taken.update(sources)
+    for index, layer in enumerate(spec.layers[:-1]):
+        if layer.name not in taken:
+            raise SpecError(f"{label(index, layer.kind, layer.name)}: no later layer takes its output; name it in a later "
+                            f"layer's inputs or remove it (the model's output is the last layer's)")
+    flow = resolved[-1].output
     if flow.shape != (num_classes,):
         raise SpecError(
             f"model {spec.name!r} ends in shape {list(flow.shape)}, but the data set has {num_classes} classes; "
@@ -195,6 +266,39 @@ def resolve(spec: ModelSpec, input_shape: tuple[int, ...], num_classes: int) -> 
     if model.parameter_count > MAX_PARAMETERS:
         raise SpecError(f"model {spec.name!r} has {model.parameter_count} parameters, more than the {MAX_PARAMETERS} allowed")
     return model
+
+
+def _output(spec: ModelSpec, index: int, source: str, outputs: dict[str, Flow]) -> Flow:
+    """The output that layer `index` takes by the name `source`; LayerError where that is no earlier layer."""
+    if source in outputs:
+        return outputs[source]
+    later = {layer.name: i for i, layer in enumerate(spec.layers)}
+    if source not in later:
+        known = [INPUT, *(layer.name for layer in spec.layers[:index])]
+        raise LayerError(f"input {source!r} names no layer; name one of the earlier layers ({', '.join(known)})")
+    cycle = [source] if later[source] == index else _path(spec, later[source], spec.layers[index].name, later)
+    if cycle is not None:
+        raise LayerError(f"its inputs make a cycle ({' -> '.join([spec.layers[index].name, *cycle])}); a model's layers "
+                         "may take only earlier layers' outputs")
+    raise LayerError(f"input {source!r} is layer {later[source]}, which comes later; a layer takes only earlier layers' outputs, "
+                     f"so move {source!r} before it")
+
+
+def _path(spec: ModelSpec, start: int, goal: str, positions: dict[str, int]) -> list[str] | None:
+    """The names from layer `start` back through the layers it takes to the layer named `goal`, or None."""
+    stack, seen = [(start, [spec.layers[start].name])], set()
+    while stack:
+        index, path = stack.pop()
+        if index in seen:
+            continue
+        seen.add(index)
+        layer = spec.layers[index]
+        for source in layer.inputs or ((spec.layers[index - 1].name,) if index else ()):
+            if source == goal:
+                return path + [goal]
+            if source in positions:
+                stack.append((positions[source], path + [source]))
+    return None
 
 
 # -- proto <-> spec ------------------------------------------------------------------------

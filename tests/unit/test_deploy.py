@@ -129,3 +129,23 @@ def test_secure_override_gives_the_workers_tls_a_token_and_tls_health_checks():
         assert f"127.0.0.1:{port}" in service["healthcheck"]["test"] and "--tls-ca" in service["healthcheck"]["test"]
         assert {s["source"] if isinstance(s, dict) else s for s in service["secrets"]} >= {"server.crt", "server.key", "ca.crt", "token"}
     assert services["coordinator"]["environment"]["WEIGHTRELAY_TOKEN_FILE"] == "/run/secrets/token"
+
+
+def test_the_kuberay_cluster_has_a_head_without_actors_and_a_gpu_worker_group():
+    [cluster] = render("deploy/k8s/ray")
+    assert (cluster["apiVersion"], cluster["kind"], cluster["metadata"]["name"]) == ("ray.io/v1", "RayCluster", "weightrelay")
+    pinned = next(line for line in (REPO / "constraints.txt").read_text().splitlines() if line.startswith("ray=="))
+    assert cluster["spec"]["rayVersion"] == pinned.removeprefix("ray==")
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the head runs the sweep's coordinators, no workers
+    groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
+    gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
+    assert gpu["requests"]["nvidia.com/gpu"] == 1 and gpu["limits"]["nvidia.com/gpu"] == 1
+    assert "nvidia.com/gpu" not in groups["cpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    claims = {d["metadata"]["name"] for d in render("deploy/k8s/base") if d["kind"] == "PersistentVolumeClaim"}
+    for template in [head["template"], *(g["template"] for g in groups.values())]:
+        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ray-node", **template["metadata"]}, "spec": template["spec"]}
+        for version in K8S_VERSIONS:  # every pod template is a valid Pod
+            kubernetes_validate.validate(pod, version, strict=True)
+        assert {v["persistentVolumeClaim"]["claimName"] for v in template["spec"]["volumes"]} <= claims
+        assert template["spec"]["containers"][0]["image"] == "weightrelay/ray-node:latest"

@@ -89,7 +89,7 @@ name = "head"
 
 @pytest.mark.parametrize("text,message", [
     ('[[layers]]\nkind = "lstm"', "unknown kind 'lstm'"),
-    ('[[layers]]\nkind = "dense"\nunits = 10\nactivation = "gelu"', "activation 'gelu' is not one of"),
+    ('[[layers]]\nkind = "dense"\nunits = 10\nactivation = "swish"', "activation 'swish' is not one of"),
     ('[[layers]]\nkind = "dense"\nwidth = 10', "unknown key(s) width"),
     ('[[layers]]\nkind = "dropout"\nrate = 1.5', "rate must be a number in [0, 1)"),
     ('[[layers]]\nkind = "batchnorm"\nmomentum = 0', "momentum must be a number in (0, 1)"),
@@ -155,9 +155,10 @@ def test_errors_name_the_layer_the_field_and_the_fix():
 
 # -- the registry of layer kinds, and the tables that must cover it ------------------------
 def test_an_unknown_kind_is_refused_naming_it_and_the_known_kinds():
-    known = "dense, conv2d, maxpool2d, flatten, batchnorm, dropout"
-    with pytest.raises(SpecError, match=f"^model: layer 1: unknown kind 'add'; use one of {known}$"):
-        models.spec_from_dict({"layers": [{"kind": "flatten"}, {"kind": "add", "inputs": ["fc1"]}]})
+    known = ("dense, conv2d, maxpool2d, flatten, batchnorm, dropout, add, avgpool2d, global_avgpool2d, layernorm, tokens, "
+             "position_embedding, multihead_attention, token_mean")
+    with pytest.raises(SpecError, match=f"^model: layer 1: unknown kind 'concat'; use one of {known}$"):
+        models.spec_from_dict({"layers": [{"kind": "flatten"}, {"kind": "concat", "inputs": ["fc1"]}]})
     with pytest.raises(layers.LayerError, match=f"^unknown kind 'LSTM'; use one of {known}$"):
         layers.kind_class("LSTM")
     assert layers.kind_class("Dense") is Dense
@@ -199,9 +200,12 @@ def test_every_adapter_table_covers_every_kind(path, table):
 @pytest.mark.parametrize("table", [layouts.CHANNELS_LAST, keras_layout.LAYOUTS, flax_layout.LAYOUTS], ids=["core", "keras", "flax"])
 def test_every_layout_table_covers_every_kind_and_only_kinds_without_tensors_have_none(table):
     assert sorted(table) == sorted(models.KINDS)
-    model = models.resolve(models.builtin("cnn-bn"), (3, 16, 16), 10)
-    assert {r.kind for r in model.layers} == set(models.KINDS)  # cnn-bn has every kind
-    for r in model.layers:
+    pooled = ModelSpec("pooled", (models.AvgPool2D(2), Flatten(), Dense(0)))
+    resolved = [models.resolve(spec, (3, 28, 28), 10) for spec in (models.builtin("cnn-bn"), models.builtin("resnet20"),
+                                                                   models.builtin("vit-tiny"), pooled)]
+    every = [r for model in resolved for r in model.layers]
+    assert {r.kind for r in every} == set(models.KINDS)  # between them, every kind
+    for r in every:
         assert (table[r.kind] is layouts.NO_TENSORS) == (not r.params), r.kind
 
 

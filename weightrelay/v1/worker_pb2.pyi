@@ -26,6 +26,8 @@ class Activation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACTIVATION_RELU: _ClassVar[Activation]
     ACTIVATION_TANH: _ClassVar[Activation]
     ACTIVATION_SIGMOID: _ClassVar[Activation]
+    ACTIVATION_GELU: _ClassVar[Activation]
+    ACTIVATION_GELU_TANH: _ClassVar[Activation]
 
 class Padding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -45,6 +47,8 @@ ACTIVATION_NONE: Activation
 ACTIVATION_RELU: Activation
 ACTIVATION_TANH: Activation
 ACTIVATION_SIGMOID: Activation
+ACTIVATION_GELU: Activation
+ACTIVATION_GELU_TANH: Activation
 PADDING_VALID: Padding
 PADDING_SAME: Padding
 
@@ -178,8 +182,50 @@ class DropoutLayer(_message.Message):
     rate: float
     def __init__(self, rate: _Optional[float] = ...) -> None: ...
 
+class AddLayer(_message.Message):
+    __slots__ = ("activation",)
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    activation: Activation
+    def __init__(self, activation: _Optional[_Union[Activation, str]] = ...) -> None: ...
+
+class AvgPool2DLayer(_message.Message):
+    __slots__ = ("size", "stride")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    stride: int
+    def __init__(self, size: _Optional[int] = ..., stride: _Optional[int] = ...) -> None: ...
+
+class GlobalAvgPool2DLayer(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class LayerNormLayer(_message.Message):
+    __slots__ = ("eps",)
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    eps: float
+    def __init__(self, eps: _Optional[float] = ...) -> None: ...
+
+class TokensLayer(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PositionEmbeddingLayer(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MultiHeadAttentionLayer(_message.Message):
+    __slots__ = ("heads",)
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    heads: int
+    def __init__(self, heads: _Optional[int] = ...) -> None: ...
+
+class TokenMeanLayer(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class LayerSpec(_message.Message):
-    __slots__ = ("name", "dense", "conv2d", "maxpool2d", "flatten", "batchnorm", "dropout")
+    __slots__ = ("name", "dense", "conv2d", "maxpool2d", "flatten", "batchnorm", "dropout", "add", "avgpool2d", "global_avgpool2d", "layernorm", "tokens", "position_embedding", "multihead_attention", "token_mean", "inputs")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DENSE_FIELD_NUMBER: _ClassVar[int]
     CONV2D_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +233,15 @@ class LayerSpec(_message.Message):
     FLATTEN_FIELD_NUMBER: _ClassVar[int]
     BATCHNORM_FIELD_NUMBER: _ClassVar[int]
     DROPOUT_FIELD_NUMBER: _ClassVar[int]
+    ADD_FIELD_NUMBER: _ClassVar[int]
+    AVGPOOL2D_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_AVGPOOL2D_FIELD_NUMBER: _ClassVar[int]
+    LAYERNORM_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    MULTIHEAD_ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_MEAN_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     dense: DenseLayer
     conv2d: Conv2DLayer
@@ -194,7 +249,16 @@ class LayerSpec(_message.Message):
     flatten: FlattenLayer
     batchnorm: BatchNormLayer
     dropout: DropoutLayer
-    def __init__(self, name: _Optional[str] = ..., dense: _Optional[_Union[DenseLayer, _Mapping]] = ..., conv2d: _Optional[_Union[Conv2DLayer, _Mapping]] = ..., maxpool2d: _Optional[_Union[MaxPool2DLayer, _Mapping]] = ..., flatten: _Optional[_Union[FlattenLayer, _Mapping]] = ..., batchnorm: _Optional[_Union[BatchNormLayer, _Mapping]] = ..., dropout: _Optional[_Union[DropoutLayer, _Mapping]] = ...) -> None: ...
+    add: AddLayer
+    avgpool2d: AvgPool2DLayer
+    global_avgpool2d: GlobalAvgPool2DLayer
+    layernorm: LayerNormLayer
+    tokens: TokensLayer
+    position_embedding: PositionEmbeddingLayer
+    multihead_attention: MultiHeadAttentionLayer
+    token_mean: TokenMeanLayer
+    inputs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., dense: _Optional[_Union[DenseLayer, _Mapping]] = ..., conv2d: _Optional[_Union[Conv2DLayer, _Mapping]] = ..., maxpool2d: _Optional[_Union[MaxPool2DLayer, _Mapping]] = ..., flatten: _Optional[_Union[FlattenLayer, _Mapping]] = ..., batchnorm: _Optional[_Union[BatchNormLayer, _Mapping]] = ..., dropout: _Optional[_Union[DropoutLayer, _Mapping]] = ..., add: _Optional[_Union[AddLayer, _Mapping]] = ..., avgpool2d: _Optional[_Union[AvgPool2DLayer, _Mapping]] = ..., global_avgpool2d: _Optional[_Union[GlobalAvgPool2DLayer, _Mapping]] = ..., layernorm: _Optional[_Union[LayerNormLayer, _Mapping]] = ..., tokens: _Optional[_Union[TokensLayer, _Mapping]] = ..., position_embedding: _Optional[_Union[PositionEmbeddingLayer, _Mapping]] = ..., multihead_attention: _Optional[_Union[MultiHeadAttentionLayer, _Mapping]] = ..., token_mean: _Optional[_Union[TokenMeanLayer, _Mapping]] = ..., inputs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("name", "layers")

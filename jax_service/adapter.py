@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jax_service.layout import canonical_to_flax, flax_into_canonical, flax_to_canonical  # noqa: E402
+from jax_service.layout import canonical_to_flax, flax_canonical_views, flax_into_canonical, flax_to_canonical  # noqa: E402
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
 from weightrelay.layouts import to_nhwc  # noqa: E402
@@ -220,6 +220,14 @@ class JaxAdapter(FrameworkAdapter):
     def read_weights(self, out: WeightSet) -> None:
         """Converted from the arrays' own memory (on the CPU: no copy between) straight into `out`."""
         flax_into_canonical(*self._host_trees(), self.resolved, out)
+
+    def weight_views(self) -> WeightSet | None:
+        """The canonical tensors as views of the arrays' memory (a dense kernel [in, out] seen as [out, in]:
+        strided, sent band by band), other kinds' small tensors converted; only on the CPU (else None: the
+        worker sends from a snapshot)."""
+        if self._device.platform != "cpu":
+            return None
+        return flax_canonical_views(*self._host_trees(), self.resolved)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """The converted arrays are fresh and aligned (weightrelay.layouts), nothing else holds them: on the CPU

@@ -13,7 +13,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_service.layout import canonical_to_keras, keras_into_canonical, keras_to_canonical  # noqa: E402
+from keras_service.layout import canonical_to_keras, keras_canonical_views, keras_into_canonical, keras_to_canonical  # noqa: E402
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, Step, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.buffers import ALIGNMENT  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
@@ -372,6 +372,14 @@ class KerasAdapter(FrameworkAdapter):
     def read_weights(self, out: WeightSet) -> None:
         """Converted from the variables' own memory straight into `out`: no copy of the set between."""
         keras_into_canonical(self._host_layers(), self.resolved, out)
+
+    def weight_views(self) -> WeightSet | None:
+        """The canonical tensors as views of the variables' memory (a dense kernel [in, out] seen as [out, in]:
+        strided, sent band by band), other kinds' small tensors converted; only where the variables are in
+        host memory (else None: the worker sends from a snapshot)."""
+        if any("GPU" in v.device.upper() for layer in self._variables().values() for v in layer):
+            return None
+        return keras_canonical_views(self._host_layers(), self.resolved)
 
     def _keras_values(self, weights: Mapping[str, np.ndarray], variables: dict[str, list[tf.Variable]]) -> dict[str, list]:
         """{layer name: its variables' new values}: a large plain dense kernel (the layout's transpose, no flatten

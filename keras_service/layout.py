@@ -31,7 +31,8 @@ def listed(core: Layout[dict[str, np.ndarray]], order: tuple[str, ...]) -> Layou
         return dict(zip(order, arrays, strict=True))
 
     return Layout(to_keras, lambda arrays, r: core.to_canonical(by_part(arrays), r),
-                  lambda arrays, r, out: core.read_into(by_part(arrays), r, out))
+                  lambda arrays, r, out: core.read_into(by_part(arrays), r, out),
+                  lambda arrays, r: core.canonical_views(by_part(arrays), r))
 
 
 BATCHNORM_ORDER = ("weight", "bias", "running_mean", "running_var")  # Keras: gamma, beta, moving mean, moving variance
@@ -68,6 +69,16 @@ def keras_into_canonical(layer_weights: Mapping[str, KerasWeights], model: Resol
     for r in model.layers:
         if r.params:
             LAYOUTS[r.kind].read_into(layer_weights[r.name], r, r.tensors(out))
+
+
+def keras_canonical_views(layer_weights: Mapping[str, KerasWeights], model: ResolvedModel) -> WeightSet:
+    """keras_to_canonical as views of the arrays given where a kind's conversion is a plain transpose
+    (Layout.canonical_views), fresh arrays elsewhere."""
+    weights: WeightSet = {}
+    for r in model.layers:
+        if r.params:
+            weights.update(r.named(LAYOUTS[r.kind].canonical_views(layer_weights[r.name], r)))
+    return weights
 
 
 def keras_to_canonical(layer_weights: Mapping[str, KerasWeights], model: ResolvedModel) -> WeightSet:

@@ -20,17 +20,11 @@ memory and a framework may keep the very array it is assigned). A round trip is 
 `Layout.read_into` writes a kind's canonical tensors straight into arrays the caller gives (a worker's
 reused send buffer) instead of fresh ones.
 
-Large dense kernels are transposed tile by tile (`transpose_into`): numpy's transposing copy of a
-whole large matrix walks one of the two arrays a row length apart at every element, so nearly every
-access misses the caches and the TLB; tiles that fit the cache make it a few times faster, and the
-tiles are shared among threads (numpy copies without the GIL).
+Large dense kernels are transposed tile by tile (`weightrelay.transpose`).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
@@ -38,6 +32,7 @@ import numpy as np
 
 from weightrelay.buffers import aligned_empty
 from weightrelay.layers import ResolvedLayer
+from weightrelay.transpose import TILED_TRANSPOSE_BYTES, transpose_into  # noqa: F401 - TILED_TRANSPOSE_BYTES: for the adapters
 
 F = TypeVar("F")
 #: one layer's canonical tensors by part: {"weight": ..., "bias": ...}
@@ -55,6 +50,10 @@ class Layout(Generic[F]):
     #: `into(form, r, out)`: what to_canonical gives, written into `out`'s arrays (by part) instead of fresh
     #: ones; None: to_canonical's arrays are copied there (for kinds whose tensors are small)
     into: Callable[[F, ResolvedLayer, Tensors], None] | None = None
+    #: `view(form, r)`: the canonical tensors by part as views of the framework's memory where the conversion
+    #: is a plain transpose (numpy views, strided: read them before the framework changes its arrays); None:
+    #: to_canonical's fresh arrays
+    view: Callable[[F, ResolvedLayer], dict[str, np.ndarray]] | None = None
 
     def read_into(self, form: F, r: ResolvedLayer, out: Tensors) -> None:
         """The layer's canonical tensors, from the framework's `form`, written into `out` (by part, each of
@@ -65,6 +64,11 @@ class Layout(Generic[F]):
         for part, array in self.to_canonical(form, r).items():
             np.copyto(out[part], array)
 
+    def canonical_views(self, form: F, r: ResolvedLayer) -> dict[str, np.ndarray]:
+        """The layer's canonical tensors by part, as views of `form`'s memory where the kind has `view` (a
+        sender streams them band by band, codec.wire), else fresh arrays."""
+        return (self.view or self.to_canonical)(form, r)
+
 
 def _holds_none(form: Any, r: ResolvedLayer) -> Any:
     raise ValueError(f"layer {r.name}: a {r.kind} layer holds no tensors, so it has no layout")
@@ -74,64 +78,12 @@ def _holds_none(form: Any, r: ResolvedLayer) -> Any:
 NO_TENSORS: Layout[Any] = Layout(_holds_none, _holds_none)
 
 
-# -- fresh arrays and tiled transposes -----------------------------------------------------------
-#: Matrices from this size on are transposed in tiles (`transpose_into`); smaller ones fit the caches whole.
-TILED_TRANSPOSE_BYTES = 1024 * 1024
-#: A tile: TILE_ROWS rows of the source become as many columns of the result, within blocks of
-#: BLOCK x BLOCK elements (a block's tiles stay in the cache while it is written).
-TILE_ROWS, BLOCK = 64, 1024
-#: Most threads one transpose uses (the cores the process may run on, up to this).
-MAX_TRANSPOSE_THREADS = 4
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
+# -- fresh arrays ----------------------------------------------------------------------------
 def fresh_copy(array: np.ndarray) -> np.ndarray:
     """A C-contiguous, aligned copy of `array`."""
     out = aligned_empty(array.shape, array.dtype)
     np.copyto(out, array)
     return out
-
-
-def _threads() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_TRANSPOSE_THREADS, cores))
-
-
-def _transpose_blocks(src: np.ndarray, out: np.ndarray, blocks: list[tuple[int, int]]) -> None:
-    for i, j in blocks:
-        source, target = src[i : i + BLOCK, j : j + BLOCK], out[j : j + BLOCK, i : i + BLOCK]
-        for row in range(0, source.shape[0], TILE_ROWS):
-            target[:, row : row + TILE_ROWS] = source[row : row + TILE_ROWS].T
-
-
-def transpose_into(src: np.ndarray, out: np.ndarray) -> None:
-    """out[...] = src.T for a 2-D `src` (any strides) and `out` of the transposed shape: the same values as
-    np.copyto(out, src.T), bit for bit, tile by tile on up to MAX_TRANSPOSE_THREADS threads for a large one."""
-    if src.ndim != 2 or out.shape != src.shape[::-1]:
-        raise ValueError(f"transpose_into: {list(src.shape)} does not transpose to {list(out.shape)}")
-    rows, cols = src.shape
-    if src.nbytes < TILED_TRANSPOSE_BYTES:
-        np.copyto(out, src.T)
-        return
-    blocks = [(i, j) for i in range(0, rows, BLOCK) for j in range(0, cols, BLOCK)]
-    threads = min(_threads(), len(blocks))
-    if threads == 1:
-        _transpose_blocks(src, out, blocks)
-        return
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool._max_workers < threads:
-            _pool = ThreadPoolExecutor(threads, thread_name_prefix="transpose")
-        pool = _pool
-    share = -(-len(blocks) // threads)
-    parts = [pool.submit(_transpose_blocks, src, out, blocks[k : k + share]) for k in range(0, len(blocks), share)]
-    for part in parts:
-        part.result()
 
 
 def transposed(src: np.ndarray) -> np.ndarray:
@@ -222,6 +174,12 @@ def _dense_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str, np
     return {"weight": dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from), "bias": fresh_copy(np.asarray(arrays["bias"]))}
 
 
+def _dense_views(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    if r.flattened_from is not None:  # rows reordered too: no view
+        return _dense_from_channels_last(arrays, r)
+    return {"weight": np.asarray(arrays["kernel"]).T, "bias": np.asarray(arrays["bias"])}
+
+
 def _dense_into_canonical(arrays: Tensors, r: ResolvedLayer, out: Tensors) -> None:
     dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from, out=out["weight"])
     np.copyto(out["bias"], arrays["bias"])
@@ -259,7 +217,7 @@ def _attention_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str
 #: {"kernel", "bias"}; batchnorm, layernorm and position_embedding their canonical parts (they need no
 #: conversion); multihead_attention {"query_kernel", "query_bias", "key_...", "value_...", "out_kernel", "out_bias"}.
 CHANNELS_LAST: dict[str, Layout[dict[str, np.ndarray]]] = {
-    "dense": Layout(_dense_to_channels_last, _dense_from_channels_last, _dense_into_canonical),
+    "dense": Layout(_dense_to_channels_last, _dense_from_channels_last, _dense_into_canonical, _dense_views),
     "conv2d": Layout(_conv2d_to_channels_last, _conv2d_from_channels_last),
     "maxpool2d": NO_TENSORS,
     "flatten": NO_TENSORS,

@@ -191,12 +191,14 @@ def test_large_sets_land_exactly_in_and_out_of_the_channels_last_frameworks_and_
             client.initialize("mlp", 0, "mnist", "")
 
 
-def test_a_large_set_read_slowly_leaves_the_model_to_other_calls_and_arrives_as_it_was(torch_worker, start_worker):
-    """A large set streams straight from a PyTorch model's memory (store.DirectRead) while the model is
-    held; a call that wants the model meanwhile (a SetWeights, a Train, a second GetWeights) gets it
-    without waiting for the slow reader, and the reader still receives the weights of when it started."""
-    other = start_worker("torch")
-    worker = torch_worker.client
+@pytest.mark.parametrize("framework", ["torch", "keras", "jax"])
+def test_a_large_set_read_slowly_leaves_the_model_to_other_calls_and_arrives_as_it_was(framework, request, start_worker):
+    """A large set streams straight from the model's memory (store.DirectRead: PyTorch's parameters as they
+    are, Keras' and JAX's kernels transposed band by band as the stream goes) while the model is held; a
+    call that wants the model meanwhile (a SetWeights, a Train, a second GetWeights) gets it without
+    waiting for the slow reader, and the reader still receives the weights of when it started."""
+    other = start_worker(framework)
+    worker = request.getfixturevalue(f"{framework}_worker").client
     try:
         worker.initialize(LARGE, seed=1)
         other.client.initialize(LARGE, seed=2)

@@ -16,7 +16,7 @@ from jax_service.layout import canonical_to_flax, flax_into_canonical
 from keras_service.layout import canonical_to_keras, keras_into_canonical, keras_to_canonical
 from weightrelay.buffers import ALIGNMENT
 from weightrelay.layouts import conv_from_hwio, conv_to_hwio, dense_from_in_out, dense_to_in_out
-from weightrelay import layouts, models, reference
+from weightrelay import layouts, models, reference, transpose
 from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec
 
 RNG = np.random.default_rng(7)
@@ -190,13 +190,13 @@ def test_tiled_transposes_equal_numpys_bit_for_bit_at_any_shape_and_strides():
     a strided source and another dtype come out exactly as numpy's own transposing copy."""
     for shape, dtype in (((1100, 700), np.float32), ((70, 2300), np.float64), ((4, 70000), np.float32)):
         source = RNG.standard_normal(shape).astype(dtype)
-        assert source.nbytes >= layouts.TILED_TRANSPOSE_BYTES
+        assert source.nbytes >= transpose.TILED_TRANSPOSE_BYTES
         for view in (source, source[::2, 1:]):
             out = layouts.transposed(view)
             assert out.tobytes() == np.ascontiguousarray(view.T).tobytes() and out.flags.c_contiguous
             assert out.ctypes.data % ALIGNMENT == 0
     with pytest.raises(ValueError, match=r"\[3, 2\] does not transpose to \[3, 2\]"):
-        layouts.transpose_into(np.zeros((3, 2)), np.zeros((3, 2)))
+        transpose.transpose_into(np.zeros((3, 2)), np.zeros((3, 2)))
 
 
 def test_reading_into_given_arrays_equals_the_fresh_conversion():

@@ -17,7 +17,8 @@ from keras_service.layout import canonical_to_keras, keras_canonical_views, kera
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, Step, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.buffers import ALIGNMENT  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
-from weightrelay.layouts import TILED_TRANSPOSE_BYTES, fresh_copy, to_nhwc  # noqa: E402
+from weightrelay.layouts import fresh_copy, to_nhwc  # noqa: E402
+from weightrelay.transpose import TILED_TRANSPOSE_BYTES  # noqa: E402
 from weightrelay.models import INPUT, ResolvedLayer, ResolvedModel  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from weightrelay.buffers import aligned_empty
 from weightrelay.layers import ResolvedLayer
-from weightrelay.transpose import TILED_TRANSPOSE_BYTES, transpose_into  # noqa: F401 - TILED_TRANSPOSE_BYTES: for the adapters
+from weightrelay.transpose import transpose_into
 
 F = TypeVar("F")
 #: one layer's canonical tensors by part: {"weight": ..., "bias": ...}

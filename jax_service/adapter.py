@@ -3,6 +3,7 @@ Layouts are converted at this boundary (jax_service.layout)."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share a GPU politely, like the others
@@ -148,6 +149,13 @@ def host_view(array: jax.Array) -> np.ndarray:
         return np.asarray(jax.device_get(array))
 
 
+def _free_replaced_arrays() -> None:
+    """Free the arrays the model no longer holds now. Arrays that took numpy memory (device_put on the CPU)
+    are only freed by Python's cycle collector, which may not run for a long time: without this, a worker
+    holds one more weight set after every set it received, until it happens to run."""
+    gc.collect()
+
+
 def resolve_device(requested: str) -> jax.Device:
     if requested == "cpu":
         return jax.devices("cpu")[0]
@@ -170,6 +178,7 @@ class JaxAdapter(FrameworkAdapter):
         self.params: Any = None
         self.stats: Any = None
         self.opt_state: Any = None
+        self._in_numpy_memory = False  # whether the arrays are a received set's memory (see _free_replaced_arrays)
 
     def build(self, model: ResolvedModel, seed: int) -> None:
         module = SpecModule(model)
@@ -203,6 +212,7 @@ class JaxAdapter(FrameworkAdapter):
         self._step = jax.jit(step)
         self._predict = jax.jit(lambda params, stats, x: module.apply({"params": params, "batch_stats": stats}, x, train=False))
         self.module, self.resolved, self.params, self.stats, self.opt_state = module, model, params, stats, None
+        self._in_numpy_memory = False
 
     def versions(self) -> tuple[str, str]:
         return jax.__version__, f"flax {flax.__version__}, optax {optax.__version__}"
@@ -234,6 +244,8 @@ class JaxAdapter(FrameworkAdapter):
         device_put takes them as the arrays' memory without a copy (none of the worker's reused memory)."""
         params, stats = canonical_to_flax(weights, self.resolved)
         self.params, self.stats = jax.device_put((params, stats), self._device)
+        self._in_numpy_memory = True
+        _free_replaced_arrays()
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         params, stats = self.params, self.stats
@@ -258,6 +270,10 @@ class JaxAdapter(FrameworkAdapter):
                         tracker.batch_done(step.epoch, step.batch, float(totals[0]) / seen, int(totals[1]) / seen)
         finally:
             self.params, self.stats, self.opt_state = params, stats, opt_state  # what training reached, also when stopped early
+            del params, stats, opt_state
+            if self._in_numpy_memory:  # the set's arrays, replaced by training's own
+                self._in_numpy_memory = False
+                _free_replaced_arrays()
 
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         inputs = to_nhwc(x)

@@ -91,7 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-flower", action="store_true", help="leave out Flower's codec")
     parser.add_argument("--flower-python", default=None, help=f"an interpreter with flwr (default {FLOWER_VENV.relative_to(REPO)}, made on first use)")
     parser.add_argument("--out", type=Path, default=None, help="directory for transfer.json (default bench/results)")
+    parser.add_argument("--pairs", nargs="?", const="all", default=None, metavar="FROM:TO,...",
+                        help="instead: one size (--size) in each direction between frameworks, with each worker's memory "
+                        "(bench/pairs.py); alone, every ordered pair of the installed frameworks and torch:torch")
+    parser.add_argument("--size", default="1GiB", choices=sorted(SIZES), help="--pairs: the set's size (default 1GiB)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="--pairs: the workers' --device (default cpu)")
     args = parser.parse_args(argv)
+    if args.pairs is not None:
+        from bench import pairs
+
+        return pairs.run(args.pairs, args.size, args.repeats or 3, args.device, args.out)
     python = None if args.no_flower else flower_python(args.flower_python)
     sender, receiver = Worker("torch", ["--seed", "1"]), Worker("torch", ["--seed", "2"])
     rows, records, flower = [], [], {}

@@ -3,6 +3,7 @@ Layouts are converted at this boundary (jax_service.layout)."""
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share a GPU politely, like the others
@@ -16,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jax_service.layout import canonical_to_flax, flax_to_canonical  # noqa: E402
+from jax_service.layout import canonical_to_flax, flax_canonical_views, flax_into_canonical, flax_to_canonical  # noqa: E402
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
 from weightrelay.layouts import to_nhwc  # noqa: E402
@@ -139,6 +140,22 @@ class SpecModule(nn.Module):
         return x
 
 
+def host_view(array: jax.Array) -> np.ndarray:
+    """An array's values as numpy: a read-only view of its memory where JAX lends it (the CPU, through DLPack),
+    else a copy (jax.device_get: a GPU's array)."""
+    try:
+        return np.from_dlpack(array)
+    except Exception:  # noqa: BLE001 - memory DLPack cannot lend to numpy (another device)
+        return np.asarray(jax.device_get(array))
+
+
+def _free_replaced_arrays() -> None:
+    """Free the arrays the model no longer holds now. Arrays that took numpy memory (device_put on the CPU)
+    are only freed by Python's cycle collector, which may not run for a long time: without this, a worker
+    holds one more weight set after every set it received, until it happens to run."""
+    gc.collect()
+
+
 def resolve_device(requested: str) -> jax.Device:
     if requested == "cpu":
         return jax.devices("cpu")[0]
@@ -161,6 +178,7 @@ class JaxAdapter(FrameworkAdapter):
         self.params: Any = None
         self.stats: Any = None
         self.opt_state: Any = None
+        self._in_numpy_memory = False  # whether the arrays are a received set's memory (see _free_replaced_arrays)
 
     def build(self, model: ResolvedModel, seed: int) -> None:
         module = SpecModule(model)
@@ -194,6 +212,7 @@ class JaxAdapter(FrameworkAdapter):
         self._step = jax.jit(step)
         self._predict = jax.jit(lambda params, stats, x: module.apply({"params": params, "batch_stats": stats}, x, train=False))
         self.module, self.resolved, self.params, self.stats, self.opt_state = module, model, params, stats, None
+        self._in_numpy_memory = False
 
     def versions(self) -> tuple[str, str]:
         return jax.__version__, f"flax {flax.__version__}, optax {optax.__version__}"
@@ -202,13 +221,31 @@ class JaxAdapter(FrameworkAdapter):
         return f"{self._device.platform}:{self._device.id}"
 
     def get_weights(self) -> WeightSet:
-        return flax_to_canonical(jax.device_get(self.params), jax.device_get(self.stats), self.resolved)
+        return flax_to_canonical(*self._host_trees(), self.resolved)
+
+    def _host_trees(self) -> tuple[Any, Any]:
+        """(params, batch_stats) as numpy: views of the arrays' memory on the CPU (host_view), valid while they live."""
+        return jax.tree_util.tree_map(host_view, self.params), jax.tree_util.tree_map(host_view, self.stats)
+
+    def read_weights(self, out: WeightSet) -> None:
+        """Converted from the arrays' own memory (on the CPU: no copy between) straight into `out`."""
+        flax_into_canonical(*self._host_trees(), self.resolved, out)
+
+    def weight_views(self) -> WeightSet | None:
+        """The canonical tensors as views of the arrays' memory (a dense kernel [in, out] seen as [out, in]:
+        strided, sent band by band), other kinds' small tensors converted; only on the CPU (else None: the
+        worker sends from a snapshot)."""
+        if self._device.platform != "cpu":
+            return None
+        return flax_canonical_views(*self._host_trees(), self.resolved)
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """The converted arrays are fresh and aligned (weightrelay.layouts), nothing else holds them: on the CPU
+        device_put takes them as the arrays' memory without a copy (none of the worker's reused memory)."""
         params, stats = canonical_to_flax(weights, self.resolved)
-        # jnp.array copies: on the CPU jnp.asarray may alias the numpy memory, which the worker reuses
-        self.params = jax.device_put(jax.tree_util.tree_map(jnp.array, params), self._device)
-        self.stats = jax.device_put(jax.tree_util.tree_map(jnp.array, stats), self._device)
+        self.params, self.stats = jax.device_put((params, stats), self._device)
+        self._in_numpy_memory = True
+        _free_replaced_arrays()
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:
         params, stats = self.params, self.stats
@@ -233,6 +270,10 @@ class JaxAdapter(FrameworkAdapter):
                         tracker.batch_done(step.epoch, step.batch, float(totals[0]) / seen, int(totals[1]) / seen)
         finally:
             self.params, self.stats, self.opt_state = params, stats, opt_state  # what training reached, also when stopped early
+            del params, stats, opt_state
+            if self._in_numpy_memory:  # the set's arrays, replaced by training's own
+                self._in_numpy_memory = False
+                _free_replaced_arrays()
 
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         inputs = to_nhwc(x)

@@ -46,12 +46,13 @@ def in_trees(core: Layout[dict[str, np.ndarray]], params: dict[str, str], stats:
         arrays = core.to_framework(tensors, r)
         return place(arrays, params), place(arrays, stats)
 
-    def from_flax(trees, r):
+    def by_part(trees):
         in_params, in_stats = trees
-        arrays = {part: pick(in_params, key) for key, part in params.items()} | {part: pick(in_stats, key) for key, part in stats.items()}
-        return core.to_canonical(arrays, r)
+        return {part: pick(in_params, key) for key, part in params.items()} | {part: pick(in_stats, key) for key, part in stats.items()}
 
-    return Layout(to_flax, from_flax)
+    return Layout(to_flax, lambda trees, r: core.to_canonical(by_part(trees), r),
+                  lambda trees, r, out: core.read_into(by_part(trees), r, out),
+                  lambda trees, r: core.canonical_views(by_part(trees), r))
 
 
 #: kind -> its layout in Flax: (its params entries, its batch_stats entries)
@@ -86,6 +87,24 @@ def canonical_to_flax(weights: Mapping[str, np.ndarray], model: ResolvedModel) -
                 if leaves:
                     tree[r.name] = leaves
     return params, stats
+
+
+def flax_into_canonical(params: Mapping[str, Mapping[str, Any]], stats: Mapping[str, Mapping[str, Any]], model: ResolvedModel,
+                        out: WeightSet) -> None:
+    """flax_to_canonical written into `out`'s arrays (the manifest's tensors, by name) instead of fresh ones."""
+    for r in model.layers:
+        if r.params:
+            LAYOUTS[r.kind].read_into((params.get(r.name, {}), stats.get(r.name, {})), r, r.tensors(out))
+
+
+def flax_canonical_views(params: Mapping[str, Mapping[str, Any]], stats: Mapping[str, Mapping[str, Any]], model: ResolvedModel) -> WeightSet:
+    """flax_to_canonical as views of the arrays given where a kind's conversion is a plain transpose
+    (Layout.canonical_views), fresh arrays elsewhere."""
+    weights: WeightSet = {}
+    for r in model.layers:
+        if r.params:
+            weights.update(r.named(LAYOUTS[r.kind].canonical_views((params.get(r.name, {}), stats.get(r.name, {})), r)))
+    return weights
 
 
 def flax_to_canonical(params: Mapping[str, Mapping[str, Any]], stats: Mapping[str, Mapping[str, Any]], model: ResolvedModel) -> WeightSet:

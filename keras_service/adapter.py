@@ -13,10 +13,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from keras_service.layout import canonical_to_keras, keras_to_canonical  # noqa: E402
+from keras_service.layout import canonical_to_keras, keras_canonical_views, keras_into_canonical, keras_to_canonical  # noqa: E402
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, Step, TrainConfig, schedule, seed32  # noqa: E402
+from weightrelay.buffers import ALIGNMENT  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
-from weightrelay.layouts import to_nhwc  # noqa: E402
+from weightrelay.layouts import fresh_copy, to_nhwc  # noqa: E402
+from weightrelay.transpose import TILED_TRANSPOSE_BYTES  # noqa: E402
 from weightrelay.models import INPUT, ResolvedLayer, ResolvedModel  # noqa: E402
 
 
@@ -30,6 +32,48 @@ def configure_devices(requested: str) -> None:
         return
     for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)
+
+
+def host_view(tensor: tf.Tensor) -> np.ndarray:
+    """A tensor's values as numpy: a read-only view of its memory where TensorFlow lends it (a tensor in host
+    memory, through DLPack), else a copy (a GPU's tensor). Read before anything changes the tensor again."""
+    try:
+        return np.from_dlpack(tensor)
+    except Exception:  # noqa: BLE001 - a tensor DLPack cannot lend to numpy (another device, an unsupported dtype)
+        return tensor.numpy()
+
+
+def _lendable(value: np.ndarray) -> bool:
+    """Whether TensorFlow can take `value`'s memory as a tensor's (DLPack): C-contiguous and aligned to ALIGNMENT
+    bytes (its kernels abort the process on less aligned memory)."""
+    return value.flags.c_contiguous and value.ctypes.data % ALIGNMENT == 0
+
+
+def owned_tensor(value: np.ndarray, device: str) -> tf.Tensor | np.ndarray:
+    """`value` (a fresh array nothing else writes) as a tensor that shares its memory, where the variable to take
+    it lives in host memory and TensorFlow can (_lendable): AssignVariableOp then keeps that tensor as the
+    variable's own memory instead of copying it twice (into a tensor, then into the variable). Otherwise
+    `value` itself, which TensorFlow copies."""
+    if not (_lendable(value) and value.flags.writeable) or "GPU" in device.upper():
+        return value
+    try:
+        return tf.experimental.dlpack.from_dlpack(value.__dlpack__())
+    except Exception:  # noqa: BLE001 - a dtype DLPack does not carry: TensorFlow copies it
+        return value
+
+
+def transposed_tensor(matrix: np.ndarray) -> tf.Tensor:
+    """matrix.T as a tensor in TensorFlow's own memory, by its multi-threaded transpose kernel, read straight
+    from `matrix` where TensorFlow can (_lendable; else from a copy). TensorFlow's CPU allocator keeps the
+    memory it frees for its next tensors, so a variable that takes this tensor gives back memory the next
+    one reuses: no fresh pages to touch, and the worker does not grow from move to move."""
+    source = matrix
+    if _lendable(matrix):
+        try:
+            source = tf.experimental.dlpack.from_dlpack(matrix.__dlpack__())
+        except Exception:  # noqa: BLE001 - a dtype DLPack does not carry
+            source = matrix
+    return tf.transpose(tf.convert_to_tensor(source))
 
 
 def gelu(x):
@@ -317,19 +361,62 @@ class KerasAdapter(FrameworkAdapter):
         placed = self.model.weights[0].value.device
         return placed.rsplit("device:", 1)[-1].lower() if placed else "cpu:0"
 
+    def _host_layers(self) -> dict[str, list[np.ndarray]]:
+        """{layer name: its variables' values}, as views of their memory where TensorFlow lends it (host_view):
+        valid while nothing assigns them, so only for converting at once."""
+        return {name: [host_view(tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype)) for v in variables]
+                for name, variables in self._variables().items()}
+
     def get_weights(self) -> WeightSet:
-        layers = {name: [tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype).numpy() for v in variables]
-                  for name, variables in self._variables().items()}
-        return keras_to_canonical(layers, self.resolved)
+        return keras_to_canonical(self._host_layers(), self.resolved)
+
+    def read_weights(self, out: WeightSet) -> None:
+        """Converted from the variables' own memory straight into `out`: no copy of the set between."""
+        keras_into_canonical(self._host_layers(), self.resolved, out)
+
+    def weight_views(self) -> WeightSet | None:
+        """The canonical tensors as views of the variables' memory (a dense kernel [in, out] seen as [out, in]:
+        strided, sent band by band), other kinds' small tensors converted; only where the variables are in
+        host memory (else None: the worker sends from a snapshot)."""
+        if any("GPU" in v.device.upper() for layer in self._variables().values() for v in layer):
+            return None
+        return keras_canonical_views(self._host_layers(), self.resolved)
+
+    def _keras_values(self, weights: Mapping[str, np.ndarray], variables: dict[str, list[tf.Variable]]) -> dict[str, list]:
+        """{layer name: its variables' new values}: a large plain dense kernel (the layout's transpose, no flatten
+        before it) transposed by TensorFlow into its own memory (transposed_tensor) where the variable is in host
+        memory; every other layer by the layout (fresh aligned arrays, weightrelay.layouts)."""
+        values = {}
+        for r in self.resolved.layers:
+            if not r.params:
+                continue
+            tensors = r.tensors(weights)
+            weight, kernel = tensors.get("weight"), variables[r.name][0]
+            # both sides over 1: TensorFlow's transpose of a [1, n] or [n, 1] matrix shares its input's memory
+            if (r.kind == "dense" and r.flattened_from is None and weight.nbytes >= TILED_TRANSPOSE_BYTES and min(weight.shape) > 1
+                    and "GPU" not in kernel.device.upper()):
+                values[r.name] = [transposed_tensor(weight), fresh_copy(tensors["bias"])]
+            else:
+                values[r.name] = canonical_to_keras(weights, self.resolved, only=r.name)[r.name]
+        return values
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        layers = canonical_to_keras(weights, self.resolved)
-        pairs = [pair for name, variables in self._variables().items() for pair in zip(variables, layers[name], strict=True)]
+        """Converted (_keras_values) and checked, every variable, before any is assigned; each new value becomes
+        the variable's memory (a tensor TensorFlow made, or owned_tensor): no copy beyond the conversion."""
+        variables = self._variables()
+        values = self._keras_values(weights, variables)
+        pairs = [pair for name, layer in variables.items() for pair in zip(layer, values[name], strict=True)]
         for variable, value in pairs:  # all checked before any is assigned
-            if tuple(value.shape) != tuple(variable.shape) or value.dtype != variable.dtype.as_numpy_dtype:
-                raise ValueError(f"variable {variable.name}: expected {variable.dtype.name} {list(variable.shape)}, got {value.dtype} {list(value.shape)}")
-        for variable, value in pairs:
+            if tuple(value.shape) != tuple(variable.shape) or tf.as_dtype(value.dtype) != variable.dtype:
+                raise ValueError(f"variable {variable.name}: expected {variable.dtype.name} {list(variable.shape)}, "
+                                 f"got {tf.as_dtype(value.dtype).name} {list(value.shape)}")
+        del values  # each value is the variable's memory once assigned: the old one goes as soon as it is replaced
+        while pairs:
+            variable, value = pairs.pop(0)
+            if isinstance(value, np.ndarray):
+                value = owned_tensor(value, variable.device)
             tf.raw_ops.AssignVariableOp(resource=variable.handle, value=value)
+            del value
 
     def _touch_variables(self) -> None:
         """Read every weight variable and assign it what was read (its own value, nothing changes).

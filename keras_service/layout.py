@@ -27,7 +27,12 @@ def listed(core: Layout[dict[str, np.ndarray]], order: tuple[str, ...]) -> Layou
         arrays = core.to_framework(tensors, r)
         return [arrays[part] for part in order]
 
-    return Layout(to_keras, lambda arrays, r: core.to_canonical(dict(zip(order, arrays, strict=True)), r))
+    def by_part(arrays):
+        return dict(zip(order, arrays, strict=True))
+
+    return Layout(to_keras, lambda arrays, r: core.to_canonical(by_part(arrays), r),
+                  lambda arrays, r, out: core.read_into(by_part(arrays), r, out),
+                  lambda arrays, r: core.canonical_views(by_part(arrays), r))
 
 
 BATCHNORM_ORDER = ("weight", "bias", "running_mean", "running_var")  # Keras: gamma, beta, moving mean, moving variance
@@ -54,9 +59,26 @@ LAYOUTS: dict[str, Layout[KerasWeights]] = {
 }
 
 
-def canonical_to_keras(weights: Mapping[str, np.ndarray], model: ResolvedModel) -> dict[str, list[np.ndarray]]:
-    """{layer name: the list Keras' layer.set_weights takes} for every layer with tensors."""
-    return {r.name: LAYOUTS[r.kind].to_framework(r.tensors(weights), r) for r in model.layers if r.params}
+def canonical_to_keras(weights: Mapping[str, np.ndarray], model: ResolvedModel, only: str | None = None) -> dict[str, list[np.ndarray]]:
+    """{layer name: the list Keras' layer.set_weights takes} for every layer with tensors (`only`: that layer alone)."""
+    return {r.name: LAYOUTS[r.kind].to_framework(r.tensors(weights), r) for r in model.layers if r.params and only in (None, r.name)}
+
+
+def keras_into_canonical(layer_weights: Mapping[str, KerasWeights], model: ResolvedModel, out: WeightSet) -> None:
+    """keras_to_canonical written into `out`'s arrays (the manifest's tensors, by name) instead of fresh ones."""
+    for r in model.layers:
+        if r.params:
+            LAYOUTS[r.kind].read_into(layer_weights[r.name], r, r.tensors(out))
+
+
+def keras_canonical_views(layer_weights: Mapping[str, KerasWeights], model: ResolvedModel) -> WeightSet:
+    """keras_to_canonical as views of the arrays given where a kind's conversion is a plain transpose
+    (Layout.canonical_views), fresh arrays elsewhere."""
+    weights: WeightSet = {}
+    for r in model.layers:
+        if r.params:
+            weights.update(r.named(LAYOUTS[r.kind].canonical_views(layer_weights[r.name], r)))
+    return weights
 
 
 def keras_to_canonical(layer_weights: Mapping[str, KerasWeights], model: ResolvedModel) -> WeightSet:

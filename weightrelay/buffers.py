@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import threading
 from pathlib import Path
 from typing import Iterable
@@ -49,16 +50,26 @@ def keep_freed_memory() -> bool:
 ALIGNMENT = 64
 
 
-def peak_rss_bytes(pid: int | str = "self") -> int:
-    """A process's peak resident set, VmHWM (getrusage's ru_maxrss keeps a parent's peak across exec); 0 where
-    /proc is missing. Writing 5 to /proc/PID/clear_refs resets it (bench.transfer, before each move)."""
+def _status_bytes(pid: int | str, field: str) -> int:
+    """A size line of /proc/PID/status (kB) in bytes; 0 where /proc is missing."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def peak_rss_bytes(pid: int | str = "self") -> int:
+    """A process's peak resident set, VmHWM (getrusage's ru_maxrss keeps a parent's peak across exec); 0 where
+    /proc is missing. Writing 5 to /proc/PID/clear_refs resets it (bench.transfer, before each move)."""
+    return _status_bytes(pid, "VmHWM")
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident set now, VmRSS; 0 where /proc is missing."""
+    return _status_bytes(pid, "VmRSS")
 
 
 def arena_bytes(specs: Iterable[TensorSpec]) -> int:
@@ -66,18 +77,27 @@ def arena_bytes(specs: Iterable[TensorSpec]) -> int:
     return sum(-(-spec.nbytes // ALIGNMENT) * ALIGNMENT for spec in specs)
 
 
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts at a multiple of ALIGNMENT bytes (TensorFlow
+    takes only such memory as a tensor's own, and XLA on the CPU shares only such memory, without a copy)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    start = (-raw.ctypes.data) % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 class Arena:
     """One flat buffer handed out as arrays, front to back."""
 
     def __init__(self, nbytes: int):
-        self.buffer = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
-        self._start = (-self.buffer.ctypes.data) % ALIGNMENT
+        self.buffer = aligned_empty((nbytes,), np.uint8)
         self._used = 0
         self.generation = 0
 
     @property
     def nbytes(self) -> int:
-        return len(self.buffer) - ALIGNMENT
+        return len(self.buffer)
 
     def reset(self) -> None:
         self._used = 0
@@ -87,7 +107,7 @@ class Arena:
         storage = storage_dtype(spec.dtype)
         if self._used + spec.nbytes > self.nbytes:
             return np.empty(spec.shape, dtype=storage)
-        begin = self._start + self._used
+        begin = self._used
         self._used += -(-spec.nbytes // ALIGNMENT) * ALIGNMENT
         return self.buffer[begin : begin + spec.nbytes].view(storage).reshape(spec.shape)
 

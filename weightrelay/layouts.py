@@ -14,9 +14,13 @@ position embedding's [tokens, features] table (tokens are row-major over H, W ev
 same in every layout. Attention is canonical in PyTorch's packing (`in_proj_weight` [3D, D]: q, k, v
 stacked; `out_proj.weight` [D, D]); Keras and Flax hold one kernel [D, heads, head_dim] and bias
 [heads, head_dim] per projection and an output kernel [heads, head_dim, D]. Every conversion copies
-into fresh C-contiguous arrays (np.array, not ascontiguousarray, which hands back its input where that
-already is contiguous, as a kernel with a dimension of 1 is): the worker reuses a received set's memory
-and a framework may keep the very array it is assigned. A round trip is bit-exact.
+into fresh C-contiguous arrays, aligned (buffers.aligned_empty: so that a framework can take them as its
+own memory without another copy), never handing back its input (the worker reuses a received set's
+memory and a framework may keep the very array it is assigned). A round trip is bit-exact.
+`Layout.read_into` writes a kind's canonical tensors straight into arrays the caller gives (a worker's
+reused send buffer) instead of fresh ones.
+
+Large dense kernels are transposed tile by tile (`weightrelay.transpose`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 import numpy as np
 
+from weightrelay.buffers import aligned_empty
 from weightrelay.layers import ResolvedLayer
+from weightrelay.transpose import transpose_into
 
 F = TypeVar("F")
 #: one layer's canonical tensors by part: {"weight": ..., "bias": ...}
@@ -41,6 +47,27 @@ class Layout(Generic[F]):
 
     to_framework: Callable[[Tensors, ResolvedLayer], F]
     to_canonical: Callable[[F, ResolvedLayer], dict[str, np.ndarray]]
+    #: `into(form, r, out)`: what to_canonical gives, written into `out`'s arrays (by part) instead of fresh
+    #: ones; None: to_canonical's arrays are copied there (for kinds whose tensors are small)
+    into: Callable[[F, ResolvedLayer, Tensors], None] | None = None
+    #: `view(form, r)`: the canonical tensors by part as views of the framework's memory where the conversion
+    #: is a plain transpose (numpy views, strided: read them before the framework changes its arrays); None:
+    #: to_canonical's fresh arrays
+    view: Callable[[F, ResolvedLayer], dict[str, np.ndarray]] | None = None
+
+    def read_into(self, form: F, r: ResolvedLayer, out: Tensors) -> None:
+        """The layer's canonical tensors, from the framework's `form`, written into `out` (by part, each of
+        its tensor's shape and dtype): without a full-size array between them where the kind has `into`."""
+        if self.into is not None:
+            self.into(form, r, out)
+            return
+        for part, array in self.to_canonical(form, r).items():
+            np.copyto(out[part], array)
+
+    def canonical_views(self, form: F, r: ResolvedLayer) -> dict[str, np.ndarray]:
+        """The layer's canonical tensors by part, as views of `form`'s memory where the kind has `view` (a
+        sender streams them band by band, codec.wire), else fresh arrays."""
+        return (self.view or self.to_canonical)(form, r)
 
 
 def _holds_none(form: Any, r: ResolvedLayer) -> Any:
@@ -51,31 +78,56 @@ def _holds_none(form: Any, r: ResolvedLayer) -> Any:
 NO_TENSORS: Layout[Any] = Layout(_holds_none, _holds_none)
 
 
+# -- fresh arrays ----------------------------------------------------------------------------
+def fresh_copy(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous, aligned copy of `array`."""
+    out = aligned_empty(array.shape, array.dtype)
+    np.copyto(out, array)
+    return out
+
+
+def transposed(src: np.ndarray) -> np.ndarray:
+    """src.T of a 2-D array as a fresh aligned C-contiguous array (transpose_into)."""
+    out = aligned_empty(src.shape[::-1], src.dtype)
+    transpose_into(src, out)
+    return out
+
+
 # -- the arithmetic ---------------------------------------------------------------------------
+def _rows_hwc_from_chw(rows: np.ndarray, c: int, h: int, w: int) -> np.ndarray:
+    """[c*h*w, n] rows in C, H, W order -> a fresh array of them in H, W, C order (whole rows move)."""
+    return fresh_copy(rows.reshape(c, h, w, -1).transpose(1, 2, 0, 3).reshape(h * w * c, -1))
+
+
+def _rows_chw_from_hwc(rows: np.ndarray, c: int, h: int, w: int) -> np.ndarray:
+    """Inverse of _rows_hwc_from_chw."""
+    return fresh_copy(rows.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(c * h * w, -1))
+
+
 def dense_to_in_out(weight: np.ndarray, flattened_from: tuple[int, int, int] | None = None) -> np.ndarray:
     """[out, in] -> [in, out]; after a flatten of (C, H, W), rows reordered C, H, W -> H, W, C."""
     if flattened_from is None:
-        return np.array(weight.T, order="C")
-    c, h, w = flattened_from
-    return np.array(weight.reshape(-1, c, h, w).transpose(2, 3, 1, 0).reshape(h * w * c, -1), order="C")
+        return transposed(weight)
+    return _rows_hwc_from_chw(transposed(weight), *flattened_from)
 
 
-def dense_from_in_out(kernel: np.ndarray, flattened_from: tuple[int, int, int] | None = None) -> np.ndarray:
-    """Inverse of dense_to_in_out."""
-    if flattened_from is None:
-        return np.array(kernel.T, order="C")
-    c, h, w = flattened_from
-    return np.array(kernel.reshape(h, w, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * w), order="C")
+def dense_from_in_out(kernel: np.ndarray, flattened_from: tuple[int, int, int] | None = None,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of dense_to_in_out; written into `out` (the canonical shape) where given, which is returned."""
+    if out is None:
+        out = aligned_empty(kernel.shape[::-1], kernel.dtype)
+    transpose_into(kernel if flattened_from is None else _rows_chw_from_hwc(kernel, *flattened_from), out)
+    return out
 
 
 def conv_to_hwio(weight: np.ndarray) -> np.ndarray:
     """[out, in, kh, kw] (OIHW) -> [kh, kw, in, out] (HWIO)."""
-    return np.array(weight.transpose(2, 3, 1, 0), order="C")
+    return fresh_copy(weight.transpose(2, 3, 1, 0))
 
 
 def conv_from_hwio(kernel: np.ndarray) -> np.ndarray:
     """[kh, kw, in, out] (HWIO) -> [out, in, kh, kw] (OIHW)."""
-    return np.array(kernel.transpose(3, 2, 0, 1), order="C")
+    return fresh_copy(kernel.transpose(3, 2, 0, 1))
 
 
 def qkv_to_heads(in_proj_weight: np.ndarray, in_proj_bias: np.ndarray, heads: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -115,23 +167,34 @@ def to_nhwc(x: np.ndarray) -> np.ndarray:
 
 # -- each kind's channels-last layout, by part ------------------------------------------------
 def _dense_to_channels_last(tensors: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {"kernel": dense_to_in_out(tensors["weight"], r.flattened_from), "bias": np.array(tensors["bias"])}
+    return {"kernel": dense_to_in_out(tensors["weight"], r.flattened_from), "bias": fresh_copy(tensors["bias"])}
 
 
 def _dense_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {"weight": dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from), "bias": np.array(arrays["bias"])}
+    return {"weight": dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from), "bias": fresh_copy(np.asarray(arrays["bias"]))}
+
+
+def _dense_views(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
+    if r.flattened_from is not None:  # rows reordered too: no view
+        return _dense_from_channels_last(arrays, r)
+    return {"weight": np.asarray(arrays["kernel"]).T, "bias": np.asarray(arrays["bias"])}
+
+
+def _dense_into_canonical(arrays: Tensors, r: ResolvedLayer, out: Tensors) -> None:
+    dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from, out=out["weight"])
+    np.copyto(out["bias"], arrays["bias"])
 
 
 def _conv2d_to_channels_last(tensors: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {"kernel": conv_to_hwio(tensors["weight"]), "bias": np.array(tensors["bias"])}
+    return {"kernel": conv_to_hwio(tensors["weight"]), "bias": fresh_copy(tensors["bias"])}
 
 
 def _conv2d_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {"weight": conv_from_hwio(np.asarray(arrays["kernel"])), "bias": np.array(arrays["bias"])}
+    return {"weight": conv_from_hwio(np.asarray(arrays["kernel"])), "bias": fresh_copy(np.asarray(arrays["bias"]))}
 
 
 def _copies(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {part: np.array(array) for part, array in arrays.items()}
+    return {part: fresh_copy(np.asarray(array)) for part, array in arrays.items()}
 
 
 PROJECTIONS = ("query", "key", "value")
@@ -154,7 +217,7 @@ def _attention_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str
 #: {"kernel", "bias"}; batchnorm, layernorm and position_embedding their canonical parts (they need no
 #: conversion); multihead_attention {"query_kernel", "query_bias", "key_...", "value_...", "out_kernel", "out_bias"}.
 CHANNELS_LAST: dict[str, Layout[dict[str, np.ndarray]]] = {
-    "dense": Layout(_dense_to_channels_last, _dense_from_channels_last),
+    "dense": Layout(_dense_to_channels_last, _dense_from_channels_last, _dense_into_canonical, _dense_views),
     "conv2d": Layout(_conv2d_to_channels_last, _conv2d_from_channels_last),
     "maxpool2d": NO_TENSORS,
     "flatten": NO_TENSORS,

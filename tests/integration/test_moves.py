@@ -166,12 +166,39 @@ def test_large_sets_land_exactly_and_train_on_in_every_direction(torch_worker, j
             client.initialize("mlp", 0, "mnist", "")
 
 
-def test_a_large_set_read_slowly_leaves_the_model_to_other_calls_and_arrives_as_it_was(torch_worker, start_worker):
-    """A large set streams straight from a PyTorch model's memory (store.DirectRead) while the model is
-    held; a call that wants the model meanwhile (a SetWeights, a Train, a second GetWeights) gets it
-    without waiting for the slow reader, and the reader still receives the weights of when it started."""
-    other = start_worker("torch")
-    worker = torch_worker.client
+def test_large_sets_land_exactly_in_and_out_of_the_channels_last_frameworks_and_train_on(torch_worker, keras_worker, jax_worker):
+    """Keras and JAX convert a large set once, tile by tile, and take the converted arrays as their variables'
+    own memory (Keras through DLPack, JAX by device_put), and send theirs converted straight from that memory:
+    in every direction between them and PyTorch, with training between (which then updates that memory), each
+    model holds exactly what was sent to it; a refused pull leaves a Keras model as it was."""
+    torch, keras, jax = torch_worker.client, keras_worker.client, jax_worker.client
+    train = pb.TrainRequest(max_steps=2, batch_size=32, learning_rate=0.05, seed=3)
+    try:
+        for seed, client in enumerate((torch, keras, jax), 1):
+            client.initialize(LARGE, seed=seed)
+        for sender, receiver, via in ((keras, torch, False), (torch, keras, False), (keras, jax, True), (jax, keras, False), (keras, torch, True)):
+            sender.train_to_end(train)  # a Keras sender trains the memory it took in the move before
+            sent = sender.get_weights()
+            assert move(sender, receiver, via_coordinator=via, timeout=120).sha256 == sender.describe().weights_sha256
+            assert _same(receiver.get_weights(), sent)
+        held = keras.get_weights()
+        with pytest.raises(grpc.RpcError) as info:
+            keras.stub.PullWeights(pb.PullWeightsRequest(address=jax_worker.address, expected_sha256="0" * 64), timeout=120)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert _same(keras.get_weights(), held) and keras.describe().weights_sha256 == torch.describe().weights_sha256
+    finally:
+        for client in (torch, keras, jax):
+            client.initialize("mlp", 0, "mnist", "")
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras", "jax"])
+def test_a_large_set_read_slowly_leaves_the_model_to_other_calls_and_arrives_as_it_was(framework, request, start_worker):
+    """A large set streams straight from the model's memory (store.DirectRead: PyTorch's parameters as they
+    are, Keras' and JAX's kernels transposed band by band as the stream goes) while the model is held; a
+    call that wants the model meanwhile (a SetWeights, a Train, a second GetWeights) gets it without
+    waiting for the slow reader, and the reader still receives the weights of when it started."""
+    other = start_worker(framework)
+    worker = request.getfixturevalue(f"{framework}_worker").client
     try:
         worker.initialize(LARGE, seed=1)
         other.client.initialize(LARGE, seed=2)

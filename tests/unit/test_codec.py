@@ -392,3 +392,27 @@ def test_non_finite_values_in_pieces_that_split_values_are_found_and_named(chunk
         digest = codec.StreamMessage((), dataclasses.replace(decoded[-1].digest, sha256="0" * 64))
         with pytest.raises(codec.TensorError, match="checksum mismatch"):  # a damaged stream is named as such first
             codec.receive_weights(decoded[:-1] + [digest], manifest)
+
+
+@pytest.mark.parametrize("band", [32 << 20, 30_000])
+@pytest.mark.parametrize("chunk", [0, 70_000, 5_000, 4_096])
+def test_a_transposed_view_goes_out_as_the_canonical_matrix_band_by_band(chunk, band, monkeypatch):
+    """A framework's [in, out] kernel seen as [out, in] (a view whose transpose is contiguous, as Keras and
+    JAX senders lend it) streams as the C-order bytes of that view: pieces of whole rows where a row fits,
+    a row split where it does not, the same messages and checksum as a contiguous copy of it."""
+    kernels = {"fc.weight": RNG.standard_normal((700, 300)).astype(np.float32),  # seen as [300, 700]: 2800 bytes a row
+               "wide.weight": RNG.standard_normal((1500, 2)).astype(np.float64)}  # [2, 1500]: 12000 bytes a row, split below that
+    monkeypatch.setattr(codec.wire, "BAND_BYTES", band)  # one band, or several
+    views = {name: kernel.T for name, kernel in kernels.items()}
+    copies = {name: np.ascontiguousarray(view) for name, view in views.items()}
+    assert all(not v.flags.c_contiguous for v in views.values())
+    sha = codec.weights_sha256(copies)
+    encoded = list(codec.encode_weight_chunks(views, chunk, sha256=sha))
+    back, received_sha = codec.receive_weights(pb.WeightsChunk.FromString(m) for m in encoded)
+    assert received_sha == sha and all(back[n].tobytes() == copies[n].tobytes() for n in copies)
+    limit = codec.MAX_CHUNK_BYTES if chunk == 0 else max(chunk, 0)
+    pieces = [pb.WeightsChunk.FromString(m).piece for m in encoded[:-1]]
+    assert all(len(p.tensor.data) <= limit for p in pieces)
+    row_bytes = {"fc.weight": 700 * 4, "wide.weight": 1500 * 8}
+    whole_rows = [p for p in pieces if row_bytes[p.tensor.name] <= limit]
+    assert whole_rows and all(p.offset % row_bytes[p.tensor.name] == 0 for p in whole_rows)

@@ -12,9 +12,11 @@ import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 from sklearn.datasets import load_digits
 
-from keras_service.layout import canonical_to_keras, keras_to_canonical
+from jax_service.layout import canonical_to_flax, flax_into_canonical
+from keras_service.layout import canonical_to_keras, keras_into_canonical, keras_to_canonical
+from weightrelay.buffers import ALIGNMENT
 from weightrelay.layouts import conv_from_hwio, conv_to_hwio, dense_from_in_out, dense_to_in_out
-from weightrelay import models, reference
+from weightrelay import layouts, models, reference, transpose
 from weightrelay.models import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ModelSpec
 
 RNG = np.random.default_rng(7)
@@ -181,3 +183,33 @@ def test_flax_layout_computes_the_reference_forward_pass_and_round_trips(name):
     np.testing.assert_allclose(keras_forward(model, as_keras_lists, x), reference.forward(model, weights, x), rtol=1e-9, atol=1e-9)
     back = flax_to_canonical(params, stats, model)
     assert back.keys() == weights.keys() and all(back[k].tobytes() == weights[k].tobytes() for k in weights)
+
+
+def test_tiled_transposes_equal_numpys_bit_for_bit_at_any_shape_and_strides():
+    """Matrices past TILED_TRANSPOSE_BYTES go tile by tile on threads; edges that fill no whole tile or block,
+    a strided source and another dtype come out exactly as numpy's own transposing copy."""
+    for shape, dtype in (((1100, 700), np.float32), ((70, 2300), np.float64), ((4, 70000), np.float32)):
+        source = RNG.standard_normal(shape).astype(dtype)
+        assert source.nbytes >= transpose.TILED_TRANSPOSE_BYTES
+        for view in (source, source[::2, 1:]):
+            out = layouts.transposed(view)
+            assert out.tobytes() == np.ascontiguousarray(view.T).tobytes() and out.flags.c_contiguous
+            assert out.ctypes.data % ALIGNMENT == 0
+    with pytest.raises(ValueError, match=r"\[3, 2\] does not transpose to \[3, 2\]"):
+        transpose.transpose_into(np.zeros((3, 2)), np.zeros((3, 2)))
+
+
+def test_reading_into_given_arrays_equals_the_fresh_conversion():
+    """Layout.read_into (the send buffer filled straight from the framework's arrays) gives what to_canonical
+    gives, for every kind with tensors, in Keras' and Flax's containers, and large kernels among them."""
+    for name, shape in (("lenet", (1, 28, 28)), ("cnn-bn", (3, 16, 16)), ("mlp:2048,640", (1, 28, 28))):
+        model = models.resolve(models.builtin(name), shape, 10)
+        weights = random_weights(model)
+        into = {key: np.full_like(array, np.nan) for key, array in weights.items()}
+        keras_into_canonical(canonical_to_keras(weights, model), model, into)
+        assert all(into[key].tobytes() == weights[key].tobytes() for key in weights), name
+        into = {key: np.full_like(array, np.nan) for key, array in weights.items()}
+        flax_into_canonical(*canonical_to_flax(weights, model), model, into)
+        assert all(into[key].tobytes() == weights[key].tobytes() for key in weights), name
+        converted = [a for arrays in canonical_to_keras(weights, model).values() for a in arrays]
+        assert all(a.ctypes.data % ALIGNMENT == 0 and a.flags.c_contiguous for a in converted), name

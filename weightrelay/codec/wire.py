@@ -13,7 +13,8 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 
 from weightrelay.codec.checksum import weights_sha256
-from weightrelay.codec.tensors import TensorSpec, dtype_to_proto, little_endian_view
+from weightrelay.codec.tensors import TensorSpec, dtype_name, dtype_to_proto, little_endian_view
+from weightrelay.transpose import rows_into
 from weightrelay.v1 import worker_pb2 as pb
 
 #: Most tensor bytes in one stream message: 4 MiB less 4 KiB of room for the envelope,
@@ -96,15 +97,59 @@ def _chunk_bytes(max_chunk_bytes: int) -> int:
     return MAX_CHUNK_BYTES if max_chunk_bytes <= 0 else min(max_chunk_bytes, MAX_CHUNK_BYTES)
 
 
+#: The size of the bands a transposed matrix is converted in as it is sent (_band_pieces).
+BAND_BYTES = 32 * 1024 * 1024
+
+
+def _banded(array: np.ndarray) -> bool:
+    """Whether `array` is sent band by band (_band_pieces): a non-empty 2-D matrix whose transpose is
+    C-contiguous (a framework's [in, out] kernel seen as the canonical [out, in]), little-endian."""
+    return (array.ndim == 2 and array.size > 0 and not array.flags.c_contiguous and array.T.flags.c_contiguous
+            and array.dtype.str[0] in "<|" and dtype_name(array.dtype) != "bfloat16")
+
+
+def _band_pieces(weights: Mapping[str, np.ndarray], name: str, spec: TensorSpec, chunk: int) -> Iterator[tuple[str, TensorSpec, int, memoryview]]:
+    """The pieces of a _banded tensor: as many whole rows as fit a piece (a row longer than a piece is
+    split), cut from bands of about BAND_BYTES, each transposed from the matrix's memory as the stream
+    reaches it: the conversion runs beside the transfer, and no copy of the whole matrix is made. A
+    band reads whole pages of every row of the matrix's memory (fewer, larger transposes than one
+    per piece)."""
+    rows, columns = spec.shape
+    row_bytes = columns * np.dtype(weights[name].dtype).itemsize
+    per_piece = max(1, chunk // row_bytes)
+    per_band = per_piece * max(1, BAND_BYTES // (per_piece * row_bytes))
+    offset = 0
+    for row in range(0, rows, per_band):
+        stop = min(rows, row + per_band)
+        array = weights[name]  # may have become a contiguous copy meanwhile (store.DirectRead)
+        band = np.empty((stop - row, columns), array.dtype)
+        if _banded(array):
+            rows_into(array, row, stop, band)
+        else:
+            np.copyto(band, array[row:stop])
+        data = memoryview(band.reshape(-1)).cast("B")
+        step = per_piece * row_bytes  # whole rows in a piece, or one row cut into several
+        for start in range(0, len(data), step):
+            unit = data[start : start + step]
+            for cut in range(0, len(unit), chunk):
+                piece = unit[cut : cut + chunk]
+                yield name, spec, offset, piece
+                offset += len(piece)
+
+
 def _pieces(weights: Mapping[str, np.ndarray], max_chunk_bytes: int) -> Iterator[tuple[str, TensorSpec, int, memoryview]]:
     """(name, spec, offset, bytes) of each piece of a weights stream: tensors in name order, each in
     pieces of at most `max_chunk_bytes` (0: MAX_CHUNK_BYTES); an empty tensor is one empty piece.
     Each piece is cut from what `weights[name]` is when the piece is made (a worker's direct read
-    swaps the model's memory for a copy mid-stream; see store.DirectRead)."""
+    swaps the model's memory for a copy mid-stream; see store.DirectRead); a matrix whose transpose
+    is contiguous goes out in bands of whole rows (_band_pieces)."""
     chunk = _chunk_bytes(max_chunk_bytes)
     for name in sorted(weights):
         array = weights[name]
         spec = TensorSpec.of(name, array)
+        if _banded(array):
+            yield from _band_pieces(weights, name, spec, chunk)
+            continue
         data = little_endian_view(array)
         offset = 0
         while True:

@@ -1,0 +1,109 @@
+"""`python -m bench.transfer --pairs`: one set size moved in each direction between frameworks, both paths,
+with each worker's memory beside its set.
+
+For each pair FROM:TO two fresh workers start (the sender seeded 1, the receiver 2, so the weights
+differ), each with the seed's MLP: its resident set then is its start-up size. Both build the model
+(`--size`, 1 GiB by default), and `coordinator move --repeat N` moves the sender's set into the
+receiver N times by pull, then N times forwarded through the coordinator. Reported: GB/s of the
+fastest move of each path, the pull's GB/s over the torch -> torch pull of the same run (the
+reference, always measured first), and of each worker: its resident set once idle after the moves and
+its peak during them (the high-water mark is reset first), each less its start-up size, over the set.
+Only one pair of workers lives at a time. The current figures are in bench/README.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+from pathlib import Path
+
+from bench.common import Worker, table, write
+from weightrelay.buffers import peak_rss_bytes, rss_bytes
+
+#: framework -> the modules its worker needs (found without importing them)
+FRAMEWORK_MODULES = {"torch": ("torch",), "keras": ("tensorflow", "keras"), "jax": ("jax", "flax")}
+REFERENCE = ("torch", "torch")
+
+
+def installed() -> list[str]:
+    return [name for name, modules in FRAMEWORK_MODULES.items() if all(importlib.util.find_spec(m) for m in modules)]
+
+
+def parse_pairs(text: str, frameworks: list[str]) -> list[tuple[str, str]]:
+    """"all" (the reference, then every ordered pair of two installed frameworks) or "a:b,c:d"; the reference
+    is put first where missing, so that every run has its own."""
+    if text == "all":
+        pairs = [REFERENCE, *itertools.permutations(frameworks, 2)]
+    else:
+        pairs = []
+        for item in text.split(","):
+            sender, _, receiver = item.strip().partition(":")
+            if sender not in FRAMEWORK_MODULES or receiver not in FRAMEWORK_MODULES:
+                raise SystemExit(f"--pairs: {item!r} is not FROM:TO of {', '.join(FRAMEWORK_MODULES)}")
+            pairs.append((sender, receiver))
+    missing = sorted({f for pair in pairs for f in pair} - set(frameworks))
+    if missing:
+        raise SystemExit(f"--pairs: {', '.join(missing)} not installed here (installed: {', '.join(frameworks) or 'none'})")
+    return pairs if REFERENCE in pairs else [REFERENCE, *pairs]
+
+
+def measure_pair(sender_fw: str, receiver_fw: str, model: str, nbytes: int, repeats: int, device: str) -> dict:
+    """Both paths of one direction, and both workers' memory over the set (see the module's docstring)."""
+    from bench.transfer import coordinator_move, reset_peak
+
+    workers = {}
+    try:
+        workers["sender"] = Worker(sender_fw, ["--seed", "1", "--device", device])
+        workers["receiver"] = Worker(receiver_fw, ["--seed", "2", "--device", device])
+        pids = {role: worker.process.process.pid for role, worker in workers.items()}
+        for worker in workers.values():
+            worker.client.describe()
+        start = {role: rss_bytes(pid) for role, pid in pids.items()}
+        workers["sender"].client.initialize(model, seed=1)
+        workers["receiver"].client.initialize(model, seed=2)
+        for pid in pids.values():
+            reset_peak(pid)
+        paths = {}
+        for path, via in (("pull", False), ("forward", True)):
+            best = coordinator_move(workers["sender"].address, workers["receiver"].address, via, repeats)
+            assert best["checksum_matches"], best
+            paths[path] = best
+        peak = {role: peak_rss_bytes(pid) for role, pid in pids.items()}
+        idle = {role: rss_bytes(pid) for role, pid in pids.items()}
+    finally:
+        for worker in workers.values():
+            worker.stop()
+    memory = {f"{role}_{what}_over_set": (values[role] - start[role]) / nbytes
+              for role in pids for what, values in (("idle", idle), ("peak", peak))}
+    return {"from": sender_fw, "to": receiver_fw, "model": model, "set_bytes": nbytes, "device": device,
+            "start_rss_bytes": start, "idle_rss_bytes": idle, "peak_rss_bytes": peak, **memory,
+            "pull": paths["pull"], "forward": paths["forward"]}
+
+
+def run(pairs_text: str, size: str, repeats: int, device: str, out: Path | None) -> int:
+    from bench.transfer import SIZES, set_bytes
+
+    pairs = parse_pairs(pairs_text, installed())
+    model = SIZES[size]
+    nbytes = set_bytes(model)
+    records = []
+    for sender_fw, receiver_fw in pairs:
+        record = measure_pair(sender_fw, receiver_fw, model, nbytes, repeats, device)
+        records.append(record)
+        print(f"{sender_fw} -> {receiver_fw}: pull {record['pull']['gb_per_second']:.2f} GB/s, "
+              f"forward {record['forward']['gb_per_second']:.2f} GB/s", flush=True)
+    reference = next(r for r in records if (r["from"], r["to"]) == REFERENCE)["pull"]["gb_per_second"]
+    rows = []
+    for r in records:
+        r["pull_over_reference"] = r["pull"]["gb_per_second"] / reference
+        r["forward_over_reference"] = r["forward"]["gb_per_second"] / reference
+        rows.append([f"{r['from']} -> {r['to']}", r["pull"]["gb_per_second"], r["pull_over_reference"], r["forward"]["gb_per_second"],
+                     r["forward_over_reference"], f"{r['sender_idle_over_set']:.2f} / {r['sender_peak_over_set']:.2f}",
+                     f"{r['receiver_idle_over_set']:.2f} / {r['receiver_peak_over_set']:.2f}"])
+    print(f"{size} ({model}, {nbytes / 1e9:.2f} GB) on {device}, fastest of {repeats} moves per path; memory: above the worker's "
+          "start-up size with the seed's MLP, over the set")
+    print(table(["direction", "pull GB/s", "/ torch->torch pull", "forward GB/s", "/ torch->torch pull",
+                 "sender idle / peak", "receiver idle / peak"], rows))
+    name = "transfer-pairs" if device == "cpu" else f"transfer-pairs-{device}"
+    print(f"written: {write(name, {'size': size, 'repeats': repeats, 'device': device, 'pairs': records}, out)}")
+    return 0

@@ -17,10 +17,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jax_service.layout import canonical_to_flax, flax_canonical_views, flax_into_canonical, flax_to_canonical  # noqa: E402
+from jax_service.layout import canonical_to_flax, flax_canonical_views, flax_into_canonical, flax_to_canonical, transposed_kernels  # noqa: E402
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule, seed32  # noqa: E402
-from weightrelay.codec import WeightSet  # noqa: E402
+from weightrelay.buffers import aligned_empty  # noqa: E402
+from weightrelay.codec import TensorSpec, WeightSet  # noqa: E402
+from weightrelay.conversion import BandConversion  # noqa: E402
 from weightrelay.layouts import to_nhwc  # noqa: E402
+from weightrelay.transpose import TILED_TRANSPOSE_BYTES  # noqa: E402
 from weightrelay.models import INPUT, ResolvedLayer, ResolvedModel  # noqa: E402
 
 ACTIVATIONS = {"none": lambda x: x, "relu": nn.relu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid,
@@ -239,10 +242,19 @@ class JaxAdapter(FrameworkAdapter):
             return None
         return flax_canonical_views(*self._host_trees(), self.resolved)
 
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """The converted arrays are fresh and aligned (weightrelay.layouts), nothing else holds them: on the CPU
-        device_put takes them as the arrays' memory without a copy (none of the worker's reused memory)."""
-        params, stats = canonical_to_flax(weights, self.resolved)
+    def conversion(self, manifest: Mapping[str, TensorSpec]) -> BandConversion | None:
+        """On the CPU, large plain dense kernels transposed band by band while the set arrives, into fresh
+        aligned memory the arrays then take (set_weights' `converted`)."""
+        if self._device.platform != "cpu" or self.resolved is None:
+            return None
+        targets = transposed_kernels(self.resolved, TILED_TRANSPOSE_BYTES) & set(manifest)
+        return BandConversion(targets, aligned_empty) if targets else None
+
+    def set_weights(self, weights: Mapping[str, np.ndarray], converted: Mapping[str, np.ndarray] | None = None) -> None:
+        """The converted arrays are fresh and aligned (weightrelay.layouts; `converted`: kernels the receive's
+        conversion already made), nothing else holds them: on the CPU device_put takes them as the arrays'
+        memory without a copy (none of the worker's reused memory)."""
+        params, stats = canonical_to_flax(weights, self.resolved, converted)
         self.params, self.stats = jax.device_put((params, stats), self._device)
         self._in_numpy_memory = True
         _free_replaced_arrays()

@@ -21,7 +21,8 @@ from typing import Callable, Mapping, TypeVar
 import numpy as np
 
 from weightrelay import defaults
-from weightrelay.codec import WeightSet
+from weightrelay.codec import TensorSpec, WeightSet
+from weightrelay.conversion import BandConversion
 from weightrelay.models import ResolvedModel
 
 T = TypeVar("T")
@@ -306,7 +307,14 @@ class FrameworkAdapter(abc.ABC):
         """Replace all of the manifest's tensors; `weights` is already checked against it.
 
         Copy the values: the arrays' memory is reused for the next weight set once this returns.
+        An adapter whose `conversion` gives one also takes `converted=` {canonical name: the tensor already
+        in its own layout, fresh memory it may keep}: those tensors need no conversion.
         """
+
+    def conversion(self, manifest: Mapping[str, TensorSpec]) -> BandConversion | None:
+        """A conversion into this framework's layout to run while a set of `manifest` is received
+        (weightrelay.conversion), or None (this default): the set is converted in set_weights."""
+        return None
 
     def thread_free(self, operation: str, *args) -> bool:
         """Whether `operation(*args)` starts none of the framework's threads (plain memory copies, pointer

@@ -18,6 +18,7 @@ import grpc
 from weightrelay import codec
 from weightrelay.adapter import ModelThread
 from weightrelay.buffers import Arena, SpareBuffer, arena_bytes
+from weightrelay.conversion import BandConversion
 from weightrelay.errors import Refused
 from weightrelay.gate import ModelGate
 from weightrelay.v1 import worker_pb2 as pb
@@ -94,6 +95,8 @@ class Received:
     weights: codec.WeightSet
     sha256: str
     arena: Arena
+    #: the adapter's conversion that followed the receive (FrameworkAdapter.conversion), if any
+    conversion: BandConversion | None = None
 
 
 def _reply(weights: codec.WeightSet, sha: str) -> pb.SetWeightsReply:
@@ -204,14 +207,20 @@ class WeightStore:
         """A set streamed in, checked against the manifest and its digest, in an arena lent by the spare
         buffer; hand it to apply() or discard(). Raises codec.TensorError for any bad stream."""
         arena = self._lend(self.spare)
+        conversion = self.adapter.conversion(self.manifest)  # the framework's layout, made as the set arrives
         try:
-            weights, sha = codec.receive_weights(chunks, self.manifest, allocate=arena.array)
+            weights, sha = codec.receive_weights(chunks, self.manifest, allocate=arena.array,
+                                                 on_piece=conversion.written if conversion is not None else None)
         except BaseException:
+            if conversion is not None:
+                conversion.cancel()
             self.spare.give_back(arena)
             raise
-        return Received(weights, sha, arena)
+        return Received(weights, sha, arena, conversion)
 
     def discard(self, received: Received) -> None:
+        if received.conversion is not None:
+            received.conversion.cancel()
         self.spare.give_back(received.arena)
 
     def apply(self, received: Received, context: grpc.ServicerContext, method: str) -> pb.SetWeightsReply:
@@ -227,6 +236,8 @@ class WeightStore:
                 self.gate.let_go()
             return reply
         finally:
+            if received.conversion is not None:
+                received.conversion.cancel()  # used or not, it is done
             if free is not None:
                 self.spare.give_back(free)
 
@@ -262,14 +273,15 @@ class WeightStore:
             free, self._model_arena = self._model_arena, received.arena
             log.info("weights set (adopted): sha256 %s", sha[:12])
             return _reply(weights, sha), free
-        self._copy_in(weights)
+        self._copy_in(weights, received.conversion.converted(weights) if received.conversion is not None else {})
         self.sha256 = sha
         log.info("weights set: sha256 %s", sha[:12])
         return _reply(weights, sha), received.arena
 
-    def _copy_in(self, weights: codec.WeightSet) -> None:
+    def _copy_in(self, weights: codec.WeightSet, converted: dict | None = None) -> None:
         """set_weights, all or nothing: a small set (up to BACKUP_LIMIT_BYTES) with the model's weights
-        saved first, restored if that fails, and read back to compare with what was sent."""
+        saved first, restored if that fails, and read back to compare with what was sent. `converted`: some
+        of the set's tensors already in the framework's layout (the receive's conversion), for set_weights."""
         small = sum(w.nbytes for w in weights.values()) <= BACKUP_LIMIT_BYTES
         room = self._lend(self._swap_room, sets=2) if small else None
         previous: codec.WeightSet | None = None
@@ -279,7 +291,10 @@ class WeightStore:
             nonlocal previous, applied
             if room is not None:
                 previous = self._snapshot(room)  # the arena's first set
-            self.adapter.set_weights(weights)
+            if converted:
+                self.adapter.set_weights(weights, converted=converted)
+            else:
+                self.adapter.set_weights(weights)
             if room is not None:
                 applied = self._snapshot(room)  # its second
 

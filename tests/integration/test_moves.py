@@ -167,8 +167,9 @@ def test_large_sets_land_exactly_and_train_on_in_every_direction(torch_worker, j
 
 
 def test_large_sets_land_exactly_in_and_out_of_the_channels_last_frameworks_and_train_on(torch_worker, keras_worker, jax_worker):
-    """Keras and JAX convert a large set once, tile by tile, and take the converted arrays as their variables'
-    own memory (Keras through DLPack, JAX by device_put), and send theirs converted straight from that memory:
+    """Keras and JAX convert a large set once, tile by tile (JAX band by band as it arrives), and take the
+    converted arrays as their variables' own memory (Keras through DLPack, JAX by device_put), and send theirs
+    converted straight from that memory:
     in every direction between them and PyTorch, with training between (which then updates that memory), each
     model holds exactly what was sent to it; a refused pull leaves a Keras model as it was."""
     torch, keras, jax = torch_worker.client, keras_worker.client, jax_worker.client
@@ -186,6 +187,13 @@ def test_large_sets_land_exactly_in_and_out_of_the_channels_last_frameworks_and_
             keras.stub.PullWeights(pb.PullWeightsRequest(address=jax_worker.address, expected_sha256="0" * 64), timeout=120)
         assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert _same(keras.get_weights(), held) and keras.describe().weights_sha256 == torch.describe().weights_sha256
+        held = jax.get_weights()  # a JAX receiver converted the kernels as they came (BandConversion): none applied
+        with pytest.raises(grpc.RpcError) as info:
+            jax.stub.PullWeights(pb.PullWeightsRequest(address=torch_worker.address, expected_sha256="0" * 64), timeout=120)
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert _same(jax.get_weights(), held)
+        sent = torch.get_weights()  # and the next set is converted again from scratch
+        assert move(torch, jax, timeout=120).sha256 == torch.describe().weights_sha256 and _same(jax.get_weights(), sent)
     finally:
         for client in (torch, keras, jax):
             client.initialize("mlp", 0, "mnist", "")

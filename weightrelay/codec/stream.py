@@ -39,7 +39,7 @@ def _empty(spec: TensorSpec) -> np.ndarray:
 
 def receive_weights(
     chunks: Iterable[pb.WeightsChunk | StreamMessage], manifest: Mapping[str, TensorSpec] | None = None,
-    allocate: Callable[[TensorSpec], np.ndarray] = _empty,
+    allocate: Callable[[TensorSpec], np.ndarray] = _empty, on_piece: Callable[[str, np.ndarray, int], None] | None = None,
 ) -> tuple[WeightSet, str]:
     """Rebuild a weight set from a weights stream, checking it all along; also return its verified checksum.
 
@@ -52,11 +52,12 @@ def receive_weights(
     tensors arrive in name order (as `iter_weight_chunks` sends them) the checksum is computed as
     the bytes come, overlapping the transfer; other orders are hashed once complete. `allocate`
     gives the array a tensor is received into (little-endian, `storage_dtype`); a worker passes
-    buffers it reuses (weightrelay.buffers).
+    buffers it reuses (weightrelay.buffers). `on_piece(name, array, filled)`, where given, is told after
+    each piece which tensor's array now holds how many of its bytes (weightrelay.conversion follows it).
     """
     hasher = _BackgroundHash()
     try:
-        return _receive(chunks, _Assembler(manifest, allocate, hasher))
+        return _receive(chunks, _Assembler(manifest, allocate, hasher, on_piece))
     finally:
         hasher.close()  # nothing reads the arrays once this returns
 
@@ -102,8 +103,9 @@ class _Assembler:
     when complete instead."""
 
     def __init__(self, manifest: Mapping[str, TensorSpec] | None, allocate: Callable[[TensorSpec], np.ndarray],
-                 hasher: _BackgroundHash) -> None:
+                 hasher: _BackgroundHash, on_piece: Callable[[str, np.ndarray, int], None] | None = None) -> None:
         self._manifest = manifest
+        self._on_piece = on_piece
         self._allocate = allocate
         self._hasher = hasher
         self._tensors: dict[str, _Received] = {}
@@ -141,6 +143,8 @@ class _Assembler:
         tensor.filled = done + len(data)
         if self._in_order:
             self._hasher.update(tensor.view[done : done + len(data)])
+        if self._on_piece is not None:
+            self._on_piece(spec.name, tensor.array, tensor.filled)
 
     def _start(self, spec: TensorSpec, offset: int) -> _Received:
         """A new tensor, at its first piece: refused unless that piece starts at offset 0 and the tensor

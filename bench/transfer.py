@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs is not None:
         from bench import pairs
 
-        return pairs.run(args.pairs, args.size, args.repeats or 3, args.device, args.out)
+        return pairs.run(args.pairs, args.size, args.repeats or LARGE_SET_REPEATS, args.device, args.out)
     python = None if args.no_flower else flower_python(args.flower_python)
     sender, receiver = Worker("torch", ["--seed", "1"]), Worker("torch", ["--seed", "2"])
     rows, records, flower = [], [], {}

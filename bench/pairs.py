@@ -6,8 +6,9 @@ differ), each with the seed's MLP: its resident set then is its start-up size. B
 (`--size`, 1 GiB by default), and `coordinator move --repeat N` moves the sender's set into the
 receiver N times by pull, then N times forwarded through the coordinator. Reported: GB/s of the
 fastest move of each path, the pull's GB/s over the torch -> torch pull of the same run (the
-reference, always measured first), and of each worker: its resident set once idle after the moves and
-its peak during them (the high-water mark is reset first), each less its start-up size, over the set.
+reference, always measured first), and of each worker: its resident set once idle after the moves
+(a second after the last, when a worker has handed back its freed stream memory) and its peak during
+them (the high-water mark is reset first), each less its start-up size, over the set.
 Only one pair of workers lives at a time. The current figures are in bench/README.md.
 """
 
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import time
 from pathlib import Path
 
 from bench.common import Worker, table, write
 from weightrelay.buffers import peak_rss_bytes, rss_bytes
+from weightrelay.store import IDLE_TRIM_SECONDS
 
 #: framework -> the modules its worker needs (found without importing them)
 FRAMEWORK_MODULES = {"torch": ("torch",), "keras": ("tensorflow", "keras"), "jax": ("jax", "flax")}
@@ -69,6 +72,7 @@ def measure_pair(sender_fw: str, receiver_fw: str, model: str, nbytes: int, repe
             assert best["checksum_matches"], best
             paths[path] = best
         peak = {role: peak_rss_bytes(pid) for role, pid in pids.items()}
+        time.sleep(2 * IDLE_TRIM_SECONDS)  # idle: the workers hand back freed stream memory once the moves are over
         idle = {role: rss_bytes(pid) for role, pid in pids.items()}
     finally:
         for worker in workers.values():

@@ -46,6 +46,19 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, HEAP_ALLOCATIONS_UP_TO)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_FREE_BYTES))
 
 
+def release_freed_memory() -> bool:
+    """Hand the C library's free memory back to the system (glibc's malloc_trim: the heap's free pages,
+    also below its top); False where the C library is not glibc. keep_freed_memory keeps freed messages
+    for the next move; once the moves are over, this lets them go (weightrelay.store.IdleTrim)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
+
+
 #: Each array in an arena starts at a multiple of this many bytes (cache lines, SIMD loads).
 ALIGNMENT = 64
 

@@ -17,7 +17,7 @@ import grpc
 
 from weightrelay import codec
 from weightrelay.adapter import ModelThread
-from weightrelay.buffers import Arena, SpareBuffer, arena_bytes
+from weightrelay.buffers import Arena, SpareBuffer, arena_bytes, release_freed_memory
 from weightrelay.conversion import BandConversion
 from weightrelay.errors import Refused
 from weightrelay.gate import ModelGate
@@ -30,9 +30,48 @@ log = logging.getLogger("weightrelay.service")
 #: the stream only, so that a receiver holds about twice the set (its model and the set received)
 #: instead of four times.
 BACKUP_LIMIT_BYTES = 64 * 1024 * 1024
+#: Seconds without a move after which a worker hands its freed stream memory back (IdleTrim).
+IDLE_TRIM_SECONDS = 0.5
 #: Sets at least this large are streamed straight from the model's memory where the adapter offers it
 #: (FrameworkAdapter.weight_views) instead of from a snapshot; see DirectRead.
 DIRECT_READ_BYTES = 64 * 1024 * 1024
+
+
+class IdleTrim:
+    """Hands freed stream memory back to the system once no move has run for IDLE_TRIM_SECONDS.
+
+    A worker keeps the memory of freed stream messages for the next message and the next move
+    (buffers.keep_freed_memory): moves that follow each other reuse it. Kept after the last move, it
+    is up to a quarter of a 1 GiB set for nothing; so each move's end starts a timer, each move's start
+    stops it, and only a worker with no move running trims (buffers.release_freed_memory)."""
+
+    def __init__(self, seconds: float = IDLE_TRIM_SECONDS):
+        self.seconds = seconds
+        self._lock = threading.Lock()
+        self._moving = 0
+        self._timer: threading.Timer | None = None
+
+    def started(self) -> None:
+        with self._lock:
+            self._moving += 1
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def ended(self) -> None:
+        with self._lock:
+            self._moving -= 1
+            if self._moving == 0:
+                self._timer = threading.Timer(self.seconds, self._trim)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _trim(self) -> None:
+        with self._lock:
+            if self._moving or self._timer is None:
+                return
+            self._timer = None
+        release_freed_memory()
 
 
 class DirectRead:
@@ -116,6 +155,7 @@ class WeightStore:
         self._swap_room = SpareBuffer()  # two sets: the model's before and after a small set is applied
         self._model_arena: Arena | None = None  # the arena of the received set the model adopted last
         self._direct_read: DirectRead | None = None  # a GetWeights reading the model's memory
+        self.idle_trim = IdleTrim()  # freed stream memory handed back once the moves are over
         gate.on_wait = self._detach_direct_read
 
     @property
@@ -188,6 +228,7 @@ class WeightStore:
         """The serialized GetWeights messages of `outgoing`; gives back what it held when the stream ends."""
         chunk = max_chunk_bytes and max(max_chunk_bytes, codec.MIN_CHUNK_BYTES)
         direct, arena = outgoing.direct, outgoing.arena
+        self.idle_trim.started()
         try:
             if direct is None:
                 yield from codec.encode_weight_chunks(outgoing.weights, chunk, sha256=outgoing.sha256, pack=pack)
@@ -201,20 +242,24 @@ class WeightStore:
                     self._direct_read = None
             if arena is not None:
                 self.spare.give_back(arena)
+            self.idle_trim.ended()
 
     # -- receiving ----------------------------------------------------------------------------------
     def receive(self, chunks: Iterable[codec.StreamMessage]) -> Received:
         """A set streamed in, checked against the manifest and its digest, in an arena lent by the spare
         buffer; hand it to apply() or discard(). Raises codec.TensorError for any bad stream."""
         arena = self._lend(self.spare)
-        conversion = self.adapter.conversion(self.manifest)  # the framework's layout, made as the set arrives
+        self.idle_trim.started()  # ended by apply() or discard()
+        conversion = None
         try:
+            conversion = self.adapter.conversion(self.manifest)  # the framework's layout, made as the set arrives
             weights, sha = codec.receive_weights(chunks, self.manifest, allocate=arena.array,
                                                  on_piece=conversion.written if conversion is not None else None)
         except BaseException:
             if conversion is not None:
                 conversion.cancel()
             self.spare.give_back(arena)
+            self.idle_trim.ended()
             raise
         return Received(weights, sha, arena, conversion)
 
@@ -222,6 +267,7 @@ class WeightStore:
         if received.conversion is not None:
             received.conversion.cancel()
         self.spare.give_back(received.arena)
+        self.idle_trim.ended()
 
     def apply(self, received: Received, context: grpc.ServicerContext, method: str) -> pb.SetWeightsReply:
         """Apply a received set all or nothing (taking the model meanwhile); the spare buffer gets back
@@ -240,6 +286,7 @@ class WeightStore:
                 received.conversion.cancel()  # used or not, it is done
             if free is not None:
                 self.spare.give_back(free)
+            self.idle_trim.ended()
 
     def _check_still_fits(self, weights: codec.WeightSet, context: grpc.ServicerContext) -> None:
         """The set still fits the model (an Initialize may have changed it while the set streamed in), and

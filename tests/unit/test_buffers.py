@@ -37,3 +37,27 @@ def test_the_spare_is_reused_and_dropped_when_the_model_changes_size():
 
 def test_glibc_keeps_freed_memory_for_reuse():
     assert buffers.keep_freed_memory()  # these machines run glibc; elsewhere it returns False and changes nothing
+
+
+def test_freed_stream_memory_is_handed_back_only_once_no_move_has_run_for_a_while(monkeypatch):
+    """IdleTrim: a move's end starts the timer, the next move's start stops it; overlapping moves trim
+    only after the last one ends."""
+    import time
+
+    from weightrelay import store
+
+    trims = []
+    monkeypatch.setattr(store, "release_freed_memory", lambda: trims.append(time.monotonic()))
+    idle = store.IdleTrim(seconds=0.2)
+    idle.started()
+    idle.started()
+    idle.ended()  # one move still running: no timer
+    time.sleep(0.4)
+    assert trims == []
+    idle.ended()
+    idle.started()  # a move starts again before the timer fires
+    time.sleep(0.4)
+    assert trims == []
+    idle.ended()
+    time.sleep(0.5)
+    assert len(trims) == 1

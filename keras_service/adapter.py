@@ -15,7 +15,7 @@ import tensorflow as tf  # noqa: E402
 
 from keras_service.layout import canonical_to_keras, keras_canonical_views, keras_into_canonical, keras_to_canonical  # noqa: E402
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, Step, TrainConfig, schedule, seed32  # noqa: E402
-from weightrelay.buffers import ALIGNMENT  # noqa: E402
+from weightrelay.buffers import ALIGNMENT, same_view  # noqa: E402
 from weightrelay.codec import WeightSet  # noqa: E402
 from weightrelay.layouts import fresh_copy, to_nhwc  # noqa: E402
 from weightrelay.transpose import TILED_TRANSPOSE_BYTES  # noqa: E402
@@ -310,18 +310,11 @@ class _InputTensor:
         self._tensor: tf.Tensor | None = None
 
     def __call__(self, x: np.ndarray) -> tf.Tensor:
-        if self._array is None or not (self._array is x or _same_view(self._array, x)):
+        if self._array is None or not (self._array is x or same_view(self._array, x)):
             self._array, self._tensor = None, None  # let the previous one go first
             self._tensor = tf.constant(to_nhwc(x))
             self._array = x
         return self._tensor
-
-
-def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two arrays show the same memory the same way (same base, address, shape, strides and dtype)."""
-    base_a = a.base if a.base is not None else a
-    base_b = b.base if b.base is not None else b
-    return base_a is base_b and a.__array_interface__ == b.__array_interface__
 
 
 class KerasAdapter(FrameworkAdapter):

@@ -90,6 +90,14 @@ def arena_bytes(specs: Iterable[TensorSpec]) -> int:
     return sum(-(-spec.nbytes // ALIGNMENT) * ALIGNMENT for spec in specs)
 
 
+def same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two arrays show the same memory the same way (same base, address, shape, strides and dtype):
+    two views of one received set, say, made by different calls."""
+    base_a = a.base if a.base is not None else a
+    base_b = b.base if b.base is not None else b
+    return base_a is base_b and a.__array_interface__ == b.__array_interface__
+
+
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts at a multiple of ALIGNMENT bytes (TensorFlow
     takes only such memory as a tensor's own, and XLA on the CPU shares only such memory, without a copy)."""

@@ -21,17 +21,12 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from weightrelay.buffers import same_view
 from weightrelay.transpose import transpose_into
 
 #: Rows of a target converted in one go once they have all arrived: whole pages of each row of the
 #: result (fewer, larger strided writes than one per piece).
 BAND_ROWS = 1024
-
-
-def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
-    """Whether two arrays show the same memory the same way (a receiver's set is views of what it received into)."""
-    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
-            and a.strides == b.strides and a.dtype == b.dtype)
 
 
 class _Target:
@@ -102,7 +97,7 @@ class BandConversion:
         if self._failed is not None or self._cancelled:
             return {}
         return {name: t.out for name, t in self._targets.items()
-                if name in weights and _same_memory(weights[name], t.source) and t.queued == t.source.shape[0]}
+                if name in weights and same_view(weights[name], t.source) and t.queued == t.source.shape[0]}
 
     def cancel(self) -> None:
         """The set was refused or abandoned: stop, and let the results go."""

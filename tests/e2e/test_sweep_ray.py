@@ -27,13 +27,16 @@ lr = [0.01, 0.05]
 """
 #: Ray reads loopback addresses as this machine's outward one unless told it has no cluster beyond it.
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+#: Ray's own override of how long a node waits for its GCS server to start (30 s by default): a loaded two-core
+#: CI machine once took longer, and the test failed before it began.
+RAY_STARTUP = {"RAY_gcs_server_port_wait_time_s": "120"}
 
 
 @pytest.fixture
 def cluster(monkeypatch):
     """A head node (no CPUs: the drivers only) and two nodes of 4 CPUs, every process on 127.0.0.1; a lost
     node is known dead after about 1.5 s (Ray's default waits longer: the sweep then tries it again once more)."""
-    for key, value in LOOPBACK_ONLY.items():
+    for key, value in {**LOOPBACK_ONLY, **RAY_STARTUP}.items():
         monkeypatch.setenv(key, value)
     pytest.importorskip("ray", reason="the ray extra is not installed (pip install 'weightrelay[ray]')")
     from ray.cluster_utils import Cluster

@@ -234,13 +234,16 @@ class ModelThread:
 
     def _serve(self) -> None:
         while True:
-            function, args, kwargs, future = self._tasks.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(function(*args, **kwargs))
-            except BaseException as exc:  # handed to the caller
-                future.set_exception(exc)
+            self._perform(*self._tasks.get())  # the task's arguments go with the call: they may hold a set's memory
+
+    @staticmethod
+    def _perform(function: Callable, args: tuple, kwargs: dict, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(function(*args, **kwargs))
+        except BaseException as exc:  # handed to the caller
+            future.set_exception(exc)
 
     def run(self, function: Callable[..., T], *args) -> T:
         """`function(*args)` on the model thread: several model operations for one hand-over (each costs

@@ -6,6 +6,12 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Large tensors from the C library's allocator, not from the BFC pool of oneDNN's CPU allocator (TensorFlow's
+# default on x86), which keeps the most it ever held: Keras' initializers of a 1 GiB model peak at three
+# sets, and the worker would hold them for good. Only where the memory comes from changes, not the kernels
+# TensorFlow computes with (TF_ENABLE_ONEDNN_OPTS=0 would change those); training measured as fast.
+# Read once, when TensorFlow starts: set TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0 to have the pool back.
+os.environ.setdefault("TF_ONEDNN_USE_SYSTEM_ALLOCATOR", "1")
 
 from typing import Any, Callable, Iterator, Mapping  # noqa: E402
 

@@ -84,3 +84,41 @@ def test_keras_compiled_steps_make_the_updates_fit_makes():
     done = subprocess.run([sys.executable, "-c", KERAS_TRAINS_AS_FIT_DOES], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines() == ["mlp xla ok", "lenet no xla ok", "ok"], done.stdout
+
+
+KERAS_FREED_TENSOR_MEMORY = r"""
+import json, os, sys
+import keras_service.adapter  # sets the worker's TensorFlow environment before TensorFlow starts
+import tensorflow as tf
+from weightrelay.buffers import release_freed_memory, rss_bytes
+
+before = rss_bytes()
+large = tf.random.uniform((64 * 1024 * 1024,), dtype=tf.float32)  # 256 MiB, as Keras' initializers make
+total = float(tf.reduce_sum(large))
+del large
+release_freed_memory()
+print(json.dumps({"allocator": os.environ["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"], "kept": rss_bytes() - before, "total": total}))
+"""
+
+
+@pytest.mark.parametrize("setting", [None, "0"])
+def test_a_keras_worker_hands_freed_tensor_memory_back_unless_told_to_keep_a_pool(setting):
+    """A Keras worker takes large tensors from the C library, so what Keras' initializers once used is not held
+    for good (oneDNN's pool keeps its peak: with TF_ONEDNN_USE_SYSTEM_ALLOCATOR=0, which a user may set)."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_ONEDNN_USE_SYSTEM_ALLOCATOR"}
+    if setting is not None:
+        env["TF_ONEDNN_USE_SYSTEM_ALLOCATOR"] = setting
+    done = subprocess.run([sys.executable, "-c", KERAS_FREED_TENSOR_MEMORY], capture_output=True, text=True, cwd=REPO,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["total"] > 0
+    if setting is None:
+        assert result["allocator"] == "1"
+        assert result["kept"] < 64 * 1024 * 1024, result
+    else:
+        assert result["allocator"] == "0"
+        assert result["kept"] > 200 * 1024 * 1024, result

@@ -17,12 +17,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from jax_service.layout import canonical_to_flax, flax_canonical_views, flax_into_canonical, flax_to_canonical, transposed_kernels  # noqa: E402
+from jax_service.layout import canonical_to_flax, flax_canonical_views, flax_into_canonical, flax_to_canonical  # noqa: E402
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule, seed32  # noqa: E402
-from weightrelay.buffers import aligned_empty  # noqa: E402
+from weightrelay.buffers import recycled_memory  # noqa: E402
 from weightrelay.codec import TensorSpec, WeightSet  # noqa: E402
 from weightrelay.conversion import BandConversion  # noqa: E402
-from weightrelay.layouts import to_nhwc  # noqa: E402
+from weightrelay.layouts import to_nhwc, transposed_kernels  # noqa: E402
 from weightrelay.transpose import TILED_TRANSPOSE_BYTES  # noqa: E402
 from weightrelay.models import INPUT, ResolvedLayer, ResolvedModel  # noqa: E402
 
@@ -243,12 +243,12 @@ class JaxAdapter(FrameworkAdapter):
         return flax_canonical_views(*self._host_trees(), self.resolved)
 
     def conversion(self, manifest: Mapping[str, TensorSpec]) -> BandConversion | None:
-        """On the CPU, large plain dense kernels transposed band by band while the set arrives, into fresh
-        aligned memory the arrays then take (set_weights' `converted`)."""
+        """On the CPU, large plain dense kernels received band by band straight into aligned memory the arrays
+        then take (set_weights' `converted`)."""
         if self._device.platform != "cpu" or self.resolved is None:
             return None
         targets = transposed_kernels(self.resolved, TILED_TRANSPOSE_BYTES) & set(manifest)
-        return BandConversion(targets, aligned_empty) if targets else None
+        return BandConversion(targets) if targets else None
 
     def set_weights(self, weights: Mapping[str, np.ndarray], converted: Mapping[str, np.ndarray] | None = None) -> None:
         """The converted arrays are fresh and aligned (weightrelay.layouts; `converted`: kernels the receive's
@@ -286,6 +286,7 @@ class JaxAdapter(FrameworkAdapter):
             if self._in_numpy_memory:  # the set's arrays, replaced by training's own
                 self._in_numpy_memory = False
                 _free_replaced_arrays()
+                recycled_memory.release()  # their memory too: an idle worker holds its model, not a set more
 
     def predict_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         inputs = to_nhwc(x)

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from weightrelay.codec import WeightSet
-from weightrelay.layouts import CHANNELS_LAST, NO_TENSORS, Layout, fresh_copy
+from weightrelay.layouts import CHANNELS_LAST, NO_TENSORS, Layout, fresh_copy, reordered_rows
 from weightrelay.models import ResolvedModel
 
 Tree = dict[str, dict[str, Any]]
@@ -76,23 +76,16 @@ LAYOUTS: dict[str, Layout[tuple[Leaves, Leaves]]] = {
 }
 
 
-def transposed_kernels(model: ResolvedModel, min_bytes: int) -> set[str]:
-    """The canonical names of the dense weights whose Flax kernel is their plain transpose (no flatten
-    before them), of at least `min_bytes`: what a receive's BandConversion makes (see canonical_to_flax)."""
-    return {spec.name for r in model.layers if r.kind == "dense" and r.flattened_from is None
-            for spec in r.params if spec.name == f"{r.name}.weight" and spec.nbytes >= min_bytes}
-
-
 def canonical_to_flax(weights: Mapping[str, np.ndarray], model: ResolvedModel,
                       converted: Mapping[str, np.ndarray] | None = None) -> tuple[Tree, Tree]:
     """(params, batch_stats) for Flax from canonical tensors. `converted`: dense weights already transposed
-    into kernels (fresh memory, from transposed_kernels' names), taken as they are."""
+    into kernels (fresh memory, from layouts.transposed_kernels' names), taken as they are."""
     params: Tree = {}
     stats: Tree = {}
     converted = converted or {}
     for r in model.layers:
         if r.params:
-            kernel = converted.get(f"{r.name}.weight") if r.kind == "dense" and r.flattened_from is None else None
+            kernel = converted.get(f"{r.name}.weight") if r.kind == "dense" and reordered_rows(r) is None else None
             if kernel is not None and kernel.shape == weights[f"{r.name}.weight"].shape[::-1]:
                 params[r.name] = {"kernel": kernel, "bias": fresh_copy(weights[f"{r.name}.bias"])}
                 continue

@@ -22,8 +22,9 @@ import tensorflow as tf  # noqa: E402
 from keras_service.layout import canonical_to_keras, keras_canonical_views, keras_into_canonical, keras_to_canonical  # noqa: E402
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, Step, TrainConfig, schedule, seed32  # noqa: E402
 from weightrelay.buffers import ALIGNMENT, same_view  # noqa: E402
-from weightrelay.codec import WeightSet  # noqa: E402
-from weightrelay.layouts import fresh_copy, to_nhwc  # noqa: E402
+from weightrelay.codec import TensorSpec, WeightSet  # noqa: E402
+from weightrelay.conversion import BandConversion  # noqa: E402
+from weightrelay.layouts import fresh_copy, to_nhwc, transposed_kernels  # noqa: E402
 from weightrelay.transpose import TILED_TRANSPOSE_BYTES  # noqa: E402
 from weightrelay.models import INPUT, ResolvedLayer, ResolvedModel  # noqa: E402
 
@@ -70,9 +71,8 @@ def owned_tensor(value: np.ndarray, device: str) -> tf.Tensor | np.ndarray:
 
 def transposed_tensor(matrix: np.ndarray) -> tf.Tensor:
     """matrix.T as a tensor in TensorFlow's own memory, by its multi-threaded transpose kernel, read straight
-    from `matrix` where TensorFlow can (_lendable; else from a copy). TensorFlow's CPU allocator keeps the
-    memory it frees for its next tensors, so a variable that takes this tensor gives back memory the next
-    one reuses: no fresh pages to touch, and the worker does not grow from move to move."""
+    from `matrix` where TensorFlow can (_lendable; else from a copy): for a large kernel the receive did not
+    convert already (a set restored after a failed apply, say)."""
     source = matrix
     if _lendable(matrix):
         try:
@@ -381,29 +381,46 @@ class KerasAdapter(FrameworkAdapter):
             return None
         return keras_canonical_views(self._host_layers(), self.resolved)
 
-    def _keras_values(self, weights: Mapping[str, np.ndarray], variables: dict[str, list[tf.Variable]]) -> dict[str, list]:
-        """{layer name: its variables' new values}: a large plain dense kernel (the layout's transpose, no flatten
-        before it) transposed by TensorFlow into its own memory (transposed_tensor) where the variable is in host
-        memory; every other layer by the layout (fresh aligned arrays, weightrelay.layouts)."""
+    def _transposed_kernels(self, variables: dict[str, list[tf.Variable]]) -> set[str]:
+        """The layers whose kernel is a large dense weight's plain transpose (layouts.reordered_rows) held in host memory:
+        received straight into the kernel's layout (conversion), or transposed by TensorFlow (transposed_tensor).
+        Both sides over 1: TensorFlow's transpose of a [1, n] or [n, 1] matrix shares its input's memory."""
+        return {name.rsplit(".", 1)[0] for name in transposed_kernels(self.resolved, TILED_TRANSPOSE_BYTES)
+                if "GPU" not in variables[name.rsplit(".", 1)[0]][0].device.upper()}
+
+    def conversion(self, manifest: Mapping[str, TensorSpec]) -> BandConversion | None:
+        """Large plain dense kernels in host memory received band by band straight into fresh aligned memory the
+        variables then take (set_weights' `converted`)."""
+        if self.model is None:
+            return None
+        targets = {f"{name}.weight" for name in self._transposed_kernels(self._variables())} & set(manifest)
+        return BandConversion(targets) if targets else None
+
+    def _keras_values(self, weights: Mapping[str, np.ndarray], variables: dict[str, list[tf.Variable]],
+                      converted: Mapping[str, np.ndarray]) -> dict[str, list]:
+        """{layer name: its variables' new values}: a large plain dense kernel as the receive converted it
+        (`converted`), else transposed by TensorFlow into its own memory (transposed_tensor); every other layer by
+        the layout (fresh aligned arrays, weightrelay.layouts)."""
         values = {}
+        transposed = self._transposed_kernels(variables)
         for r in self.resolved.layers:
             if not r.params:
                 continue
             tensors = r.tensors(weights)
-            weight, kernel = tensors.get("weight"), variables[r.name][0]
-            # both sides over 1: TensorFlow's transpose of a [1, n] or [n, 1] matrix shares its input's memory
-            if (r.kind == "dense" and r.flattened_from is None and weight.nbytes >= TILED_TRANSPOSE_BYTES and min(weight.shape) > 1
-                    and "GPU" not in kernel.device.upper()):
-                values[r.name] = [transposed_tensor(weight), fresh_copy(tensors["bias"])]
+            if r.name in transposed:
+                kernel = converted.get(f"{r.name}.weight")
+                kernel = kernel if kernel is not None and kernel.shape == tensors["weight"].shape[::-1] else transposed_tensor(tensors["weight"])
+                values[r.name] = [kernel, fresh_copy(tensors["bias"])]
             else:
                 values[r.name] = canonical_to_keras(weights, self.resolved, only=r.name)[r.name]
         return values
 
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Converted (_keras_values) and checked, every variable, before any is assigned; each new value becomes
-        the variable's memory (a tensor TensorFlow made, or owned_tensor): no copy beyond the conversion."""
+    def set_weights(self, weights: Mapping[str, np.ndarray], converted: Mapping[str, np.ndarray] | None = None) -> None:
+        """Converted (_keras_values; `converted`: kernels the receive's conversion already made) and checked, every
+        variable, before any is assigned; each new value becomes the variable's memory (a tensor TensorFlow made,
+        or owned_tensor): no copy beyond the conversion."""
         variables = self._variables()
-        values = self._keras_values(weights, variables)
+        values = self._keras_values(weights, variables, converted or {})
         pairs = [pair for name, layer in variables.items() for pair in zip(layer, values[name], strict=True)]
         for variable, value in pairs:  # all checked before any is assigned
             if tuple(value.shape) != tuple(variable.shape) or tf.as_dtype(value.dtype) != variable.dtype:

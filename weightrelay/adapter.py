@@ -315,8 +315,9 @@ class FrameworkAdapter(abc.ABC):
         """
 
     def conversion(self, manifest: Mapping[str, TensorSpec]) -> BandConversion | None:
-        """A conversion into this framework's layout to run while a set of `manifest` is received
-        (weightrelay.conversion), or None (this default): the set is converted in set_weights."""
+        """The tensors of `manifest` to receive straight into this framework's layout while a set arrives
+        (weightrelay.conversion: the worker keeps no canonical copy of them), or None (this default): the
+        set is received whole and converted in set_weights."""
         return None
 
     def thread_free(self, operation: str, *args) -> bool:

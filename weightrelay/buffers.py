@@ -5,7 +5,9 @@ freed pages back to their host that costs many times more than copying into page
 A large set moves through a worker once per send (a snapshot of the model) and once per receive
 (the set as it arrives, checked before it is applied), so the worker keeps one buffer of the set's
 size and reuses it: after its first move a worker holds about twice its set, and later moves never
-allocate a set again. Initialize keeps the spare only when the new model's set has the same size.
+allocate a set again. Initialize keeps the spare only when the new model's set has the same size. A
+worker that receives its large kernels straight into the framework's layout (weightrelay.conversion)
+keeps a spare only for the rest of its set; the full snapshot it needs now and then is given back.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
+import sys
 import threading
 from pathlib import Path
 from typing import Iterable
@@ -102,10 +105,55 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts at a multiple of ALIGNMENT bytes (TensorFlow
     takes only such memory as a tensor's own, and XLA on the CPU shares only such memory, without a copy)."""
     dtype = np.dtype(dtype)
+    return _aligned_in(np.empty(math.prod(shape) * dtype.itemsize + ALIGNMENT, dtype=np.uint8), shape, dtype)
+
+
+def _aligned_in(raw: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An array of `shape` in `raw` (flat bytes, ALIGNMENT more than it needs), starting at an aligned address."""
     nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
     start = (-raw.ctypes.data) % ALIGNMENT
     return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+class RecycledMemory:
+    """Aligned arrays for tensors a framework takes as its own memory (weightrelay.conversion), made again in the
+    memory of one it has let go.
+
+    A Keras or JAX model keeps the very array a large kernel was received into; the next set's kernel needs as
+    much again. Fresh memory costs a page fault per page (and on this project's machines the kernel's huge-page
+    compaction now and then: a 1 GiB move into JAX took every other time nearly twice as long), so the memory
+    of the kernel a set replaced is kept and reused for the next set of moves. An array's memory is reused only
+    once nothing refers to it any more: every numpy view refers to the array that owns the memory (and a
+    framework holding the memory holds such a view), so an owner only this list refers to is free. `release`
+    (store.IdleTrim, once the moves are over) hands the free ones back."""
+
+    def __init__(self) -> None:
+        self._owners: list[np.ndarray] = []  # flat byte arrays: in use by someone, or free
+        self._lock = threading.Lock()
+
+    def _free(self, index: int) -> bool:
+        return sys.getrefcount(self._owners[index]) == 2  # the list's reference and getrefcount's argument
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """An uninitialised aligned C-contiguous array (as aligned_empty), in free memory of exactly its size where there is."""
+        dtype = np.dtype(dtype)
+        size = math.prod(shape) * dtype.itemsize + ALIGNMENT
+        with self._lock:  # the array is made before another caller can see its memory free
+            for index in range(len(self._owners)):
+                if len(self._owners[index]) == size and self._free(index):
+                    return _aligned_in(self._owners[index], shape, dtype)
+            self._owners.append(np.empty(size, dtype=np.uint8))
+            return _aligned_in(self._owners[-1], shape, dtype)
+
+    def release(self) -> int:
+        """Let the free memory go; return how many bytes the arrays still in use hold."""
+        with self._lock:
+            self._owners = [self._owners[index] for index in range(len(self._owners)) if not self._free(index)]
+            return sum(len(owner) for owner in self._owners)
+
+
+#: The process's recycled memory for tensors received straight into a framework's layout.
+recycled_memory = RecycledMemory()
 
 
 class Arena:
@@ -139,6 +187,7 @@ class SpareBuffer:
     def __init__(self) -> None:
         self._idle: Arena | None = None
         self._generation = 0
+        self._size: int | None = None  # the most it keeps, once fitted
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> Arena:
@@ -152,15 +201,18 @@ class SpareBuffer:
         return arena
 
     def give_back(self, arena: Arena) -> None:
-        """Keep `arena` for the next move (the larger of two, when both come back; none lent before a `fit`)."""
+        """Keep `arena` for the next move (the larger of two, when both come back; none larger than the fitted size,
+        none lent before a `fit`)."""
         with self._lock:
-            if arena.generation == self._generation and (self._idle is None or self._idle.nbytes < arena.nbytes):
+            if (arena.generation == self._generation and (self._size is None or arena.nbytes <= self._size)
+                    and (self._idle is None or self._idle.nbytes < arena.nbytes)):
                 self._idle = arena
 
     def fit(self, nbytes: int) -> None:
         """A model of `nbytes` replaces the last one: keep the spare only if it is that size (then it is
-        reused as it is); an arena lent now is dropped when it comes back."""
+        reused as it is); an arena lent now is dropped when it comes back, and so is any larger one later."""
         with self._lock:
             if self._idle is not None and self._idle.nbytes != nbytes:
                 self._idle = None
             self._generation += 1
+            self._size = nbytes

@@ -1,16 +1,19 @@
-"""Large matrices transposed into a framework's layout while their set is still arriving.
+"""Large matrices received straight into a framework's layout, band by band, while their set arrives.
 
-A channels-last framework (JAX) holds a dense kernel as [in, out], the wire carries it as [out, in].
-Transposed only after the whole set has arrived and been checked, the conversion adds its full time
-to every move into that framework. A `BandConversion` instead follows the receive (codec.stream calls
-`written` after each piece lands in the received set's memory): as soon as a band of whole rows of a
-target matrix has arrived, a thread of its own transposes that band into the matching columns of the
-framework-layout array, beside the rest of the transfer.
+A channels-last framework (Keras, JAX) holds a dense kernel as [in, out], the wire carries it as
+[out, in]. Received into the canonical layout first and transposed once the set is whole, such a
+kernel costs a second copy of itself in memory (the received set beside the converted one beside the
+model) and its transpose's full time after the transfer. A `BandConversion` instead takes a target
+matrix's bytes from the stream itself (codec.receive_weights asks it for a `sink` per tensor): the
+pieces fill a small band buffer of whole rows, and as soon as a band is full a thread of its own
+transposes it into the matching columns of the framework-layout array, beside the rest of the
+transfer. The received set then shows that matrix as a transposed view of the converted array, so the
+receiver's checks (checksum of the bytes as they came, shapes, finite values) read exactly what the
+framework takes.
 
-Nothing of this reaches the model before the set passes every check: the receiver still verifies the
-whole set, then `converted(weights)` hands over the arrays (waiting for the last bands) only for
-matrices converted from exactly those arrays, whose rows are final once written. A set refused or
-abandoned is `cancel`led and its arrays dropped. numpy only.
+Nothing of this reaches the model before the set passes every check: `converted(weights)` hands over
+the arrays only for matrices whose sinks the verified set holds. A set refused or abandoned is
+`cancel`led and its arrays dropped. numpy only.
 """
 
 from __future__ import annotations
@@ -21,86 +24,148 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from weightrelay.buffers import same_view
+from weightrelay.buffers import aligned_empty, recycled_memory, same_view
+from weightrelay.codec import TensorSpec, storage_dtype
 from weightrelay.transpose import transpose_into
 
-#: Rows of a target converted in one go once they have all arrived: whole pages of each row of the
-#: result (fewer, larger strided writes than one per piece).
-BAND_ROWS = 1024
+#: Bytes of whole rows a band buffer holds (at least one row): a band is transposed in one go, and
+#: measured on this project's machine 256 rows of a 16384-wide matrix convert as fast as 1024.
+BAND_BYTES = 16 * 1024 * 1024
+#: Band buffers of one receive: one filling while the others wait for, or are in, the transposing thread.
+BANDS = 3
 
 
-class _Target:
-    """One matrix being converted: the received array it reads, the result it writes, the rows done."""
+class _BandSink:
+    """One target matrix of a receive: its bytes in arrival order into band buffers, each full band
+    transposed into `out` (the framework's [in, out] array); `array` is `out` seen as received ([out, in])."""
 
-    __slots__ = ("source", "out", "queued")
+    def __init__(self, conversion: BandConversion, shape: tuple[int, int], dtype: np.dtype, allocate) -> None:
+        self._conversion = conversion
+        self.out = allocate(shape[::-1], dtype)
+        self.array = self.out.T
+        self._rows = shape[0]
+        self._row_bytes = shape[1] * dtype.itemsize
+        self._band_rows = max(1, BAND_BYTES // self._row_bytes)
+        self._dtype = dtype
+        self._band: np.ndarray | None = None  # the band buffer being filled (flat bytes)
+        self._filled = 0  # bytes in it
+        self._row = 0  # the matrix row it starts at
+        self.written = 0  # rows handed to the thread
 
-    def __init__(self, source: np.ndarray, out: np.ndarray) -> None:
-        self.source = source
-        self.out = out
-        self.queued = 0  # rows handed to the thread
+    def _band_size(self) -> int:
+        return min(self._band_rows, self._rows - self._row) * self._row_bytes
+
+    def write(self, data: bytes | memoryview) -> None:
+        """The matrix's next bytes, in order (the codec checks offsets and sizes before)."""
+        data = memoryview(data).cast("B")
+        position = 0
+        while position < len(data):
+            if self._band is None:
+                self._band = self._conversion._take_buffer(self._band_rows * self._row_bytes)
+            size = self._band_size()
+            count = min(size - self._filled, len(data) - position)
+            memoryview(self._band)[self._filled : self._filled + count] = data[position : position + count]
+            self._filled += count
+            position += count
+            if self._filled == size:
+                rows = size // self._row_bytes
+                band = self._band[:size].view(self._dtype).reshape(rows, -1)
+                self._conversion._submit(self, self._band, band, self._row, self._row + rows)
+                self._band, self._filled = None, 0
+                self._row += rows
+
+    def complete(self) -> None:
+        """Return once every band written is in `out` (raises what a band's transpose raised)."""
+        self._conversion._wait()
 
 
 class BandConversion:
-    """Transposes the named matrices ([out, in] as received -> [in, out]) band by band as they arrive.
+    """Receives the named matrices ([out, in] on the wire) straight into [in, out] arrays, band by band.
 
     `targets` names the canonical tensors to convert; `allocate(shape, dtype)` gives the memory of a
-    result (the framework takes it as its own). Call `written` from the receiving thread, then
-    `converted` or `cancel` once."""
+    result (the framework takes it as its own; default: aligned memory a kernel the framework let go of had,
+    buffers.recycled_memory, else fresh). Give `sink` to
+    codec.receive_weights, then call `converted` or `cancel` once."""
 
-    def __init__(self, targets: set[str], allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray]) -> None:
-        self._names = set(targets)
+    def __init__(self, targets: set[str], allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = recycled_memory.empty) -> None:
+        self.targets = frozenset(targets)
         self._allocate = allocate
-        self._targets: dict[str, _Target] = {}
+        self._sinks: dict[str, _BandSink] = {}
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._free: list[np.ndarray] = []  # band buffers the thread is done with
+        self._slots = threading.Semaphore(BANDS)
+        self._pending = 0  # bands submitted and not yet transposed
+        self._idle = threading.Condition()
         self._failed: BaseException | None = None
         self._cancelled = False
 
-    def written(self, name: str, array: np.ndarray, filled: int) -> None:
-        """`filled` bytes of tensor `name` (received into `array`) have arrived: queue the bands now whole."""
-        if name not in self._names or array.ndim != 2 or array.size == 0:
-            return
-        target = self._targets.get(name)
-        if target is None or target.source is not array:  # a tensor seen again in a disordered stream: start over
-            target = self._targets[name] = _Target(array, self._allocate(array.shape[::-1], array.dtype))
-        rows = filled // (array.shape[1] * array.itemsize)
-        if rows - target.queued >= BAND_ROWS or (rows == array.shape[0] and rows > target.queued):
-            self._submit(target, target.queued, rows)
-            target.queued = rows
+    def sink(self, spec: TensorSpec) -> _BandSink | None:
+        """Where the receive writes tensor `spec`: a band sink for a non-empty target matrix, else None (the codec's own array)."""
+        if spec.name not in self.targets or len(spec.shape) != 2 or 0 in spec.shape:
+            return None
+        sink = self._sinks[spec.name] = _BandSink(self, spec.shape, np.dtype(storage_dtype(spec.dtype)), self._allocate)
+        return sink
 
-    def _submit(self, target: _Target, start: int, stop: int) -> None:
+    # -- the band buffers and the thread ------------------------------------------------------------
+    def _take_buffer(self, nbytes: int) -> np.ndarray:
+        self._slots.acquire()  # at most BANDS buffers at once: a receive faster than the thread waits for it
+        with self._idle:
+            while self._free:
+                buffer = self._free.pop()
+                if len(buffer) >= nbytes:
+                    return buffer
+        return aligned_empty((nbytes,), np.uint8)
+
+    def _submit(self, sink: _BandSink, buffer: np.ndarray, band: np.ndarray, start: int, stop: int) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="band-conversion", daemon=True)
             self._thread.start()
-        self._jobs.put((target, start, stop))
+        with self._idle:
+            self._pending += 1
+        sink.written = stop
+        self._jobs.put((sink, buffer, band, start, stop))
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            target, start, stop = job
-            if self._cancelled or self._failed is not None:
-                continue
+            sink, buffer, band, start, stop = job
             try:
-                transpose_into(target.source[start:stop], target.out[:, start:stop])
-            except BaseException as exc:  # noqa: BLE001 - reported by converted(): those matrices are converted again
+                if not self._cancelled and self._failed is None:
+                    transpose_into(band, sink.out[:, start:stop], threads=1)  # beside the receive: one thread is enough
+            except BaseException as exc:  # noqa: BLE001 - raised to the receive by complete()
                 self._failed = exc
+            finally:
+                with self._idle:
+                    self._free.append(buffer)
+                    self._pending -= 1
+                    self._idle.notify_all()
+                self._slots.release()
+
+    def _wait(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0)
+        if self._failed is not None:
+            raise RuntimeError(f"converting a received matrix into the framework's layout failed: {self._failed}") from self._failed
 
     def _finish(self) -> None:
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join()
             self._thread = None
+        self._free.clear()
 
+    # -- handing over -------------------------------------------------------------------------------
     def converted(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """{name: the [in, out] array} of every target converted whole from the very array `weights` holds
-        under its name (none if a band failed); waits for the bands still queued."""
+        """{name: the [in, out] array} of every target `weights` holds as its sink's whole matrix (none if a
+        band failed or the receive was cancelled); waits for the bands still queued."""
         self._finish()
         if self._failed is not None or self._cancelled:
             return {}
-        return {name: t.out for name, t in self._targets.items()
-                if name in weights and same_view(weights[name], t.source) and t.queued == t.source.shape[0]}
+        return {name: sink.out for name, sink in self._sinks.items()
+                if name in weights and same_view(weights[name], sink.array) and sink.written == sink.array.shape[0]}
 
     def cancel(self) -> None:
         """The set was refused or abandoned: stop, and let the results go."""
         self._cancelled = True
         self._finish()
-        self._targets.clear()
+        self._sinks.clear()

@@ -32,6 +32,7 @@ import numpy as np
 
 from weightrelay.buffers import aligned_empty
 from weightrelay.layers import ResolvedLayer
+from weightrelay.models import ResolvedModel
 from weightrelay.transpose import transpose_into
 
 F = TypeVar("F")
@@ -166,22 +167,38 @@ def to_nhwc(x: np.ndarray) -> np.ndarray:
 
 
 # -- each kind's channels-last layout, by part ------------------------------------------------
+def reordered_rows(r: ResolvedLayer) -> tuple[int, int, int] | None:
+    """The (C, H, W) whose order a dense layer's kernel rows change (C, H, W -> H, W, C), or None where its
+    kernel is its weight's plain transpose: no flatten before it, or a flatten of one channel or of one
+    position, whose C, H, W order already is the H, W, C order (the seed's MLP on MNIST)."""
+    shape = r.flattened_from
+    return shape if shape is not None and shape[0] > 1 and shape[1] * shape[2] > 1 else None
+
+
+def transposed_kernels(model: ResolvedModel, min_bytes: int) -> set[str]:
+    """The canonical names of the dense weights whose channels-last kernel is their plain transpose
+    (reordered_rows), of at least `min_bytes` and over one row and one column: what a receive converts
+    straight into a framework's layout (weightrelay.conversion)."""
+    return {spec.name for r in model.layers if r.kind == "dense" and reordered_rows(r) is None
+            for spec in r.params if spec.name == f"{r.name}.weight" and spec.nbytes >= min_bytes and min(spec.shape) > 1}
+
+
 def _dense_to_channels_last(tensors: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {"kernel": dense_to_in_out(tensors["weight"], r.flattened_from), "bias": fresh_copy(tensors["bias"])}
+    return {"kernel": dense_to_in_out(tensors["weight"], reordered_rows(r)), "bias": fresh_copy(tensors["bias"])}
 
 
 def _dense_from_channels_last(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    return {"weight": dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from), "bias": fresh_copy(np.asarray(arrays["bias"]))}
+    return {"weight": dense_from_in_out(np.asarray(arrays["kernel"]), reordered_rows(r)), "bias": fresh_copy(np.asarray(arrays["bias"]))}
 
 
 def _dense_views(arrays: Tensors, r: ResolvedLayer) -> dict[str, np.ndarray]:
-    if r.flattened_from is not None:  # rows reordered too: no view
+    if reordered_rows(r) is not None:  # rows reordered too: no view
         return _dense_from_channels_last(arrays, r)
     return {"weight": np.asarray(arrays["kernel"]).T, "bias": np.asarray(arrays["bias"])}
 
 
 def _dense_into_canonical(arrays: Tensors, r: ResolvedLayer, out: Tensors) -> None:
-    dense_from_in_out(np.asarray(arrays["kernel"]), r.flattened_from, out=out["weight"])
+    dense_from_in_out(np.asarray(arrays["kernel"]), reordered_rows(r), out=out["weight"])
     np.copyto(out["bias"], arrays["bias"])
 
 

@@ -1,7 +1,8 @@
 """A worker's weight storage: how sets leave the model and enter it, checked and all or nothing.
 
-The WeightStore owns the memory a worker moves sets through (a spare set-sized arena reused by every
-send and receive, see buffers.py), the checksum of what the model holds, and the two ways a set
+The WeightStore owns the memory a worker moves sets through (a spare arena reused by every send and
+receive, see buffers.py: the set's size, less the tensors the adapter receives straight into its own
+layout, see conversion.py), the checksum of what the model holds, and the two ways a set
 leaves (a snapshot, or for a large set a read straight from the model's memory) and enters (adopted
 as the model's memory where the adapter can, else copied in with a backup) the model.
 """
@@ -17,7 +18,7 @@ import grpc
 
 from weightrelay import codec
 from weightrelay.adapter import ModelThread
-from weightrelay.buffers import Arena, SpareBuffer, arena_bytes, release_freed_memory
+from weightrelay.buffers import Arena, SpareBuffer, arena_bytes, recycled_memory, release_freed_memory
 from weightrelay.conversion import BandConversion
 from weightrelay.errors import Refused
 from weightrelay.gate import ModelGate
@@ -71,6 +72,7 @@ class IdleTrim:
             if self._moving or self._timer is None:
                 return
             self._timer = None
+        recycled_memory.release()
         release_freed_memory()
 
 
@@ -150,6 +152,7 @@ class WeightStore:
         self.adapter = adapter
         self.gate = gate
         self.manifest: dict[str, codec.TensorSpec] = {}
+        self._converted: frozenset[str] = frozenset()  # tensors the adapter receives into its own layout (conversion)
         self.sha256 = ""  # the checksum of what the model holds, kept current by every change
         self.spare = SpareBuffer()  # a set's worth of memory reused by every send and receive
         self._swap_room = SpareBuffer()  # two sets: the model's before and after a small set is applied
@@ -162,11 +165,20 @@ class WeightStore:
     def set_bytes(self) -> int:
         return arena_bytes(self.manifest.values())
 
+    @property
+    def receive_bytes(self) -> int:
+        """What a received set needs of the spare: the set, less the tensors received into the framework's layout."""
+        return arena_bytes(spec for name, spec in self.manifest.items() if name not in self._converted)
+
     def reset(self, manifest: dict[str, codec.TensorSpec]) -> None:
-        """A new model was built (with storage of its own): fit the buffers to its set, take its checksum."""
+        """A new model was built (with storage of its own): fit the buffers to its set (the spare to what a
+        receive needs of it: a snapshot larger than that takes memory of its own, given back after), take its
+        checksum."""
         self.manifest = manifest
         self._model_arena = None
-        self.spare.fit(self.set_bytes)
+        conversion = self.adapter.conversion(manifest)
+        self._converted = conversion.targets if conversion is not None else frozenset()
+        self.spare.fit(self.receive_bytes)
         self._swap_room.fit(2 * self.set_bytes)
         self.sha256 = self.model_sha()
 
@@ -248,13 +260,13 @@ class WeightStore:
     def receive(self, chunks: Iterable[codec.StreamMessage]) -> Received:
         """A set streamed in, checked against the manifest and its digest, in an arena lent by the spare
         buffer; hand it to apply() or discard(). Raises codec.TensorError for any bad stream."""
-        arena = self._lend(self.spare)
+        arena = self.spare.take(self.receive_bytes)
         self.idle_trim.started()  # ended by apply() or discard()
         conversion = None
         try:
-            conversion = self.adapter.conversion(self.manifest)  # the framework's layout, made as the set arrives
+            conversion = self.adapter.conversion(self.manifest)  # large kernels received straight into the framework's layout
             weights, sha = codec.receive_weights(chunks, self.manifest, allocate=arena.array,
-                                                 on_piece=conversion.written if conversion is not None else None)
+                                                 sink=conversion.sink if conversion is not None else None)
         except BaseException:
             if conversion is not None:
                 conversion.cancel()

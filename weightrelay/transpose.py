@@ -42,9 +42,10 @@ def _transpose_blocks(src: np.ndarray, out: np.ndarray, blocks: list[tuple[int, 
             target[:, row : row + TILE_ROWS] = source[row : row + TILE_ROWS].T
 
 
-def transpose_into(src: np.ndarray, out: np.ndarray) -> None:
+def transpose_into(src: np.ndarray, out: np.ndarray, threads: int | None = None) -> None:
     """out[...] = src.T for a 2-D `src` (any strides) and `out` of the transposed shape: the same values as
-    np.copyto(out, src.T), bit for bit, tile by tile on up to MAX_TRANSPOSE_THREADS threads for a large one."""
+    np.copyto(out, src.T), bit for bit, tile by tile on up to MAX_TRANSPOSE_THREADS threads for a large one
+    (`threads`: at most that many; a move's band transposes take 1, as the move keeps the cores busy already)."""
     if src.ndim != 2 or out.shape != src.shape[::-1]:
         raise ValueError(f"transpose_into: {list(src.shape)} does not transpose to {list(out.shape)}")
     rows, cols = src.shape
@@ -52,7 +53,7 @@ def transpose_into(src: np.ndarray, out: np.ndarray) -> None:
         np.copyto(out, src.T)
         return
     blocks = [(i, j) for i in range(0, rows, BLOCK) for j in range(0, cols, BLOCK)]
-    threads = min(_threads(), len(blocks))
+    threads = min(_threads(), threads or _threads(), len(blocks))
     if threads == 1:
         _transpose_blocks(src, out, blocks)
         return
@@ -67,8 +68,8 @@ def transpose_into(src: np.ndarray, out: np.ndarray) -> None:
         part.result()
 
 
-def rows_into(matrix_t: np.ndarray, start: int, stop: int, out: np.ndarray) -> None:
+def rows_into(matrix_t: np.ndarray, start: int, stop: int, out: np.ndarray, threads: int | None = None) -> None:
     """Rows start:stop of `matrix_t` (a 2-D array whose transpose is C-contiguous, such as a
     framework's [in, out] kernel seen as [out, in]) written C-contiguous into `out` ([stop - start,
     columns]), tile by tile: a band of a transposed matrix, without transposing the whole."""
-    transpose_into(matrix_t[start:stop].T, out)
+    transpose_into(matrix_t[start:stop].T, out, threads)

@@ -61,3 +61,38 @@ def test_freed_stream_memory_is_handed_back_only_once_no_move_has_run_for_a_whil
     idle.ended()
     time.sleep(0.5)
     assert len(trims) == 1
+
+
+def test_the_spare_keeps_nothing_larger_than_it_was_fitted_to():
+    """A worker that receives its large kernels straight into the framework's layout fits its spare to the rest; the
+    full-set arena a snapshot needs now and then is given back to the system, not kept beside the model."""
+    spare = buffers.SpareBuffer()
+    size = buffers.arena_bytes(specs())
+    spare.fit(size)
+    small = spare.take(size)
+    spare.give_back(small)
+    large = spare.take(4 * size)  # the small one is too small: a fresh one
+    assert large is not small and large.nbytes >= 4 * size
+    spare.give_back(large)
+    assert spare.take(size) is not large
+
+
+def test_recycled_memory_is_reused_only_once_nothing_refers_to_it_and_released_when_free():
+    memory = buffers.RecycledMemory()
+    first = memory.empty((64, 32), np.float32)
+    assert first.ctypes.data % buffers.ALIGNMENT == 0 and first.flags.c_contiguous
+    address = first.ctypes.data
+    second = memory.empty((64, 32), np.float32)  # the first is in use: other memory
+    assert not np.shares_memory(first, second)
+    held_elsewhere = first.T  # a framework holding a view of it (as a model holds its kernel)
+    del first
+    third = memory.empty((64, 32), np.float32)
+    assert not np.shares_memory(third, held_elsewhere) and not np.shares_memory(third, second)
+    del held_elsewhere, third
+    again = memory.empty((64, 32), np.float32)  # free now: the same memory again
+    assert again.ctypes.data == address
+    assert memory.empty((16, 8), np.float32).shape == (16, 8)  # another size: its own memory
+    in_use = memory.release()  # `again` and `second` stay; the free ones go
+    assert in_use == 2 * (64 * 32 * 4 + buffers.ALIGNMENT)
+    del again, second
+    assert memory.release() == 0

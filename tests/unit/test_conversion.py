@@ -1,5 +1,5 @@
-"""weightrelay.conversion: matrices transposed band by band as their bytes arrive, handed over only whole and
-only for the very arrays that arrived."""
+"""weightrelay.conversion: matrices received band by band straight into their transposed layout, checked like any
+tensor, handed over only whole and only for the very set that arrived."""
 
 from __future__ import annotations
 
@@ -7,55 +7,85 @@ import numpy as np
 import pytest
 
 from weightrelay import codec, conversion
-from weightrelay.buffers import aligned_empty
 from weightrelay.v1 import worker_pb2 as pb
 
 RNG = np.random.default_rng(5)
 
 
-def arrive(matrix: np.ndarray, into: np.ndarray, piece_bytes: int, follow: conversion.BandConversion, name: str) -> None:
-    """Copy `matrix`'s bytes into `into` a piece at a time, telling `follow` after each, as codec.stream does."""
-    source, target = matrix.reshape(-1).view(np.uint8), into.reshape(-1).view(np.uint8)
-    for start in range(0, len(source), piece_bytes):
-        stop = min(len(source), start + piece_bytes)
-        target[start:stop] = source[start:stop]
-        follow.written(name, into, stop)
+def manifest_of(weights: dict[str, np.ndarray]) -> dict[str, codec.TensorSpec]:
+    return {name: codec.TensorSpec.of(name, array) for name, array in weights.items()}
 
 
-@pytest.mark.parametrize("piece_bytes", [4096, 70_001, 10**9])
-def test_a_matrix_arriving_in_pieces_is_transposed_whole_and_exactly(piece_bytes, monkeypatch):
-    monkeypatch.setattr(conversion, "BAND_ROWS", 100)  # several bands, and a last one that is short
-    matrix = RNG.standard_normal((1050, 300)).astype(np.float32)
-    received = np.empty_like(matrix)
-    follow = conversion.BandConversion({"fc.weight"}, aligned_empty)
-    arrive(matrix, received, piece_bytes, follow, "fc.weight")
-    follow.written("fc.bias", np.zeros(3, np.float32), 12)  # not a target: ignored
-    done = follow.converted({"fc.weight": received[:]})  # a view of the same memory counts as the same array
-    assert set(done) == {"fc.weight"} and done["fc.weight"].tobytes() == np.ascontiguousarray(matrix.T).tobytes()
+def received_into(weights: dict[str, np.ndarray], piece_bytes: int, follow: conversion.BandConversion, pack: bool = False):
+    chunks = [pb.WeightsChunk.FromString(m) for m in codec.encode_weight_chunks(weights, piece_bytes, pack=pack)]
+    return codec.receive_weights(chunks, manifest_of(weights), sink=follow.sink)
+
+
+@pytest.mark.parametrize("piece_bytes", [64 * 1024, 70_001, 4 * 1024 * 1024])
+def test_a_matrix_is_received_band_by_band_into_its_transpose_exactly(piece_bytes, monkeypatch):
+    monkeypatch.setattr(conversion, "BAND_BYTES", 100 * 300 * 4)  # several bands of 100 rows, and a last one that is short
+    monkeypatch.setattr(conversion, "BANDS", 2)  # the receive waits for the thread to give a buffer back
+    weights = {"fc.weight": RNG.standard_normal((1050, 300)).astype(np.float32), "fc.bias": RNG.standard_normal(1050).astype(np.float32)}
+    follow = conversion.BandConversion({"fc.weight", "other.weight"})
+    received, sha = received_into(weights, piece_bytes, follow)
+    assert sha == codec.weights_sha256(weights)  # hashed from the pieces as they came
+    assert received["fc.weight"].shape == (1050, 300) and np.array_equal(received["fc.weight"], weights["fc.weight"])
+    assert np.array_equal(received["fc.bias"], weights["fc.bias"])  # not a target: the codec's own array
+    done = follow.converted(received)
+    assert set(done) == {"fc.weight"} and done["fc.weight"].flags.c_contiguous
+    assert done["fc.weight"].tobytes() == np.ascontiguousarray(weights["fc.weight"].T).tobytes()
+    assert np.shares_memory(done["fc.weight"], received["fc.weight"])  # what was checked is what is handed over
     follow.cancel()  # after use: harmless
 
 
-def test_nothing_is_handed_over_for_other_memory_an_unfinished_matrix_or_a_cancelled_receive():
-    matrix = RNG.standard_normal((64, 40)).astype(np.float32)
-    received = np.empty_like(matrix)
-    follow = conversion.BandConversion({"w"}, aligned_empty)
-    arrive(matrix, received, 64 * 40 * 4, follow, "w")
-    assert follow.converted({"w": received.copy()}) == {}  # equal values, other memory: not what was converted
-    partial = conversion.BandConversion({"w"}, aligned_empty)
-    received_again = np.empty_like(matrix)
-    partial.written("w", received_again, 40 * 4 * 10)  # ten rows of 64
-    assert partial.converted({"w": received_again}) == {}
-    cancelled = conversion.BandConversion({"w"}, aligned_empty)
-    arrive(matrix, received, 1000, cancelled, "w")
+def test_a_row_longer_than_a_band_is_one_band(monkeypatch):
+    monkeypatch.setattr(conversion, "BAND_BYTES", 64)
+    weights = {"w": RNG.standard_normal((7, 100)).astype(np.float32)}
+    follow = conversion.BandConversion({"w"})
+    received, _ = received_into(weights, 64 * 1024, follow)
+    assert follow.converted(received)["w"].tobytes() == np.ascontiguousarray(weights["w"].T).tobytes()
+
+
+def test_a_non_finite_value_in_a_converted_matrix_is_refused_naming_its_index():
+    matrix = RNG.standard_normal((40, 30)).astype(np.float32)
+    matrix[3, 17] = np.nan
+    follow = conversion.BandConversion({"w"})
+    with pytest.raises(codec.TensorError, match=r"tensor w: 1 non-finite value\(s\).*index \[3, 17\]"):
+        received_into({"w": matrix}, 64 * 1024, follow)
+    follow.cancel()
+
+
+def test_a_damaged_converted_matrix_fails_the_checksum():
+    weights = {"w": RNG.standard_normal((64, 40)).astype(np.float32)}
+    chunks = [pb.WeightsChunk.FromString(m) for m in codec.encode_weight_chunks(weights, 1024)]
+    data = bytearray(chunks[3].piece.tensor.data)
+    data[5] ^= 1
+    chunks[3].piece.tensor.data = bytes(data)
+    follow = conversion.BandConversion({"w"})
+    with pytest.raises(codec.TensorError, match="checksum mismatch"):
+        codec.receive_weights(chunks, manifest_of(weights), sink=follow.sink)
+    follow.cancel()
+
+
+def test_nothing_is_handed_over_for_another_set_an_unfinished_matrix_or_a_cancelled_receive():
+    weights = {"w": RNG.standard_normal((64, 40)).astype(np.float32)}
+    follow = conversion.BandConversion({"w"})
+    received, _ = received_into(weights, 1024, follow)
+    assert follow.converted({"w": received["w"].copy()}) == {}  # equal values, other memory: not what was converted
+    partial = conversion.BandConversion({"w"})
+    sink = partial.sink(codec.TensorSpec.of("w", weights["w"]))
+    sink.write(memoryview(weights["w"][:10].tobytes()))  # ten rows of 64
+    assert partial.converted({"w": sink.array}) == {}
+    cancelled = conversion.BandConversion({"w"})
+    received, _ = received_into(weights, 1000, cancelled)
     cancelled.cancel()
-    assert cancelled.converted({"w": received}) == {}
+    assert cancelled.converted(received) == {}
 
 
-def test_the_codec_tells_the_conversion_about_every_piece_and_the_set_still_checks():
-    weights = {"a.weight": RNG.standard_normal((500, 200)).astype(np.float32), "a.bias": RNG.standard_normal(500).astype(np.float32)}
-    follow = conversion.BandConversion({"a.weight"}, aligned_empty)
-    chunks = [pb.WeightsChunk.FromString(m) for m in codec.encode_weight_chunks(weights, 9000)]
-    received, sha = codec.receive_weights(chunks, {n: codec.TensorSpec.of(n, w) for n, w in weights.items()}, on_piece=follow.written)
-    assert sha == codec.weights_sha256(weights)
-    done = follow.converted(received)
-    assert done["a.weight"].tobytes() == np.ascontiguousarray(weights["a.weight"].T).tobytes()
+def test_only_non_empty_matrices_named_as_targets_get_a_sink():
+    follow = conversion.BandConversion({"a", "b", "c"})
+    assert follow.sink(codec.TensorSpec("a", "float32", (3, 4))) is not None
+    assert follow.sink(codec.TensorSpec("b", "float32", (12,))) is None
+    assert follow.sink(codec.TensorSpec("c", "float32", (0, 4))) is None
+    assert follow.sink(codec.TensorSpec("d", "float32", (3, 4))) is None
+    follow.cancel()

@@ -195,6 +195,9 @@ def test_tiled_transposes_equal_numpys_bit_for_bit_at_any_shape_and_strides():
             out = layouts.transposed(view)
             assert out.tobytes() == np.ascontiguousarray(view.T).tobytes() and out.flags.c_contiguous
             assert out.ctypes.data % ALIGNMENT == 0
+            alone = np.empty(view.shape[::-1], dtype)
+            transpose.transpose_into(view, alone, threads=1)  # as a move's bands go
+            assert alone.tobytes() == out.tobytes()
     with pytest.raises(ValueError, match=r"\[3, 2\] does not transpose to \[3, 2\]"):
         transpose.transpose_into(np.zeros((3, 2)), np.zeros((3, 2)))
 
@@ -213,3 +216,18 @@ def test_reading_into_given_arrays_equals_the_fresh_conversion():
         assert all(into[key].tobytes() == weights[key].tobytes() for key in weights), name
         converted = [a for arrays in canonical_to_keras(weights, model).values() for a in arrays]
         assert all(a.ctypes.data % ALIGNMENT == 0 and a.flags.c_contiguous for a in converted), name
+
+
+@pytest.mark.parametrize("chw", [(1, 28, 28), (16, 1, 1)])
+def test_a_flatten_of_one_channel_or_one_position_keeps_the_plain_transpose(chw):
+    """reordered_rows leaves such a dense layer's kernel as its weight's plain transpose (received straight into
+    the framework's layout, lent as a view): the reordering it skips changes nothing."""
+    from weightrelay.layouts import _rows_hwc_from_chw, reordered_rows
+
+    weight = np.random.default_rng(3).standard_normal((5, int(np.prod(chw)))).astype(np.float32)
+    assert np.array_equal(_rows_hwc_from_chw(weight.T, *chw), weight.T)
+    mlp = models.resolve(models.builtin("mlp"), (1, 28, 28), 10)
+    assert reordered_rows(mlp.layers[1]) is None and mlp.layers[1].flattened_from == (1, 28, 28)
+    lenet = models.resolve(models.builtin("lenet"), (3, 32, 32), 10)
+    first_dense = next(r for r in lenet.layers if r.kind == "dense")
+    assert reordered_rows(first_dense) == first_dense.flattened_from and first_dense.flattened_from[0] > 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Protocol
 
 import numpy as np
 
@@ -37,9 +37,21 @@ def _empty(spec: TensorSpec) -> np.ndarray:
     return np.empty(spec.shape, dtype=storage_dtype(spec.dtype))
 
 
+class TensorSink(Protocol):
+    """Where a tensor's bytes go instead of an array of the codec's (weightrelay.conversion: straight into a
+    framework's layout). `array` shows the tensor as received (its spec's shape and storage dtype, any
+    strides); it holds every byte `write` was given once `complete` returns."""
+
+    array: np.ndarray
+
+    def write(self, data: memoryview) -> None: ...
+
+    def complete(self) -> None: ...
+
+
 def receive_weights(
     chunks: Iterable[pb.WeightsChunk | StreamMessage], manifest: Mapping[str, TensorSpec] | None = None,
-    allocate: Callable[[TensorSpec], np.ndarray] = _empty, on_piece: Callable[[str, np.ndarray, int], None] | None = None,
+    allocate: Callable[[TensorSpec], np.ndarray] = _empty, sink: Callable[[TensorSpec], TensorSink | None] | None = None,
 ) -> tuple[WeightSet, str]:
     """Rebuild a weight set from a weights stream, checking it all along; also return its verified checksum.
 
@@ -52,12 +64,13 @@ def receive_weights(
     tensors arrive in name order (as `iter_weight_chunks` sends them) the checksum is computed as
     the bytes come, overlapping the transfer; other orders are hashed once complete. `allocate`
     gives the array a tensor is received into (little-endian, `storage_dtype`); a worker passes
-    buffers it reuses (weightrelay.buffers). `on_piece(name, array, filled)`, where given, is told after
-    each piece which tensor's array now holds how many of its bytes (weightrelay.conversion follows it).
+    buffers it reuses (weightrelay.buffers). `sink(spec)`, where given, may instead take a tensor's
+    bytes as they come (a TensorSink: weightrelay.conversion); such a tensor is hashed from the pieces
+    themselves and checked like any other, in the sink's `array`, once the sink is complete.
     """
     hasher = _BackgroundHash()
     try:
-        return _receive(chunks, _Assembler(manifest, allocate, hasher, on_piece))
+        return _receive(chunks, _Assembler(manifest, allocate, hasher, sink))
     finally:
         hasher.close()  # nothing reads the arrays once this returns
 
@@ -82,15 +95,16 @@ def _receive(chunks: Iterable[pb.WeightsChunk | StreamMessage], assembler: _Asse
 
 
 class _Received:
-    """One tensor being received: its spec, the array it is written into, that array's bytes, and
-    how many of them the pieces so far have filled."""
+    """One tensor being received: its spec, the array it is written into and that array's bytes (or the
+    sink that takes them), and how many bytes the pieces so far have filled."""
 
-    __slots__ = ("spec", "array", "view", "filled")
+    __slots__ = ("spec", "array", "view", "sink", "filled")
 
-    def __init__(self, spec: TensorSpec, array: np.ndarray) -> None:
+    def __init__(self, spec: TensorSpec, array: np.ndarray, sink: TensorSink | None = None) -> None:
         self.spec = spec
         self.array = array
-        self.view = memoryview(array.reshape(-1)).cast("B")
+        self.sink = sink
+        self.view = None if sink is not None else memoryview(array.reshape(-1)).cast("B")
         self.filled = 0
 
 
@@ -103,9 +117,9 @@ class _Assembler:
     when complete instead."""
 
     def __init__(self, manifest: Mapping[str, TensorSpec] | None, allocate: Callable[[TensorSpec], np.ndarray],
-                 hasher: _BackgroundHash, on_piece: Callable[[str, np.ndarray, int], None] | None = None) -> None:
+                 hasher: _BackgroundHash, sink: Callable[[TensorSpec], TensorSink | None] | None = None) -> None:
         self._manifest = manifest
-        self._on_piece = on_piece
+        self._sink = sink
         self._allocate = allocate
         self._hasher = hasher
         self._tensors: dict[str, _Received] = {}
@@ -139,12 +153,15 @@ class _Assembler:
                 f"tensor {spec.name}: received more than {spec.nbytes} bytes "
                 f"(shape {fmt_shape(spec.shape)} of {spec.dtype.upper()})"
             )
-        tensor.view[done : done + len(data)] = data
+        if tensor.sink is not None:
+            tensor.sink.write(data)
+            written = data  # the message's bytes: they stay as they are while the hash holds them
+        else:
+            tensor.view[done : done + len(data)] = data
+            written = tensor.view[done : done + len(data)]
         tensor.filled = done + len(data)
         if self._in_order:
-            self._hasher.update(tensor.view[done : done + len(data)])
-        if self._on_piece is not None:
-            self._on_piece(spec.name, tensor.array, tensor.filled)
+            self._hasher.update(written)
 
     def _start(self, spec: TensorSpec, offset: int) -> _Received:
         """A new tensor, at its first piece: refused unless that piece starts at offset 0 and the tensor
@@ -155,7 +172,8 @@ class _Assembler:
             check_against_manifest(spec, self._manifest)
         if self._manifest is None and spec.nbytes > _MAX_UNCHECKED_BYTES:
             raise TensorError(f"tensor {spec.name}: shape {fmt_shape(spec.shape)} is larger than 64 GiB")
-        tensor = self._tensors[spec.name] = _Received(spec, self._allocate(spec))
+        sink = self._sink(spec) if self._sink is not None else None
+        tensor = self._tensors[spec.name] = _Received(spec, sink.array, sink) if sink is not None else _Received(spec, self._allocate(spec))
         last = self._last
         if last is not None and (spec.name <= last.spec.name or last.filled != last.spec.nbytes):
             self._in_order = False  # not in name order, or the previous tensor is not complete yet
@@ -170,6 +188,9 @@ class _Assembler:
         A checksum mismatch is reported before non-finite values: a damaged stream is named as such first."""
         self._check_whole()
         self._check_counts(digest)
+        for tensor in self._tensors.values():
+            if tensor.sink is not None:
+                tensor.sink.complete()
         weights = {name: native_view(tensor.spec, tensor.array) for name, tensor in self._tensors.items()}
         not_finite = self._non_finite(weights)  # while the hashing thread catches up with the last pieces
         actual = self._hasher.hexdigest() if self._in_order else weights_sha256(weights)

@@ -192,7 +192,9 @@ def check_finite(name: str, array: np.ndarray) -> None:
     if kind not in _FLOAT_DTYPES:
         return
     values = array if kind in ("float32", "float64") else array.astype(np.float32)
-    flat = values.reshape(-1)
+    # read in memory order: a matrix received as a transposed view (weightrelay.conversion) is scanned as its
+    # contiguous transpose (the same values), not copied into C order by reshape
+    flat = (values if values.flags.c_contiguous or not values.T.flags.c_contiguous else values.T).reshape(-1)
     # The common case, all finite: checked a block at a time into one small mask, because a mask
     # of the whole tensor is fresh memory (slow to touch) and as large as a quarter of it.
     mask = np.empty(min(len(flat), _FINITE_BLOCK), dtype=bool)

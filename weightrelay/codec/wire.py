@@ -98,7 +98,7 @@ def _chunk_bytes(max_chunk_bytes: int) -> int:
 
 
 #: The size of the bands a transposed matrix is converted in as it is sent (_band_pieces).
-BAND_BYTES = 32 * 1024 * 1024
+BAND_BYTES = 16 * 1024 * 1024
 
 
 def _banded(array: np.ndarray) -> bool:
@@ -124,7 +124,7 @@ def _band_pieces(weights: Mapping[str, np.ndarray], name: str, spec: TensorSpec,
         array = weights[name]  # may have become a contiguous copy meanwhile (store.DirectRead)
         band = np.empty((stop - row, columns), array.dtype)
         if _banded(array):
-            rows_into(array, row, stop, band)
+            rows_into(array, row, stop, band, threads=1)  # the stream's other work keeps the other cores busy
         else:
             np.copyto(band, array[row:stop])
         data = memoryview(band.reshape(-1)).cast("B")

@@ -188,16 +188,21 @@ def test_flax_layout_computes_the_reference_forward_pass_and_round_trips(name):
 def test_tiled_transposes_equal_numpys_bit_for_bit_at_any_shape_and_strides():
     """Matrices past TILED_TRANSPOSE_BYTES go tile by tile on threads; edges that fill no whole tile or block,
     a strided source and another dtype come out exactly as numpy's own transposing copy."""
-    for shape, dtype in (((1100, 700), np.float32), ((70, 2300), np.float64), ((4, 70000), np.float32)):
+    for shape, dtype in (((1100, 700), np.float32), ((70, 2300), np.float64), ((4, 70000), np.float32),
+                         ((1032, 1540), np.float16), ((1028, 1030), np.float32)):
         source = RNG.standard_normal(shape).astype(dtype)
+        source.reshape(-1)[:3] = [np.nan, np.inf, -0.0]
         assert source.nbytes >= transpose.TILED_TRANSPOSE_BYTES
-        for view in (source, source[::2, 1:]):
+        for view in (source, source[::2, 1:], source[:, 4:], source[:, 1:-3]):  # in chunks where rows allow (transpose._chunk), else tiles
             out = layouts.transposed(view)
             assert out.tobytes() == np.ascontiguousarray(view.T).tobytes() and out.flags.c_contiguous
             assert out.ctypes.data % ALIGNMENT == 0
             alone = np.empty(view.shape[::-1], dtype)
             transpose.transpose_into(view, alone, threads=1)  # as a move's bands go
             assert alone.tobytes() == out.tobytes()
+            wider = np.zeros((view.shape[1], view.shape[0] + 8), dtype)  # into columns of a larger matrix, as a received band
+            transpose.transpose_into(view, wider[:, 4:-4], threads=1)
+            assert wider[:, 4:-4].tobytes() == out.tobytes() and not wider[:, :4].any() and not wider[:, -4:].any()
     with pytest.raises(ValueError, match=r"\[3, 2\] does not transpose to \[3, 2\]"):
         transpose.transpose_into(np.zeros((3, 2)), np.zeros((3, 2)))
 

@@ -56,7 +56,7 @@ def measure(tile_rows: int, block: int, kernel: np.ndarray, out: np.ndarray, row
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.transpose", description=__doc__.splitlines()[0])
-    parser.add_argument("--tiles", default="64x1024,32x1024,32x512,16x1024",
+    parser.add_argument("--tiles", default="64x1024,32x1024,32x512,16x512",
                         help="tile shapes to time, TILE_ROWSxBLOCK, comma-separated (default: %(default)s)")
     parser.add_argument("--rows", type=int, default=4096, help="rows of the matrix transposed per case (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="times every shape runs, taking turns; the least is reported")

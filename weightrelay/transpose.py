@@ -20,8 +20,8 @@ TILED_TRANSPOSE_BYTES = 1024 * 1024
 #: A tile: TILE_ROWS rows of the source become as many columns of the result, within blocks of
 #: BLOCK x BLOCK elements (a block's tiles stay in the cache while it is written). 32 rows, not 64: a
 #: kernel's rows lie a power of two apart, so a tile's rows share cache sets, and 64 of them evict each
-#: other (`python -m bench.transpose`: a sender's bands 1.44 -> 0.89 CPU s/GiB, a receiver's 1.10 -> 0.99).
-TILE_ROWS, BLOCK = 32, 1024
+#: other. Chosen by `python -m bench.transpose` on this project's machine (bench/README.md).
+TILE_ROWS, BLOCK = 32, 512
 #: Most threads one transpose uses (the cores the process may run on, up to this).
 MAX_TRANSPOSE_THREADS = 4
 

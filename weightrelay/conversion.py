@@ -51,6 +51,21 @@ class _BandSink:
         self._filled = 0  # bytes in it
         self._row = 0  # the matrix row it starts at
         self.written = 0  # rows handed to the thread
+        self._checked_rows = 0  # rows the thread found finite (float32 and float64 only, as they are scanned)
+        self._scanned = dtype in (np.float32, np.float64)
+
+    @property
+    def checked_finite(self) -> bool:
+        """Every row of the matrix was found finite as its band was transposed (TensorSink): the receive's
+        own scan, which names a non-finite value's place, is then not needed."""
+        return self._scanned and self._checked_rows == self._rows
+
+    def _transpose(self, band: np.ndarray, start: int, stop: int) -> None:
+        """On the conversion's thread: one band into the columns start:stop of `out`, and scanned for NaN and
+        Inf there, beside the rest of the transfer, while it is in the caches."""
+        transpose_into(band, self.out[:, start:stop], threads=1)  # beside the receive: one thread is enough
+        if self._scanned and np.isfinite(band).all():
+            self._checked_rows += stop - start
 
     def _band_size(self) -> int:
         return min(self._band_rows, self._rows - self._row) * self._row_bytes
@@ -131,7 +146,7 @@ class BandConversion:
             sink, buffer, band, start, stop = job
             try:
                 if not self._cancelled and self._failed is None:
-                    transpose_into(band, sink.out[:, start:stop], threads=1)  # beside the receive: one thread is enough
+                    sink._transpose(band, start, stop)
             except BaseException as exc:  # noqa: BLE001 - raised to the receive by complete()
                 self._failed = exc
             finally:

@@ -46,13 +46,24 @@ def test_a_row_longer_than_a_band_is_one_band(monkeypatch):
     assert follow.converted(received)["w"].tobytes() == np.ascontiguousarray(weights["w"].T).tobytes()
 
 
-def test_a_non_finite_value_in_a_converted_matrix_is_refused_naming_its_index():
+def test_a_converted_matrix_is_scanned_for_nan_and_inf_band_by_band():
+    """A float matrix found finite band by band is not scanned again by the receive (its bands were checked
+    beside the transfer); one with NaN or Inf is, and refused naming the first index."""
     matrix = RNG.standard_normal((40, 30)).astype(np.float32)
-    matrix[3, 17] = np.nan
     follow = conversion.BandConversion({"w"})
-    with pytest.raises(codec.TensorError, match=r"tensor w: 1 non-finite value\(s\).*index \[3, 17\]"):
-        received_into({"w": matrix}, 64 * 1024, follow)
-    follow.cancel()
+    received_into({"w": matrix}, 64 * 1024, follow)
+    assert follow._sinks["w"].checked_finite
+    for value, where in ((np.nan, (3, 17)), (-np.inf, (39, 29))):
+        bad = matrix.copy()
+        bad[where] = value
+        follow = conversion.BandConversion({"w"})
+        with pytest.raises(codec.TensorError, match=rf"tensor w: 1 non-finite value\(s\).*index \[{where[0]}, {where[1]}\]"):
+            received_into({"w": bad}, 64 * 1024, follow)
+        assert not follow._sinks["w"].checked_finite
+        follow.cancel()
+    integers = conversion.BandConversion({"w"})
+    received_into({"w": RNG.integers(0, 9, (40, 30)).astype(np.int32)}, 64 * 1024, integers)
+    assert not integers._sinks["w"].checked_finite  # not scanned: no float
 
 
 def test_a_damaged_converted_matrix_fails_the_checksum():

@@ -40,9 +40,12 @@ def _empty(spec: TensorSpec) -> np.ndarray:
 class TensorSink(Protocol):
     """Where a tensor's bytes go instead of an array of the codec's (weightrelay.conversion: straight into a
     framework's layout). `array` shows the tensor as received (its spec's shape and storage dtype, any
-    strides); it holds every byte `write` was given once `complete` returns."""
+    strides); it holds every byte `write` was given once `complete` returns. `checked_finite`, read after
+    `complete`: True if the sink found every value finite itself (the receive then does not scan it again);
+    False leaves the scan, and the error naming a NaN's place, to the receive."""
 
     array: np.ndarray
+    checked_finite: bool
 
     def write(self, data: memoryview) -> None: ...
 
@@ -192,7 +195,8 @@ class _Assembler:
             if tensor.sink is not None:
                 tensor.sink.complete()
         weights = {name: native_view(tensor.spec, tensor.array) for name, tensor in self._tensors.items()}
-        not_finite = self._non_finite(weights)  # while the hashing thread catches up with the last pieces
+        checked = {name for name, tensor in self._tensors.items() if tensor.sink is not None and tensor.sink.checked_finite}
+        not_finite = self._non_finite(weights, checked)  # while the hashing thread catches up with the last pieces
         actual = self._hasher.hexdigest() if self._in_order else weights_sha256(weights)
         if digest.sha256.lower() != actual:
             raise TensorError(f"checksum mismatch: the digest says sha256 {digest.sha256!r}, the tensors received hash to {actual!r}")
@@ -223,13 +227,15 @@ class _Assembler:
                 f"the stream held {len(self._tensors)} tensors and {total} bytes"
             )
 
-    def _non_finite(self, weights: WeightSet) -> TensorError | None:
-        """With a manifest, the error naming the first tensor that holds NaN or Inf; None otherwise."""
+    def _non_finite(self, weights: WeightSet, checked: set[str]) -> TensorError | None:
+        """With a manifest, the error naming the first tensor that holds NaN or Inf (of those its sink did not
+        find all finite: `checked`); None otherwise."""
         if self._manifest is None:
             return None
         try:
             for name, array in weights.items():
-                check_finite(name, array)
+                if name not in checked:
+                    check_finite(name, array)
         except TensorError as exc:
             return exc
         return None

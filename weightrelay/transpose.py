@@ -42,12 +42,13 @@ CHUNK_BYTES = 16
 
 
 def _chunk(source: np.ndarray, target: np.ndarray) -> int:
-    """Elements per chunk where a block transposes in chunks (elements of 2, 4 or 8 bytes, both sides' rows
-    contiguous, both sides a multiple of the chunk), else 0."""
+    """Elements per chunk where a block transposes in chunks (one dtype on both sides, of plain values of 2, 4
+    or 8 bytes, both sides' rows contiguous, both sides a multiple of the chunk), else 0: chunks copy bytes,
+    so a cast or a Python object's reference is left to numpy."""
     size = source.itemsize
     chunk = CHUNK_BYTES // size
-    if (size not in (2, 4, 8) or source.strides[1] != size or target.strides[1] != size
-            or source.shape[0] % chunk or source.shape[1] % chunk):
+    if (size not in (2, 4, 8) or source.dtype != target.dtype or source.dtype.hasobject
+            or source.strides[1] != size or target.strides[1] != size or source.shape[0] % chunk or source.shape[1] % chunk):
         return 0
     return chunk
 

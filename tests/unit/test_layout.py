@@ -203,6 +203,10 @@ def test_tiled_transposes_equal_numpys_bit_for_bit_at_any_shape_and_strides():
             wider = np.zeros((view.shape[1], view.shape[0] + 8), dtype)  # into columns of a larger matrix, as a received band
             transpose.transpose_into(view, wider[:, 4:-4], threads=1)
             assert wider[:, 4:-4].tobytes() == out.tobytes() and not wider[:, :4].any() and not wider[:, -4:].any()
+    cast = np.empty((1024, 512), np.float64)  # another dtype for the result: numpy's cast, not bytes moved
+    source = RNG.standard_normal((512, 1024)).astype(np.float32)
+    transpose.transpose_into(source, cast, threads=1)
+    assert np.array_equal(cast, source.T.astype(np.float64))
     with pytest.raises(ValueError, match=r"\[3, 2\] does not transpose to \[3, 2\]"):
         transpose.transpose_into(np.zeros((3, 2)), np.zeros((3, 2)))
 

@@ -25,7 +25,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from weightrelay.buffers import aligned_empty, recycled_memory, same_view
-from weightrelay.codec import TensorSpec, storage_dtype
+from weightrelay.codec import TensorSpec, all_finite, storage_dtype
 from weightrelay.transpose import transpose_into
 
 #: Bytes of whole rows a band buffer holds (at least one row): a band is transposed in one go, and
@@ -64,7 +64,7 @@ class _BandSink:
         """On the conversion's thread: one band into the columns start:stop of `out`, and scanned for NaN and
         Inf there, beside the rest of the transfer, while it is in the caches."""
         transpose_into(band, self.out[:, start:stop], threads=1)  # beside the receive: one thread is enough
-        if self._scanned and np.isfinite(band).all():
+        if self._scanned and all_finite(band):  # the receive's own scan, without a mask of the whole band
             self._checked_rows += stop - start
 
     def _band_size(self) -> int:

@@ -186,20 +186,24 @@ def check_against_manifest(spec: TensorSpec, manifest: Mapping[str, TensorSpec])
 _FINITE_BLOCK = 1 << 20
 
 
+def all_finite(values: np.ndarray) -> bool:
+    """Whether a float32 or float64 array holds no NaN or Inf. Read in memory order (a matrix received as a
+    transposed view, weightrelay.conversion, is scanned as its contiguous transpose: the same values, not
+    copied into C order by reshape), a block at a time into one small mask, because a mask of the whole
+    array is fresh memory (slow to touch) and as large as a quarter of it."""
+    flat = (values if values.flags.c_contiguous or not values.T.flags.c_contiguous else values.T).reshape(-1)
+    mask = np.empty(min(len(flat), _FINITE_BLOCK), dtype=bool)
+    blocks = (flat[i : i + _FINITE_BLOCK] for i in range(0, len(flat), _FINITE_BLOCK))
+    return all(np.isfinite(block, out=mask[: len(block)]).all() for block in blocks)
+
+
 def check_finite(name: str, array: np.ndarray) -> None:
     """Raise TensorError, naming the count and the first index, if a float tensor holds NaN or Inf."""
     kind = dtype_name(array.dtype)
     if kind not in _FLOAT_DTYPES:
         return
     values = array if kind in ("float32", "float64") else array.astype(np.float32)
-    # read in memory order: a matrix received as a transposed view (weightrelay.conversion) is scanned as its
-    # contiguous transpose (the same values), not copied into C order by reshape
-    flat = (values if values.flags.c_contiguous or not values.T.flags.c_contiguous else values.T).reshape(-1)
-    # The common case, all finite: checked a block at a time into one small mask, because a mask
-    # of the whole tensor is fresh memory (slow to touch) and as large as a quarter of it.
-    mask = np.empty(min(len(flat), _FINITE_BLOCK), dtype=bool)
-    blocks = (flat[i : i + _FINITE_BLOCK] for i in range(0, len(flat), _FINITE_BLOCK))
-    if all(np.isfinite(block, out=mask[: len(block)]).all() for block in blocks):
+    if all_finite(values):  # the common case
         return
     bad = ~np.isfinite(values)
     if bad.any():

@@ -6,7 +6,7 @@ sender reads its [in, out] kernel a band of rows of the canonical [out, in] matr
 framework's kernel (weightrelay.conversion), and the layouts transpose whole matrices. Each case is
 timed on one thread (as a move runs them) for every `--tiles` shape (TILE_ROWS x BLOCK), in chunks
 (two passes, as the transposes run: transpose._transpose_chunks) and in one pass of tiles (as they ran
-before), 16384 x 16384 float32 as `bench.transfer --pairs` moves, bands of codec.wire.BAND_BYTES; the
+before), 16384 x 16384 float32 as `bench.transfer --pairs` moves, bands of codec.wire.BAND_BYTES (`--band-mib`); the
 shape in use is marked. Which shape is fastest depends on the machine's caches: numpy's strided copy runs element by
 element, and a tile whose rows lie a power of two apart in memory share cache sets.
 
@@ -60,9 +60,9 @@ def _cpu_per_gib(run, nbytes: int) -> float:
 Transpose = Callable[[np.ndarray, np.ndarray], None]  # (src, out): out[...] = src.T
 
 
-def measure(run: Transpose, kernel: np.ndarray, out: np.ndarray, rows: int) -> dict:
-    """CPU s/GiB of the three cases over the first `rows` rows' worth of bands."""
-    band_rows = max(1, BAND_BYTES // (SIDE * 4))
+def measure(run: Transpose, kernel: np.ndarray, out: np.ndarray, rows: int, band_bytes: int = BAND_BYTES) -> dict:
+    """CPU s/GiB of the three cases over the first `rows` rows' worth of bands of `band_bytes`."""
+    band_rows = max(1, band_bytes // (SIDE * 4))
     band = np.ones((band_rows, SIDE), np.float32)
     starts = range(0, rows, band_rows)
     nbytes = len(starts) * band.nbytes
@@ -80,6 +80,7 @@ COMPILED = {
     "wr_avx_two_level": "AVX 8x8, blocks 64x64 in 1024x1024",
     "wr_avx_staged": "AVX 8x8 from a padded copy of 256x64",
     "wr_avx_recursive": "AVX 8x8, recursive halves",
+    "wr_two_pass": "numpy's two passes, SSE 4x4, blocks of 512",
 }
 
 
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="tile shapes to time, TILE_ROWSxBLOCK, comma-separated (default: %(default)s)")
     parser.add_argument("--rows", type=int, default=4096, help="rows of the matrix transposed per case (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="times every shape runs, taking turns; the least is reported")
+    parser.add_argument("--band-mib", type=int, default=BAND_BYTES // 2**20,
+                        help="size of the bands, MiB (default: codec.wire.BAND_BYTES, what a move uses: %(default)s)")
     parser.add_argument("--compiled", action="store_true", help="also time the compiled transposes of bench/transpose_c.c (needs a C compiler)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
@@ -142,16 +145,16 @@ def main(argv: list[str] | None = None) -> int:
             for (label, _, run), kept in zip(cases, best):
                 if round_ == 0:
                     out[:, : args.rows] = 0  # what the case's whole transpose must overwrite (checked below)
-                result = measure(run, kernel, out, args.rows)
+                result = measure(run, kernel, out, args.rows, args.band_mib * 2**20)
                 if round_ == 0 and not np.array_equal(out[:, : args.rows], kernel[: args.rows].T):
                     raise SystemExit(f"{' '.join(label)}: the result is not the transpose")
                 for key, value in result.items():
                     kept[key] = min(kept.get(key, value), value)
     rows = [[*label, v["send_band_cpu_s_per_gib"], v["receive_band_cpu_s_per_gib"], v["whole_cpu_s_per_gib"]]
             for (label, _, _), v in zip(cases, best)]
-    print(f"CPU s/GiB on one thread, {SIDE}x{SIDE} float32, bands of {BAND_BYTES // 2**20} MiB, least of {args.rounds}")
+    print(f"CPU s/GiB on one thread, {SIDE}x{SIDE} float32, bands of {args.band_mib} MiB, least of {args.rounds}")
     print(table(["tile", "transpose", "send band", "receive band", "whole matrix"], rows))
-    print(f"written: {write('transpose', {'rows': args.rows, 'band_bytes': BAND_BYTES, 'in_use': list(in_use), 'tiles': best}, args.out)}")
+    print(f"written: {write('transpose', {'rows': args.rows, 'band_bytes': args.band_mib * 2**20, 'in_use': list(in_use), 'tiles': best}, args.out)}")
     return 0
 
 

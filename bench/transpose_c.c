@@ -105,6 +105,50 @@ void wr_avx_recursive(const float *s, float *d, size_t rows, size_t cols, size_t
         wr_avx_recursive(s + cols / 2, d + cols / 2 * dld, rows, cols - cols / 2, sld, dld);
     }
 }
+/* numpy's two passes (weightrelay/transpose.py) in C, in blocks of B x B: the block's rows as chunks of 4
+ * floats into a scratch whose rows are not a power of two apart (row k: chunk k of every row, 4 rows per
+ * cache line), then each 4 x 4 square of the scratch, read in order, transposed in registers into 4 rows of
+ * the result. B: the largest of 512, 256, 128, 64 that the matrix holds; what whole blocks leave goes to avx_tile. */
+#define TWO_PASS_BLOCK 512
+#define TWO_PASS_ROW (4 * TWO_PASS_BLOCK + 16)
+static WR_AVX void two_pass_block(const float *s, float *d, size_t sld, size_t dld, size_t B, float *scratch) {
+    for (size_t i = 0; i < B; i += 4)
+        for (size_t k = 0; k < B / 4; k++) {
+            float *o = scratch + k * TWO_PASS_ROW + i * 4;
+            _mm_store_ps(o, _mm_loadu_ps(s + i * sld + 4 * k));
+            _mm_store_ps(o + 4, _mm_loadu_ps(s + (i + 1) * sld + 4 * k));
+            _mm_store_ps(o + 8, _mm_loadu_ps(s + (i + 2) * sld + 4 * k));
+            _mm_store_ps(o + 12, _mm_loadu_ps(s + (i + 3) * sld + 4 * k));
+        }
+    for (size_t k = 0; k < B / 4; k++) {
+        const float *row = scratch + k * TWO_PASS_ROW;
+        float *t = d + 4 * k * dld;
+        for (size_t b = 0; b < B / 4; b++) {
+            __m128 a0 = _mm_load_ps(row + 16 * b), a1 = _mm_load_ps(row + 16 * b + 4);
+            __m128 a2 = _mm_load_ps(row + 16 * b + 8), a3 = _mm_load_ps(row + 16 * b + 12);
+            _MM_TRANSPOSE4_PS(a0, a1, a2, a3);
+            _mm_storeu_ps(t + 4 * b, a0);
+            _mm_storeu_ps(t + dld + 4 * b, a1);
+            _mm_storeu_ps(t + 2 * dld + 4 * b, a2);
+            _mm_storeu_ps(t + 3 * dld + 4 * b, a3);
+        }
+    }
+}
+
+void wr_two_pass(const float *s, float *d, size_t rows, size_t cols, size_t sld, size_t dld) {
+    static _Thread_local _Alignas(64) float scratch[TWO_PASS_BLOCK / 4 * TWO_PASS_ROW];  /* 1 MiB, kept */
+    size_t B = TWO_PASS_BLOCK;
+    while (B > 64 && (rows < B || cols < B)) B /= 2;
+    if (rows < B || cols < B) {
+        avx_tile(s, d, rows, cols, sld, dld);
+        return;
+    }
+    size_t full_rows = rows / B * B, full_cols = cols / B * B;
+    for (size_t r0 = 0; r0 < full_rows; r0 += B)
+        for (size_t c0 = 0; c0 < full_cols; c0 += B) two_pass_block(s + r0 * sld + c0, d + c0 * dld + r0, sld, dld, B, scratch);
+    avx_tile(s + full_rows * sld, d + full_rows, rows - full_rows, cols, sld, dld);
+    avx_tile(s + full_cols, d + full_cols * dld, full_rows, cols - full_cols, sld, dld);
+}
 #else
 int wr_has_avx(void) { return 0; }
 #endif

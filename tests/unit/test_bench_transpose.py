@@ -21,7 +21,7 @@ def test_every_compiled_transpose_this_cpu_runs_is_built(transposes):
     assert set(transposes) <= set(COMPILED)
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (64, 64), (257, 1030), (1024, 24)])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (64, 64), (257, 1030), (1024, 24), (600, 1100)])
 def test_compiled_transposes_match_numpy(transposes, shape):
     rng = np.random.default_rng(sum(shape))
     # views whose rows lie further apart than their length, as a band of a larger matrix

@@ -53,6 +53,13 @@ def _chunk(source: np.ndarray, target: np.ndarray) -> int:
     return chunk
 
 
+def _by_tiles(source: np.ndarray, target: np.ndarray) -> None:
+    """target[...] = source.T, TILE_ROWS rows of the source at a time: numpy's element-by-element copy, on a
+    tile whose rows stay in the cache until they are read whole."""
+    for row in range(0, source.shape[0], TILE_ROWS):
+        target[:, row : row + TILE_ROWS] = source[row : row + TILE_ROWS].T
+
+
 def _transpose_chunks(source: np.ndarray, target: np.ndarray, chunk: int, scratch: np.ndarray) -> None:
     """target[...] = source.T in two passes that each move far fewer elements a row apart than one: the
     source's rows seen as chunks of `chunk` elements (16 bytes) are transposed as a matrix of chunks into
@@ -61,8 +68,7 @@ def _transpose_chunks(source: np.ndarray, target: np.ndarray, chunk: int, scratc
     rows, cols = source.shape
     wide = source.view(np.complex128)  # [rows, cols / chunk], 16 bytes each
     moved = scratch[: rows * cols // chunk].reshape(cols // chunk, rows)
-    for row in range(0, rows, TILE_ROWS):
-        moved[:, row : row + TILE_ROWS] = wide[row : row + TILE_ROWS].T
+    _by_tiles(wide, moved)
     # moved[k, i] holds source[i, k*chunk : (k+1)*chunk]; target[k*chunk + j, b*chunk + i] = source[b*chunk + i, k*chunk + j]
     squares = moved.view(source.dtype).reshape(cols // chunk, rows // chunk, chunk, chunk)
     np.copyto(target.reshape((cols // chunk, chunk, rows // chunk, chunk), copy=False), squares.transpose(0, 3, 1, 2))
@@ -86,9 +92,8 @@ def _transpose_blocks(src: np.ndarray, out: np.ndarray, blocks: list[tuple[int, 
         chunk = _chunk(source, target)
         if chunk:
             _transpose_chunks(source, target, chunk, _scratch(source.itemsize))
-            continue
-        for row in range(0, source.shape[0], TILE_ROWS):
-            target[:, row : row + TILE_ROWS] = source[row : row + TILE_ROWS].T
+        else:
+            _by_tiles(source, target)
 
 
 def transpose_into(src: np.ndarray, out: np.ndarray, threads: int | None = None) -> None:

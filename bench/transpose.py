@@ -116,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="tile shapes to time, TILE_ROWSxBLOCK, comma-separated (default: %(default)s)")
     parser.add_argument("--rows", type=int, default=4096, help="rows of the matrix transposed per case (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="times every shape runs, taking turns; the least is reported")
-    parser.add_argument("--band-mib", type=int, default=BAND_BYTES // 2**20,
+    parser.add_argument("--band-mib", type=float, default=BAND_BYTES / 2**20,
                         help="size of the bands, MiB (default: codec.wire.BAND_BYTES, what a move uses: %(default)s)")
     parser.add_argument("--compiled", action="store_true", help="also time the compiled transposes of bench/transpose_c.c (needs a C compiler)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default: bench/results)")
     args = parser.parse_args(argv)
     in_use = (transpose.TILE_ROWS, transpose.BLOCK, True)
+    band_bytes = int(args.band_mib * 2**20)
     cases: list[tuple[list[str], dict, Transpose]] = []  # (tile, transpose) as printed, the JSON keys, the run
     for chunks in (True, False):
         for item in args.tiles.split(","):
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             for (label, _, run), kept in zip(cases, best):
                 if round_ == 0:
                     out[:, : args.rows] = 0  # what the case's whole transpose must overwrite (checked below)
-                result = measure(run, kernel, out, args.rows, args.band_mib * 2**20)
+                result = measure(run, kernel, out, args.rows, band_bytes)
                 if round_ == 0 and not np.array_equal(out[:, : args.rows], kernel[: args.rows].T):
                     raise SystemExit(f"{' '.join(label)}: the result is not the transpose")
                 for key, value in result.items():
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             for (label, _, _), v in zip(cases, best)]
     print(f"CPU s/GiB on one thread, {SIDE}x{SIDE} float32, bands of {args.band_mib} MiB, least of {args.rounds}")
     print(table(["tile", "transpose", "send band", "receive band", "whole matrix"], rows))
-    print(f"written: {write('transpose', {'rows': args.rows, 'band_bytes': args.band_mib * 2**20, 'in_use': list(in_use), 'tiles': best}, args.out)}")
+    print(f"written: {write('transpose', {'rows': args.rows, 'band_bytes': band_bytes, 'in_use': list(in_use), 'tiles': best}, args.out)}")
     return 0
 
 

@@ -25,12 +25,12 @@ from typing import Callable, Mapping
 import numpy as np
 
 from weightrelay.buffers import aligned_empty, recycled_memory, same_view
-from weightrelay.codec import TensorSpec, all_finite, storage_dtype
+from weightrelay.codec import TensorSpec, all_finite, storage_dtype, wire
 from weightrelay.transpose import transpose_into
 
-#: Bytes of whole rows a band buffer holds (at least one row): a band is transposed in one go, and
-#: measured on this project's machine 256 rows of a 16384-wide matrix convert as fast as 1024.
-BAND_BYTES = 16 * 1024 * 1024
+#: Bytes of whole rows a band buffer holds (at least one row): a band is transposed in one go; the sender's
+#: band size (codec.wire.BAND_BYTES, which says why).
+BAND_BYTES = wire.BAND_BYTES
 #: Band buffers of one receive: one filling while the others wait for, or are in, the transposing thread.
 BANDS = 3
 

@@ -9,7 +9,10 @@ fastest move of each path, the pull's GB/s over the torch -> torch pull of the s
 reference, always measured first), and of each worker: its resident set once idle after the moves
 (a second after the last, when a worker has handed back its freed stream memory) and its peak during
 them (the high-water mark is reset first), each less its start-up size, over the set.
-Only one pair of workers lives at a time. The current figures are in bench/README.md.
+Only one pair of workers lives at a time. `--rounds N` goes through all the directions N times, each
+round with fresh workers, and reports each direction's fastest moves and largest memory over the rounds:
+on a shared machine a slow spell then falls on every direction, the reference included, instead of on
+the directions that happened to run in it. The current figures are in bench/README.md.
 """
 
 from __future__ import annotations
@@ -84,18 +87,35 @@ def measure_pair(sender_fw: str, receiver_fw: str, model: str, nbytes: int, repe
             "pull": paths["pull"], "forward": paths["forward"]}
 
 
-def run(pairs_text: str, size: str, repeats: int, device: str, out: Path | None) -> int:
+def over_rounds(rounds: list[dict]) -> dict:
+    """One direction's records of several rounds as one: each path's fastest move, each worker's largest resident
+    sizes and memory over the set (the worst), and every round's GB/s under "rounds"."""
+    merged = dict(rounds[0])
+    for path in ("pull", "forward"):
+        merged[path] = max((r[path] for r in rounds), key=lambda move: move["gb_per_second"])
+    for key in ("start_rss_bytes", "idle_rss_bytes", "peak_rss_bytes"):
+        merged[key] = {role: max(r[key][role] for r in rounds) for role in rounds[0][key]}
+    for key in [k for k in rounds[0] if k.endswith("_over_set")]:
+        merged[key] = max(r[key] for r in rounds)
+    merged["rounds"] = [{"pull_gb_per_second": r["pull"]["gb_per_second"], "forward_gb_per_second": r["forward"]["gb_per_second"]}
+                        for r in rounds]
+    return merged
+
+
+def run(pairs_text: str, size: str, repeats: int, device: str, out: Path | None, rounds: int = 1) -> int:
     from bench.transfer import SIZES, set_bytes
 
     pairs = parse_pairs(pairs_text, installed())
     model = SIZES[size]
     nbytes = set_bytes(model)
-    records = []
-    for sender_fw, receiver_fw in pairs:
-        record = measure_pair(sender_fw, receiver_fw, model, nbytes, repeats, device)
-        records.append(record)
-        print(f"{sender_fw} -> {receiver_fw}: pull {record['pull']['gb_per_second']:.2f} GB/s, "
-              f"forward {record['forward']['gb_per_second']:.2f} GB/s", flush=True)
+    measured: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}
+    for round_ in range(1, rounds + 1):
+        for sender_fw, receiver_fw in pairs:
+            record = measure_pair(sender_fw, receiver_fw, model, nbytes, repeats, device)
+            measured[sender_fw, receiver_fw].append(record)
+            print(f"{f'round {round_}/{rounds}: ' if rounds > 1 else ''}{sender_fw} -> {receiver_fw}: pull {record['pull']['gb_per_second']:.2f} GB/s, "
+                  f"forward {record['forward']['gb_per_second']:.2f} GB/s", flush=True)
+    records = [over_rounds(measured[pair]) for pair in pairs]
     reference = next(r for r in records if (r["from"], r["to"]) == REFERENCE)["pull"]["gb_per_second"]
     rows = []
     for r in records:
@@ -104,10 +124,11 @@ def run(pairs_text: str, size: str, repeats: int, device: str, out: Path | None)
         rows.append([f"{r['from']} -> {r['to']}", r["pull"]["gb_per_second"], r["pull_over_reference"], r["forward"]["gb_per_second"],
                      r["forward_over_reference"], f"{r['sender_idle_over_set']:.2f} / {r['sender_peak_over_set']:.2f}",
                      f"{r['receiver_idle_over_set']:.2f} / {r['receiver_peak_over_set']:.2f}"])
-    print(f"{size} ({model}, {nbytes / 1e9:.2f} GB) on {device}, fastest of {repeats} moves per path; memory: above the worker's "
+    over = f" in each of {rounds} rounds (memory: the largest)" if rounds > 1 else ""
+    print(f"{size} ({model}, {nbytes / 1e9:.2f} GB) on {device}, fastest of {repeats} moves per path{over}; memory: above the worker's "
           "start-up size with the seed's MLP, over the set")
     print(table(["direction", "pull GB/s", "/ torch->torch pull", "forward GB/s", "/ torch->torch pull",
                  "sender idle / peak", "receiver idle / peak"], rows))
     name = "transfer-pairs" if device == "cpu" else f"transfer-pairs-{device}"
-    print(f"written: {write(name, {'size': size, 'repeats': repeats, 'device': device, 'pairs': records}, out)}")
+    print(f"written: {write(name, {'size': size, 'repeats': repeats, 'rounds': rounds, 'device': device, 'pairs': records}, out)}")
     return 0

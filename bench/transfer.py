@@ -96,11 +96,15 @@ def main(argv: list[str] | None = None) -> int:
                         "(bench/pairs.py); alone, every ordered pair of the installed frameworks and torch:torch")
     parser.add_argument("--size", default="1GiB", choices=sorted(SIZES), help="--pairs: the set's size (default 1GiB)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"), help="--pairs: the workers' --device (default cpu)")
+    parser.add_argument("--rounds", type=int, default=1, help="--pairs: times every direction is measured, in turns with fresh workers; "
+                        "the fastest moves and the largest memory are reported (default 1)")
     args = parser.parse_args(argv)
     if args.pairs is not None:
         from bench import pairs
 
-        return pairs.run(args.pairs, args.size, args.repeats or LARGE_SET_REPEATS, args.device, args.out)
+        if args.rounds < 1:
+            parser.error(f"--rounds must be at least 1, got {args.rounds}")
+        return pairs.run(args.pairs, args.size, args.repeats or LARGE_SET_REPEATS, args.device, args.out, args.rounds)
     python = None if args.no_flower else flower_python(args.flower_python)
     sender, receiver = Worker("torch", ["--seed", "1"]), Worker("torch", ["--seed", "2"])
     rows, records, flower = [], [], {}

@@ -124,9 +124,9 @@ def run(pairs_text: str, size: str, repeats: int, device: str, out: Path | None,
         rows.append([f"{r['from']} -> {r['to']}", r["pull"]["gb_per_second"], r["pull_over_reference"], r["forward"]["gb_per_second"],
                      r["forward_over_reference"], f"{r['sender_idle_over_set']:.2f} / {r['sender_peak_over_set']:.2f}",
                      f"{r['receiver_idle_over_set']:.2f} / {r['receiver_peak_over_set']:.2f}"])
-    over = f" in each of {rounds} rounds (memory: the largest)" if rounds > 1 else ""
-    print(f"{size} ({model}, {nbytes / 1e9:.2f} GB) on {device}, fastest of {repeats} moves per path{over}; memory: above the worker's "
-          "start-up size with the seed's MLP, over the set")
+    over = (f" in each of {rounds} rounds", " (the largest of the rounds)") if rounds > 1 else ("", "")
+    print(f"{size} ({model}, {nbytes / 1e9:.2f} GB) on {device}, fastest of {repeats} moves per path{over[0]}; memory{over[1]}: above "
+          "the worker's start-up size with the seed's MLP, over the set")
     print(table(["direction", "pull GB/s", "/ torch->torch pull", "forward GB/s", "/ torch->torch pull",
                  "sender idle / peak", "receiver idle / peak"], rows))
     name = "transfer-pairs" if device == "cpu" else f"transfer-pairs-{device}"

@@ -99,7 +99,7 @@ def _chunk_bytes(max_chunk_bytes: int) -> int:
 
 #: The most bytes of a band a transposed matrix is converted in as it is sent (_band_pieces), and of the bands a
 #: receiver converts in (weightrelay.conversion). 504 rows of a 16384-wide float32 matrix: measured on this
-#: project's machine, bands of about 512 rows transpose a fifth faster than bands of 256 (`python -m
+#: project's machine, bands of about 512 rows transpose a fifth to a third faster than bands of 256 (`python -m
 #: bench.transpose --band-mib`, bench/README.md), and a band below buffers.HEAP_ALLOCATIONS_UP_TO comes from the
 #: heap, where the next band reuses its memory, instead of fresh pages.
 BAND_BYTES = 63 * 512 * 1024

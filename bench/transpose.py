@@ -84,11 +84,15 @@ COMPILED = {
 }
 
 
+def c_compiler() -> str:
+    """The C compiler --compiled builds with: `$CC`, else `cc`."""
+    return os.environ.get("CC", "cc")
+
+
 def compiled_transposes(folder: Path) -> dict[str, Transpose]:
     """bench/transpose_c.c built into `folder` with the C compiler: each function this CPU can run, as a Transpose."""
     library = folder / "transpose_c.so"
-    compiler = os.environ.get("CC", "cc")
-    subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-o", str(library), str(Path(__file__).with_name("transpose_c.c"))], check=True)
+    subprocess.run([c_compiler(), "-O2", "-shared", "-fPIC", "-o", str(library), str(Path(__file__).with_name("transpose_c.c"))], check=True)
     lib = ctypes.CDLL(str(library))
     avx = bool(lib.wr_has_avx())
     runs = {}
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 compiled = compiled_transposes(Path(folder))
             except (OSError, subprocess.CalledProcessError) as exc:
-                raise SystemExit(f"--compiled: bench/transpose_c.c could not be built with {os.environ.get('CC', 'cc')}: {exc}") from None
+                raise SystemExit(f"--compiled: bench/transpose_c.c could not be built with {c_compiler()}: {exc}") from None
             for name, run in compiled.items():
                 cases.append(([COMPILED[name], "compiled (C)"], {"compiled": name}, run))
         rng = np.random.default_rng(0)

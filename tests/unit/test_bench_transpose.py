@@ -6,9 +6,9 @@ import shutil
 import numpy as np
 import pytest
 
-from bench.transpose import COMPILED, compiled_transposes
+from bench.transpose import COMPILED, c_compiler, compiled_transposes
 
-pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+pytestmark = pytest.mark.skipif(shutil.which(c_compiler()) is None, reason="needs a C compiler ($CC or cc)")
 
 
 @pytest.fixture(scope="module")

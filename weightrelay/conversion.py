@@ -9,7 +9,8 @@ pieces fill a small band buffer of whole rows, and as soon as a band is full a t
 transposes it into the matching columns of the framework-layout array, beside the rest of the
 transfer. The received set then shows that matrix as a transposed view of the converted array, so the
 receiver's checks (checksum of the bytes as they came, shapes, finite values) read exactly what the
-framework takes.
+framework takes. A matrix the sender sends transposed (held [in, out] there too: Tensor.transposed) needs no
+transpose at all: its bytes go straight into the framework-layout array (`_HeldSink`).
 
 Nothing of this reaches the model before the set passes every check: `converted(weights)` hands over
 the arrays only for matrices whose sinks the verified set holds. A set refused or abandoned is
@@ -89,13 +90,43 @@ class _BandSink:
                 self._band, self._filled = None, 0
                 self._row += rows
 
+    @property
+    def whole(self) -> bool:
+        return self.written == self._rows
+
     def complete(self) -> None:
         """Return once every band written is in `out` (raises what a band's transpose raised)."""
         self._conversion._wait()
 
 
+class _HeldSink:
+    """One target matrix sent transposed, as the framework holds it ([in, out]): its bytes in order straight into
+    `out`; `array` is `out` seen as the canonical [out, in] tensor. The receive scans it for NaN and Inf."""
+
+    checked_finite = False
+
+    def __init__(self, shape: tuple[int, int], dtype: np.dtype, allocate) -> None:
+        self.out = allocate(shape[::-1], dtype)
+        self.array = self.out.T
+        self._bytes = memoryview(self.out.reshape(-1)).cast("B")
+        self._filled = 0
+
+    @property
+    def whole(self) -> bool:
+        return self._filled == len(self._bytes)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """The transpose's next bytes, in order (the codec checks offsets and sizes before)."""
+        self._bytes[self._filled : self._filled + len(data)] = data
+        self._filled += len(data)
+
+    def complete(self) -> None:
+        """Nothing to wait for: every byte is in `out` as it is written."""
+
+
 class BandConversion:
-    """Receives the named matrices ([out, in] on the wire) straight into [in, out] arrays, band by band.
+    """Receives the named matrices ([out, in] on the wire) straight into [in, out] arrays, band by band (or as
+they come, where the sender sends them transposed).
 
     `targets` names the canonical tensors to convert; `allocate(shape, dtype)` gives the memory of a
     result (the framework takes it as its own; default: aligned memory a kernel the framework let go of had,
@@ -105,7 +136,7 @@ class BandConversion:
     def __init__(self, targets: set[str], allocate: Callable[[tuple[int, ...], np.dtype], np.ndarray] = recycled_memory.empty) -> None:
         self.targets = frozenset(targets)
         self._allocate = allocate
-        self._sinks: dict[str, _BandSink] = {}
+        self._sinks: dict[str, _BandSink | _HeldSink] = {}
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._free: list[np.ndarray] = []  # band buffers the thread is done with
@@ -115,11 +146,14 @@ class BandConversion:
         self._failed: BaseException | None = None
         self._cancelled = False
 
-    def sink(self, spec: TensorSpec) -> _BandSink | None:
-        """Where the receive writes tensor `spec`: a band sink for a non-empty target matrix, else None (the codec's own array)."""
+    def sink(self, spec: TensorSpec, transposed: bool = False) -> _BandSink | _HeldSink | None:
+        """Where the receive writes tensor `spec`: for a non-empty target matrix a band sink, or sent `transposed`
+        a sink that keeps its bytes as they come; else None (the codec's own array; refused if sent transposed)."""
         if spec.name not in self.targets or len(spec.shape) != 2 or 0 in spec.shape:
             return None
-        sink = self._sinks[spec.name] = _BandSink(self, spec.shape, np.dtype(storage_dtype(spec.dtype)), self._allocate)
+        dtype = np.dtype(storage_dtype(spec.dtype))
+        sink = _HeldSink(spec.shape, dtype, self._allocate) if transposed else _BandSink(self, spec.shape, dtype, self._allocate)
+        self._sinks[spec.name] = sink
         return sink
 
     # -- the band buffers and the thread ------------------------------------------------------------
@@ -177,7 +211,7 @@ class BandConversion:
         if self._failed is not None or self._cancelled:
             return {}
         return {name: sink.out for name, sink in self._sinks.items()
-                if name in weights and same_view(weights[name], sink.array) and sink.written == sink.array.shape[0]}
+                if name in weights and same_view(weights[name], sink.array) and sink.whole}
 
     def cancel(self) -> None:
         """The set was refused or abandoned: stop, and let the results go."""

@@ -126,7 +126,7 @@ def contract_sha256(weights: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def whole_set_hash_refused(weights):
+def whole_set_hash_refused(weights, transposed=frozenset()):
     pytest.fail("receive_weights hashed the whole set: the in-order stream was not hashed as it came")
 
 
@@ -138,7 +138,7 @@ def test_the_streaming_hash_is_the_whole_set_hash(chunk, pack, monkeypatch):
     expected = codec.weights_sha256(weights)
     assert expected == contract_sha256(weights)
     encoded = list(codec.encode_weight_chunks(weights, chunk, pack=pack))
-    monkeypatch.setattr(codec.stream, "weights_sha256", whole_set_hash_refused)  # only the streaming hash may answer
+    monkeypatch.setattr(codec.stream, "stream_sha256", whole_set_hash_refused)  # only the streaming hash may answer
     back, streamed = codec.receive_weights(codec.decode_chunk(m) for m in encoded)
     assert streamed == expected
     assert all(back[n].tobytes() == weights[n].tobytes() and back[n].shape == weights[n].shape for n in weights)
@@ -167,8 +167,8 @@ def test_a_header_built_another_way_in_the_stream_fails_the_checksum(monkeypatch
     makes every in-order stream fail its checksum."""
     weights = hashed_set()
     encoded = list(codec.encode_weight_chunks(weights))
-    header = codec.checksum.tensor_header
-    monkeypatch.setattr(codec.stream, "tensor_header", lambda spec: header(spec)[:-1])
+    header = codec.checksum.stream_header
+    monkeypatch.setattr(codec.stream, "stream_header", lambda spec, transposed: header(spec, transposed)[:-1])
     with pytest.raises(codec.TensorError, match="checksum mismatch"):
         codec.receive_weights(codec.decode_chunk(m) for m in encoded)
 

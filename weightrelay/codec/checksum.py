@@ -1,13 +1,16 @@
 """The weight-set checksum (worker.proto, top): SHA-256 over the tensors in name order, each as
 its header (`tensor_header`) then its little-endian bytes. A sender hashes a whole set with
 `weights_sha256`; a receiver hashes a stream as it arrives (codec.stream) with the same header,
-so both give the same checksum byte for byte.
+so both give the same checksum byte for byte. A stream that sends matrices transposed also carries
+the checksum of the stream as sent (`stream_sha256`: the transposed tensors' headers marked).
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+import queue
+import threading
+from typing import AbstractSet, Mapping
 
 import numpy as np
 
@@ -21,14 +24,69 @@ def tensor_header(spec: TensorSpec) -> bytes:
     return spec.name.encode() + b"\0" + spec.dtype.upper().encode() + b"\0" + ",".join(str(d) for d in spec.shape).encode() + b"\0"
 
 
+#: Follows a transposed tensor's header in a stream's own checksum (worker.proto, WeightsDigest.stream_sha256).
+TRANSPOSED_MARK = b"T\0"
+
+
+def stream_header(spec: TensorSpec, transposed: bool) -> bytes:
+    """What a stream's checksum hashes before a tensor's bytes as sent: the set checksum's header, marked
+    for a tensor sent transposed (so that a square matrix sent one way never hashes as the other)."""
+    return tensor_header(spec) + TRANSPOSED_MARK if transposed else tensor_header(spec)
+
+
 def weights_sha256(weights: Mapping[str, np.ndarray]) -> str:
     """Checksum of a weight set, independent of tensor order (see worker.proto)."""
+    return stream_sha256(weights, frozenset())
+
+
+def stream_sha256(weights: Mapping[str, np.ndarray], transposed: AbstractSet[str]) -> str:
+    """Checksum of a weight set as a stream sends it with the matrices `transposed` sent transposed (for none:
+    the set's checksum). `weights` holds the canonical tensors (a transposed one is then hashed as its transpose)."""
     digest = hashlib.sha256()
     for name in sorted(weights):
         array = weights[name]
-        digest.update(tensor_header(TensorSpec.of(name, array)))
-        digest.update(little_endian_view(array))  # no copy for little-endian, C-order arrays
+        digest.update(stream_header(TensorSpec.of(name, array), name in transposed))
+        digest.update(little_endian_view(array.T if name in transposed else array))  # no copy for little-endian, C-order arrays
     return digest.hexdigest()
+
+
+#: Bytes at least this large are hashed on BackgroundHash's thread; below, starting the thread costs more than hashing inline.
+BACKGROUND_HASH_BYTES = 1024 * 1024
+
+
+class BackgroundHash:
+    """SHA-256 on a thread of its own, fed as bytes arrive or leave: hashlib releases the GIL on large buffers,
+    so hashing a piece overlaps receiving (or sending) the next instead of adding to it. The bytes given must
+    not change until `close` or `hexdigest` returns."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while (data := self._queue.get()) is not None:
+            self._hash.update(data)
+
+    def update(self, data: bytes | memoryview) -> None:
+        if len(data) < BACKGROUND_HASH_BYTES and self._thread is None:
+            self._hash.update(data)  # small sets: a thread would cost more than it saves
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
+            self._thread.start()
+        self._queue.put(data)
+
+    def close(self) -> None:
+        """Wait until everything given is hashed (the data must not change before)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._hash.hexdigest()
 
 
 def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:

@@ -65,16 +65,18 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., buffer: _Optional[bool] = ...) -> None: ...
 
 class Tensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "data")
+    __slots__ = ("name", "dtype", "shape", "data", "transposed")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    TRANSPOSED_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    transposed: bool
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., transposed: _Optional[bool] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
     __slots__ = ("piece", "digest", "pieces")
@@ -95,22 +97,26 @@ class TensorPiece(_message.Message):
     def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class WeightsDigest(_message.Message):
-    __slots__ = ("tensor_count", "total_bytes", "sha256")
+    __slots__ = ("tensor_count", "total_bytes", "sha256", "stream_sha256")
     TENSOR_COUNT_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    STREAM_SHA256_FIELD_NUMBER: _ClassVar[int]
     tensor_count: int
     total_bytes: int
     sha256: str
-    def __init__(self, tensor_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    stream_sha256: str
+    def __init__(self, tensor_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., stream_sha256: _Optional[str] = ...) -> None: ...
 
 class GetWeightsRequest(_message.Message):
-    __slots__ = ("max_chunk_bytes", "pack_pieces")
+    __slots__ = ("max_chunk_bytes", "pack_pieces", "transposed")
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PACK_PIECES_FIELD_NUMBER: _ClassVar[int]
+    TRANSPOSED_FIELD_NUMBER: _ClassVar[int]
     max_chunk_bytes: int
     pack_pieces: bool
-    def __init__(self, max_chunk_bytes: _Optional[int] = ..., pack_pieces: _Optional[bool] = ...) -> None: ...
+    transposed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, max_chunk_bytes: _Optional[int] = ..., pack_pieces: _Optional[bool] = ..., transposed: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
     __slots__ = ("address", "max_chunk_bytes", "expected_sha256")
@@ -501,7 +507,7 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., data_dir: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("framework", "framework_version", "backend", "device", "architecture", "parameters", "dataset", "objective", "weights_sha256", "worker_version", "python_version", "model", "accepts_packed_pieces", "lease")
+    __slots__ = ("framework", "framework_version", "backend", "device", "architecture", "parameters", "dataset", "objective", "weights_sha256", "worker_version", "python_version", "model", "accepts_packed_pieces", "lease", "receives_transposed")
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
     FRAMEWORK_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -516,6 +522,7 @@ class DescribeReply(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACCEPTS_PACKED_PIECES_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
+    RECEIVES_TRANSPOSED_FIELD_NUMBER: _ClassVar[int]
     framework: str
     framework_version: str
     backend: str
@@ -530,4 +537,5 @@ class DescribeReply(_message.Message):
     model: ModelSpec
     accepts_packed_pieces: bool
     lease: Lease
-    def __init__(self, framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., objective: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., worker_version: _Optional[str] = ..., python_version: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., accepts_packed_pieces: _Optional[bool] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
+    receives_transposed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., objective: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., worker_version: _Optional[str] = ..., python_version: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., accepts_packed_pieces: _Optional[bool] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., receives_transposed: _Optional[_Iterable[str]] = ...) -> None: ...

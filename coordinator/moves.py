@@ -59,11 +59,12 @@ class SenderFailed(Exception):
 
 def forward(sender: WorkerClient, receiver: WorkerClient, timeout: float | None = None) -> pb.SetWeightsReply:
     """Relay the sender's GetWeights messages into the receiver's SetWeights as raw bytes, as they arrive
-    (packed where the receiver's last Describe said it takes that: a small set is one message).
+    (packed where the receiver's last Describe said it takes that: a small set is one message; the matrices it
+    said it takes transposed asked for so: the sender sends them without converting where it holds them so).
     Raises SenderFailed when the sender's stream broke (the receiver then refused a stream without its digest)."""
     broken: list[grpc.RpcError] = []
     # Asked for before the receiver's call starts: the sender takes its snapshot meanwhile.
-    stream = sender.get_weights_serialized(timeout=timeout, pack=receiver.accepts_packed_pieces)
+    stream = sender.get_weights_serialized(timeout=timeout, pack=receiver.accepts_packed_pieces, transposed=receiver.receives_transposed)
 
     def pieces():
         try:

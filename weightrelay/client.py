@@ -111,6 +111,8 @@ class WorkerClient:
         self.stub = pb_grpc.WorkerStub(self.channel)
         #: what the last Describe said: SetWeights takes packed streams (worker.proto, WeightsChunk)
         self.accepts_packed_pieces = False
+        #: what the last Describe said: the matrices SetWeights takes transposed (forwarded streams ask the sender for them so)
+        self.receives_transposed: tuple[str, ...] = ()
         # GetWeights and SetWeights as wire bytes, never decoded (see get/set_weights_serialized)
         self._get_raw = self.channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString)
         self._set_raw = self.channel.stream_unary(f"/{WORKER_SERVICE}/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
@@ -135,6 +137,7 @@ class WorkerClient:
     def describe(self, timeout: float | None = None) -> pb.DescribeReply:
         reply = self.stub.Describe(pb.DescribeRequest(), timeout=self._deadline(timeout))
         self.accepts_packed_pieces = reply.accepts_packed_pieces
+        self.receives_transposed = tuple(reply.receives_transposed)
         return reply
 
     def initialize(self, model: pb.ModelSpec | str = "mlp", seed: int = 0, dataset: str = "", objective: str = "",
@@ -144,6 +147,7 @@ class WorkerClient:
         spec = pb.ModelSpec(name=model) if isinstance(model, str) else model
         request = pb.InitializeRequest(model=spec, seed=seed, dataset=dataset, objective=objective, lease=lease)
         reply = self.stub.Initialize(request, timeout=self._deadline(timeout))
+        self.receives_transposed = ()  # a new model may hold other matrices transposed: canonical until the next Describe
         if reply.lease.lease_id:
             self.lease_id = reply.lease.lease_id
         return reply
@@ -187,10 +191,13 @@ class WorkerClient:
         chunks = codec.encode_weight_chunks(weights, max_chunk_bytes, pack=self.accepts_packed_pieces)
         return self.set_weights_serialized(chunks, timeout)
 
-    def get_weights_serialized(self, max_chunk_bytes: int = 0, timeout: float | None = None, pack: bool = False) -> Iterator[bytes]:
+    def get_weights_serialized(self, max_chunk_bytes: int = 0, timeout: float | None = None, pack: bool = False,
+                               transposed: Iterable[str] = ()) -> Iterator[bytes]:
         """The GetWeights stream as the wire bytes of its messages, never decoded (for forwarding);
-        `pack`: a packed stream, for a receiver that takes them (accepts_packed_pieces)."""
-        return self._get_raw(pb.GetWeightsRequest(max_chunk_bytes=max_chunk_bytes, pack_pieces=pack), timeout=self._deadline(timeout))
+        `pack`: a packed stream, for a receiver that takes them (accepts_packed_pieces); `transposed`: the
+        matrices a receiver takes transposed (its receives_transposed), sent so where the sender holds them so."""
+        request = pb.GetWeightsRequest(max_chunk_bytes=max_chunk_bytes, pack_pieces=pack, transposed=transposed)
+        return self._get_raw(request, timeout=self._deadline(timeout))
 
     def set_weights_serialized(self, chunks: Iterable[bytes], timeout: float | None = None) -> pb.SetWeightsReply:
         """SetWeights from messages already serialized (codec.encode_weight_chunks, or a forwarded stream)."""

@@ -57,7 +57,9 @@ class PeerChannels:
         the request expects."""
         chunk = request.max_chunk_bytes and max(request.max_chunk_bytes, codec.MIN_CHUNK_BYTES)
         try:
-            stream = self.get(request.address).get_weights(pb.GetWeightsRequest(max_chunk_bytes=chunk, pack_pieces=True), timeout=timeout)
+            # the matrices this model holds transposed come as the peer holds them, where it holds them so too
+            asked = pb.GetWeightsRequest(max_chunk_bytes=chunk, pack_pieces=True, transposed=sorted(store.receives_transposed))
+            stream = self.get(request.address).get_weights(asked, timeout=timeout)
             try:
                 received = store.receive(codec.until_digest(stream))
             finally:

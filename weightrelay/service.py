@@ -248,6 +248,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             python_version=platform.python_version(),
             model=models.to_proto(self.model.spec),
             accepts_packed_pieces=True,
+            receives_transposed=sorted(self.store.receives_transposed),
             lease=lease.to_proto() if (lease := self.gate.leases.current()) is not None else None,
         )
 
@@ -336,7 +337,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     @_refusals_answered
     def GetWeights(self, request: pb.GetWeightsRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         with self.gate.admitted("GetWeights"):
-            outgoing = self.store.open_send(context)
+            outgoing = self.store.open_send(context, request.transposed)
         yield from self.store.stream(outgoing, request.max_chunk_bytes, request.pack_pieces)  # serialized already (see server.py)
 
     @_refusals_answered

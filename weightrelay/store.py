@@ -4,7 +4,9 @@ The WeightStore owns the memory a worker moves sets through (a spare arena reuse
 receive, see buffers.py: the set's size, less the tensors the adapter receives straight into its own
 layout, see conversion.py), the checksum of what the model holds, and the two ways a set
 leaves (a snapshot, or for a large set a read straight from the model's memory) and enters (adopted
-as the model's memory where the adapter can, else copied in with a backup) the model.
+as the model's memory where the adapter can, else copied in with a backup) the model. A set read
+straight from the model goes to a reader that holds matrices transposed as the model holds them
+(GetWeightsRequest.transposed), with the stream's own checksum kept for the next such read.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ IDLE_TRIM_SECONDS = 0.5
 #: Sets at least this large are streamed straight from the model's memory where the adapter offers it
 #: (FrameworkAdapter.weight_views) instead of from a snapshot; see DirectRead.
 DIRECT_READ_BYTES = 64 * 1024 * 1024
+#: Stream checksums kept (WeightStore.stream_sha256): one per set and choice of transposed matrices.
+STREAM_SUMS_KEPT = 4
 
 
 class IdleTrim:
@@ -127,6 +131,8 @@ class Outgoing:
     sha256: str
     arena: Arena | None = None
     direct: DirectRead | None = None
+    transposed: frozenset[str] = frozenset()  # matrices sent as the model holds them (transposed)
+    stream_sha256: str | None = None  # that stream's checksum, where known already
 
 
 @dataclass
@@ -138,6 +144,8 @@ class Received:
     arena: Arena
     #: the adapter's conversion that followed the receive (FrameworkAdapter.conversion), if any
     conversion: BandConversion | None = None
+    transposed: frozenset[str] = frozenset()  # matrices that came transposed
+    stream_sha256: str = ""  # that stream's checksum, verified
 
 
 def _reply(weights: codec.WeightSet, sha: str) -> pb.SetWeightsReply:
@@ -158,6 +166,7 @@ class WeightStore:
         self._swap_room = SpareBuffer()  # two sets: the model's before and after a small set is applied
         self._model_arena: Arena | None = None  # the arena of the received set the model adopted last
         self._direct_read: DirectRead | None = None  # a GetWeights reading the model's memory
+        self._stream_sums: dict[tuple[str, frozenset[str]], str] = {}  # (set checksum, transposed matrices) -> stream checksum
         self.idle_trim = IdleTrim()  # freed stream memory handed back once the moves are over
         gate.on_wait = self._detach_direct_read
 
@@ -169,6 +178,20 @@ class WeightStore:
     def receive_bytes(self) -> int:
         """What a received set needs of the spare: the set, less the tensors received into the framework's layout."""
         return arena_bytes(spec for name, spec in self.manifest.items() if name not in self._converted)
+
+    @property
+    def receives_transposed(self) -> frozenset[str]:
+        """The matrices this worker takes transposed, as it holds them (DescribeReply.receives_transposed)."""
+        return self._converted
+
+    def _remember_stream_sum(self, sha: str, transposed: frozenset[str], stream_sha: str) -> None:
+        """The checksum of set `sha` streamed with `transposed` sent transposed (computed by a send, or verified by a
+        receive): the same set streamed the same way again needs no hashing. Keyed by the set's checksum, so a
+        changed model never finds a stale one; only the last STREAM_SUMS_KEPT are kept."""
+        self._stream_sums.pop((sha, transposed), None)
+        self._stream_sums[(sha, transposed)] = stream_sha
+        while len(self._stream_sums) > STREAM_SUMS_KEPT:
+            self._stream_sums.pop(next(iter(self._stream_sums)), None)
 
     def reset(self, manifest: dict[str, codec.TensorSpec]) -> None:
         """A new model was built (with storage of its own): fit the buffers to its set (the spare to what a
@@ -216,12 +239,13 @@ class WeightStore:
             reader.detach(self._lent_snapshot)
 
     # -- sending ------------------------------------------------------------------------------------
-    def open_send(self, context: grpc.ServicerContext) -> Outgoing:
+    def open_send(self, context: grpc.ServicerContext, transposed: Iterable[str] = ()) -> Outgoing:
         """The model's set to send, as it is now.
 
         Holds the model only to take a snapshot; a large set the adapter can lend (weight_views) is
         read straight from the model's memory instead, holding the model until the stream ends or a
-        waiting call detaches it (DirectRead). Hand the result to stream()."""
+        waiting call detaches it (DirectRead); then the matrices of `transposed` (the reader holds them
+        transposed) that the model holds so too go as they are. Hand the result to stream()."""
         self.gate.hold(context)
         direct = None
         try:
@@ -229,7 +253,9 @@ class WeightStore:
             views = self.adapter.weight_views() if self.set_bytes >= DIRECT_READ_BYTES else None
             if views is not None:
                 direct = self._direct_read = DirectRead(views, self.gate.let_go)
-                return Outgoing(direct.arrays, sha, direct=direct)
+                flipped = codec.sends_transposed(views, transposed)
+                return Outgoing(direct.arrays, sha, direct=direct, transposed=flipped,
+                                stream_sha256=self._stream_sums.get((sha, flipped)) if flipped else None)
             arena, weights = self._lent_snapshot()  # the model is free again while the stream goes out
             return Outgoing(weights, sha, arena=arena)
         finally:
@@ -245,7 +271,10 @@ class WeightStore:
             if direct is None:
                 yield from codec.encode_weight_chunks(outgoing.weights, chunk, sha256=outgoing.sha256, pack=pack)
             else:  # a large set's pieces fill messages alone: packing would gain nothing
-                yield from direct.messages(codec.encode_weight_chunks(outgoing.weights, chunk, sha256=outgoing.sha256))
+                def hashed(stream_sha: str) -> None:
+                    self._remember_stream_sum(outgoing.sha256, outgoing.transposed, stream_sha)
+                yield from direct.messages(codec.encode_weight_chunks(outgoing.weights, chunk, sha256=outgoing.sha256, transposed=outgoing.transposed,
+                                                                      stream_sha256=outgoing.stream_sha256, hashed=hashed))
         finally:
             if direct is not None:
                 direct.finish()
@@ -265,15 +294,14 @@ class WeightStore:
         conversion = None
         try:
             conversion = self.adapter.conversion(self.manifest)  # large kernels received straight into the framework's layout
-            weights, sha = codec.receive_weights(chunks, self.manifest, allocate=arena.array,
-                                                 sink=conversion.sink if conversion is not None else None)
+            stream = codec.receive_stream(chunks, self.manifest, allocate=arena.array, sink=conversion.sink if conversion is not None else None)
         except BaseException:
             if conversion is not None:
                 conversion.cancel()
             self.spare.give_back(arena)
             self.idle_trim.ended()
             raise
-        return Received(weights, sha, arena, conversion)
+        return Received(stream.weights, stream.sha256, arena, conversion, stream.transposed, stream.stream_sha256)
 
     def discard(self, received: Received) -> None:
         if received.conversion is not None:
@@ -327,6 +355,8 @@ class WeightStore:
         except Exception as exc:  # adapters adopt all or nothing
             log.exception("adopt_weights failed")
             raise Refused(grpc.StatusCode.INTERNAL, f"applying the weights failed, the previous weights were kept: {exc}") from None
+        if received.transposed:
+            self._remember_stream_sum(sha, received.transposed, received.stream_sha256)
         if adopted:
             self.sha256 = sha
             free, self._model_arena = self._model_arena, received.arena

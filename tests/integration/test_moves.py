@@ -199,6 +199,54 @@ def test_large_sets_land_exactly_in_and_out_of_the_channels_last_frameworks_and_
             client.initialize("mlp", 0, "mnist", "")
 
 
+def _pieces_of(messages: list[bytes]) -> list[pb.TensorPiece]:
+    chunks = [pb.WeightsChunk.FromString(m) for m in messages]
+    return [p for c in chunks for p in (*c.pieces, *([c.piece] if c.WhichOneof("part") == "piece" else []))]
+
+
+def test_channels_last_workers_move_the_kernels_as_they_hold_them_verified_and_all_or_nothing(torch_worker, keras_worker, jax_worker):
+    """Keras and JAX both hold a large dense kernel [in, out] and say so (DescribeReply.receives_transposed): a
+    pull or a forwarded move between them asks for those kernels as held, the sender sends its memory as it is
+    (Tensor.transposed) and the receiver takes the bytes as they come; neither transposes. The receiver checks the
+    stream's own checksum, shapes and finite values: each model then holds exactly what was sent, trains on, and
+    sends it back. A damaged transposed stream, or one sent to a worker that does not take it so, is refused
+    and leaves the model as it was."""
+    torch, keras, jax = torch_worker.client, keras_worker.client, jax_worker.client
+    train = pb.TrainRequest(max_steps=2, batch_size=32, learning_rate=0.05, seed=4)
+    try:
+        for seed, client in enumerate((torch, keras, jax), 1):
+            client.initialize(LARGE, seed=seed)
+        held = {name: client.describe().receives_transposed for name, client in (("torch", torch), ("keras", keras), ("jax", jax))}
+        assert list(held["keras"]) == list(held["jax"]) == ["fc1.weight", "fc2.weight"] and not held["torch"]
+        messages = list(keras.get_weights_serialized(transposed=held["jax"]))
+        pieces = _pieces_of(messages)
+        assert {p.tensor.name for p in pieces if p.tensor.transposed} == {"fc1.weight", "fc2.weight"}
+        digest = pb.WeightsChunk.FromString(messages[-1]).digest
+        assert digest.sha256 == keras.describe().weights_sha256 and digest.stream_sha256 not in ("", digest.sha256)
+        for sender, receiver, via in ((keras, jax, False), (jax, keras, True), (keras, jax, True), (jax, keras, False)):
+            sender.train_to_end(train)  # trains the memory it took in the move before
+            sent = sender.get_weights()
+            assert move(sender, receiver, via_coordinator=via, timeout=120).sha256 == sender.describe().weights_sha256
+            assert _same(receiver.get_weights(), sent)
+        kept = {name: (client.get_weights(), client.describe().weights_sha256) for name, client in (("keras", keras), ("torch", torch))}
+        stream = [pb.WeightsChunk.FromString(m) for m in keras.get_weights_serialized(transposed=held["jax"])]
+        flipped = next(c for c in stream if c.WhichOneof("part") == "piece" and c.piece.tensor.transposed and c.piece.offset > 0)
+        flipped.piece.tensor.data = bytes([flipped.piece.tensor.data[0] ^ 1]) + flipped.piece.tensor.data[1:]
+        with pytest.raises(grpc.RpcError) as info:
+            jax.set_weights_stream(iter(stream), timeout=120)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stream_sha256" in info.value.details()
+        assert _same(jax.get_weights(), kept["keras"][0]) and jax.describe().weights_sha256 == kept["keras"][1]
+        with pytest.raises(grpc.RpcError) as info:
+            torch.set_weights_serialized(keras.get_weights_serialized(transposed=held["jax"]), timeout=120)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sent transposed, which this receiver does not take" in info.value.details()
+        assert _same(torch.get_weights(), kept["torch"][0]) and torch.describe().weights_sha256 == kept["torch"][1]
+        assert move(jax, torch, timeout=120).sha256 == kept["keras"][1]  # PyTorch asks for nothing transposed: canonical
+        assert _same(torch.get_weights(), kept["keras"][0])
+    finally:
+        for client in (torch, keras, jax):
+            client.initialize("mlp", 0, "mnist", "")
+
+
 @pytest.mark.parametrize("framework", ["torch", "keras", "jax"])
 def test_a_large_set_read_slowly_leaves_the_model_to_other_calls_and_arrives_as_it_was(framework, request, start_worker):
     """A large set streams straight from the model's memory (store.DirectRead: PyTorch's parameters as they

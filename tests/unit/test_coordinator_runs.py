@@ -275,11 +275,12 @@ class PullRefused:
     def __init__(self, error: grpc.RpcError):
         self.error, self.address, self.stub, self.forwarded = error, "10.0.0.1:1", self, False
         self.accepts_packed_pieces = False
+        self.receives_transposed = ()
 
     def PullWeights(self, request, timeout=None):  # noqa: N802 (the stub's name)
         raise self.error
 
-    def get_weights_serialized(self, timeout=None, pack=False):
+    def get_weights_serialized(self, timeout=None, pack=False, transposed=()):
         self.forwarded = True
         raise RuntimeError("forwarded")
 

@@ -125,8 +125,8 @@ class _HeldSink:
 
 
 class BandConversion:
-    """Receives the named matrices ([out, in] on the wire) straight into [in, out] arrays, band by band (or as
-they come, where the sender sends them transposed).
+    """Receives the named matrices ([out, in] on the wire) straight into [in, out] arrays, band by band (or
+    as they come, where the sender sends them transposed).
 
     `targets` names the canonical tensors to convert; `allocate(shape, dtype)` gives the memory of a
     result (the framework takes it as its own; default: aligned memory a kernel the framework let go of had,

@@ -38,7 +38,7 @@ IDLE_TRIM_SECONDS = 0.5
 #: Sets at least this large are streamed straight from the model's memory where the adapter offers it
 #: (FrameworkAdapter.weight_views) instead of from a snapshot; see DirectRead.
 DIRECT_READ_BYTES = 64 * 1024 * 1024
-#: Stream checksums kept (WeightStore.stream_sha256): one per set and choice of transposed matrices.
+#: Stream checksums a worker keeps (WeightStore._remember_stream_sum): one per set and choice of transposed matrices.
 STREAM_SUMS_KEPT = 4
 
 
@@ -167,6 +167,7 @@ class WeightStore:
         self._model_arena: Arena | None = None  # the arena of the received set the model adopted last
         self._direct_read: DirectRead | None = None  # a GetWeights reading the model's memory
         self._stream_sums: dict[tuple[str, frozenset[str]], str] = {}  # (set checksum, transposed matrices) -> stream checksum
+        self._stream_sums_lock = threading.Lock()  # sends and receives remember theirs from their own threads
         self.idle_trim = IdleTrim()  # freed stream memory handed back once the moves are over
         gate.on_wait = self._detach_direct_read
 
@@ -188,10 +189,16 @@ class WeightStore:
         """The checksum of set `sha` streamed with `transposed` sent transposed (computed by a send, or verified by a
         receive): the same set streamed the same way again needs no hashing. Keyed by the set's checksum, so a
         changed model never finds a stale one; only the last STREAM_SUMS_KEPT are kept."""
-        self._stream_sums.pop((sha, transposed), None)
-        self._stream_sums[(sha, transposed)] = stream_sha
-        while len(self._stream_sums) > STREAM_SUMS_KEPT:
-            self._stream_sums.pop(next(iter(self._stream_sums)), None)
+        with self._stream_sums_lock:
+            self._stream_sums.pop((sha, transposed), None)
+            self._stream_sums[(sha, transposed)] = stream_sha
+            while len(self._stream_sums) > STREAM_SUMS_KEPT:
+                self._stream_sums.pop(next(iter(self._stream_sums)))
+
+    def _stream_sum(self, sha: str, transposed: frozenset[str]) -> str | None:
+        """The kept checksum of set `sha` streamed with `transposed` sent transposed, if any."""
+        with self._stream_sums_lock:
+            return self._stream_sums.get((sha, transposed)) if transposed else None
 
     def reset(self, manifest: dict[str, codec.TensorSpec]) -> None:
         """A new model was built (with storage of its own): fit the buffers to its set (the spare to what a
@@ -255,7 +262,7 @@ class WeightStore:
                 direct = self._direct_read = DirectRead(views, self.gate.let_go)
                 flipped = codec.sends_transposed(views, transposed)
                 return Outgoing(direct.arrays, sha, direct=direct, transposed=flipped,
-                                stream_sha256=self._stream_sums.get((sha, flipped)) if flipped else None)
+                                stream_sha256=self._stream_sum(sha, flipped))
             arena, weights = self._lent_snapshot()  # the model is free again while the stream goes out
             return Outgoing(weights, sha, arena=arena)
         finally:

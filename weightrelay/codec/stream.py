@@ -41,9 +41,9 @@ class TensorSink(Protocol):
     framework's layout). `array` shows the tensor as received (its spec's shape and storage dtype, any
     strides); it holds every byte `write` was given once `complete` returns. A sink for a matrix sent
     transposed (asked for with `transposed=True`) is given the transpose's bytes; its `array` still shows
-    the canonical tensor. `checked_finite`, read after
-    `complete`: True if the sink found every value finite itself (the receive then does not scan it again);
-    False leaves the scan, and the error naming a NaN's place, to the receive."""
+    the canonical tensor. `checked_finite`, read after `complete`: True if the sink found every value
+    finite itself (the receive then does not scan it again); False leaves the scan, and the error naming a
+    NaN's place, to the receive."""
 
     array: np.ndarray
     checked_finite: bool

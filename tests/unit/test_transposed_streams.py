@@ -136,6 +136,32 @@ def test_a_transposed_matrix_is_scanned_for_nan():
         receive(encoded(bad), bad)
 
 
+def test_a_held_matrix_is_copied_and_scanned_for_nan_piece_by_piece_beside_the_receive(monkeypatch):
+    """Its pieces, of any size, even cut inside a value, and however few may wait for the conversion's thread, land in
+    `out` in order; a float matrix found finite piece by piece is not scanned again by the receive, one holding NaN is
+    (and named there, as above); a cancelled receive hands nothing over."""
+    monkeypatch.setattr(conversion, "HELD_PIECES", 1)
+    kernel = RNG.standard_normal((300, 1050)).astype(np.float32)  # [in, out]
+    spec = codec.TensorSpec("w", "float32", (1050, 300))
+    bad = kernel.copy()
+    bad[250, 1000] = np.nan
+    for values, finite in ((kernel, True), (bad, False)):
+        data = values.tobytes()
+        for cut in (7_001, 4096, 70_001):
+            follow = conversion.BandConversion({"w"})
+            sink = follow.sink(spec, transposed=True)
+            for start in range(0, len(data), cut):
+                sink.write(data[start : start + cut])
+            sink.complete()
+            assert sink.whole and sink.checked_finite is finite and sink.out.tobytes() == data
+            assert follow.converted({"w": sink.array})["w"] is sink.out
+    cancelled = conversion.BandConversion({"w"})
+    sink = cancelled.sink(spec, transposed=True)
+    sink.write(kernel.tobytes())
+    cancelled.cancel()
+    assert cancelled.converted({"w": sink.array}) == {}
+
+
 def test_tensors_out_of_name_order_are_hashed_as_sent_once_whole():
     weights = held_set()
     chunks = [pb.WeightsChunk.FromString(m) for m in encoded(weights)]

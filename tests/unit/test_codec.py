@@ -1,5 +1,6 @@
 import dataclasses
 import hashlib
+import queue
 
 import ml_dtypes
 import numpy as np
@@ -142,6 +143,28 @@ def test_the_streaming_hash_is_the_whole_set_hash(chunk, pack, monkeypatch):
     back, streamed = codec.receive_weights(codec.decode_chunk(m) for m in encoded)
     assert streamed == expected
     assert all(back[n].tobytes() == weights[n].tobytes() and back[n].shape == weights[n].shape for n in weights)
+
+
+def test_the_background_hash_lets_only_a_few_pieces_wait_and_hashes_them_all():
+    """A feeder faster than the hash waits for it: never more than the limit, plus the one piece that may always
+    wait, is queued (each held piece is a stream message kept from reuse), and the digest is hashlib's."""
+    from weightrelay.codec.checksum import BackgroundHash
+
+    pieces = [bytes([i]) * (1 << (20 + i % 3)) for i in range(40)]  # 1, 2 and 4 MiB
+    hasher = BackgroundHash(pending_bytes=3 << 20)
+    queued = []
+
+    class Watched(queue.SimpleQueue):
+        def put(self, data):
+            if data is not None:
+                queued.append(hasher._pending)  # bytes waiting, this piece's included
+            super().put(data)
+
+    hasher._queue = Watched()
+    for piece in pieces:
+        hasher.update(piece)
+    assert hasher.hexdigest() == hashlib.sha256(b"".join(pieces)).hexdigest()
+    assert len(queued) == len(pieces) and max(queued) < (3 << 20) + (4 << 20)
 
 
 def test_the_checksum_covers_each_tensors_header():

@@ -52,21 +52,31 @@ def stream_sha256(weights: Mapping[str, np.ndarray], transposed: AbstractSet[str
 
 #: Bytes at least this large are hashed on BackgroundHash's thread; below, starting the thread costs more than hashing inline.
 BACKGROUND_HASH_BYTES = 1024 * 1024
+#: Bytes a BackgroundHash lets wait for its thread (a few stream messages, codec.wire.MAX_CHUNK_BYTES each).
+HASH_PENDING_BYTES = 32 * 1024 * 1024
 
 
 class BackgroundHash:
     """SHA-256 on a thread of its own, fed as bytes arrive or leave: hashlib releases the GIL on large buffers,
     so hashing a piece overlaps receiving (or sending) the next instead of adding to it. The bytes given must
-    not change until `close` or `hexdigest` returns."""
+    not change until `close` or `hexdigest` returns. At most `pending_bytes` (and at least one piece) wait to
+    be hashed: a feeder faster than the hash waits for it, so the pieces it holds (a stream's messages) stay
+    few, and each new message reuses the freed memory of one before instead of fresh pages."""
 
-    def __init__(self) -> None:
+    def __init__(self, pending_bytes: int = HASH_PENDING_BYTES) -> None:
         self._hash = hashlib.sha256()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._limit = pending_bytes
+        self._pending = 0
+        self._hashed = threading.Condition()
 
     def _run(self) -> None:
         while (data := self._queue.get()) is not None:
             self._hash.update(data)
+            with self._hashed:
+                self._pending -= memoryview(data).nbytes
+                self._hashed.notify()
 
     def update(self, data: bytes | memoryview) -> None:
         if len(data) < BACKGROUND_HASH_BYTES and self._thread is None:
@@ -75,6 +85,9 @@ class BackgroundHash:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="sha256", daemon=True)
             self._thread.start()
+        with self._hashed:
+            self._hashed.wait_for(lambda: self._pending < self._limit)
+            self._pending += memoryview(data).nbytes
         self._queue.put(data)
 
     def close(self) -> None:

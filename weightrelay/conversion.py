@@ -10,8 +10,9 @@ transposes it into the matching columns of the framework-layout array, beside th
 transfer. The received set then shows that matrix as a transposed view of the converted array, so the
 receiver's checks (checksum of the bytes as they came, shapes, finite values) read exactly what the
 framework takes. A matrix the sender sends transposed (held [in, out] there too: Tensor.transposed) needs no
-transpose at all: the same thread copies its pieces as they come into the framework-layout array and scans
-them for NaN and Inf (`_HeldSink`).
+transpose at all: its bytes go straight into the framework-layout array, each piece scanned for NaN and Inf as it
+is copied (`_HeldSink`). That copy stays on the receiving thread: handed to the conversion's thread instead, the
+pieces' copies and the receive took turns on Python's lock, and moves got slower (bench/README.md).
 
 Nothing of this reaches the model before the set passes every check: `converted(weights)` hands over
 the arrays only for matrices whose sinks the verified set holds. A set refused or abandoned is
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from functools import partial
 from typing import Callable, Mapping
 
 import numpy as np
@@ -36,9 +36,6 @@ from weightrelay.transpose import transpose_into
 BAND_BYTES = wire.BAND_BYTES
 #: Band buffers of one receive: one filling while the others wait for, or are in, the transposing thread.
 BANDS = 3
-#: Pieces of matrices sent transposed that one receive lets wait for the thread (message bytes, at most
-#: codec.wire.MAX_CHUNK_BYTES each): about as far ahead as the band buffers let it get.
-HELD_PIECES = max(1, BANDS * BAND_BYTES // wire.MAX_CHUNK_BYTES)
 
 
 class _BandSink:
@@ -91,10 +88,9 @@ class _BandSink:
             if self._filled == size:
                 rows = size // self._row_bytes
                 band = self._band[:size].view(self._dtype).reshape(rows, -1)
-                self._conversion._submit(partial(self._transpose, band, self._row, self._row + rows), self._band)
+                self._conversion._submit(self, self._band, band, self._row, self._row + rows)
                 self._band, self._filled = None, 0
                 self._row += rows
-                self.written = self._row
 
     @property
     def whole(self) -> bool:
@@ -106,22 +102,18 @@ class _BandSink:
 
 
 class _HeldSink:
-    """One target matrix sent transposed, as the framework holds it ([in, out]): `array` is `out` seen as the
-    canonical [out, in] tensor. Its pieces go, as they come, to the conversion's thread, which copies each into
-    `out` and scans it for NaN and Inf there, beside the rest of the transfer, as the band sink does with its
-    bands: the receive thread only hands on the message's bytes (they stay as they are while the thread holds
-    them, as they do for the receive's hash), and the first touch of `out`'s fresh memory is paid off it."""
+    """One target matrix sent transposed, as the framework holds it ([in, out]): its bytes in order straight into
+    `out`; `array` is `out` seen as the canonical [out, in] tensor. Each piece is scanned for NaN and Inf as it is
+    copied, while it is in the caches, instead of the whole matrix once more after the transfer."""
 
-    def __init__(self, conversion: BandConversion, shape: tuple[int, int], dtype: np.dtype, allocate) -> None:
-        self._conversion = conversion
+    def __init__(self, shape: tuple[int, int], dtype: np.dtype, allocate) -> None:
         self.out = allocate(shape[::-1], dtype)
         self.array = self.out.T
         self._flat = self.out.reshape(-1)
         self._bytes = memoryview(self._flat).cast("B")
         self._itemsize = dtype.itemsize
-        self._written = 0  # bytes handed to the thread
-        self._copied = 0  # bytes the thread has put into `out`
-        self._checked = 0  # values, from the start, the thread found finite (float32 and float64 only, as they are scanned)
+        self._filled = 0
+        self._checked = 0  # values, from the start, found finite (float32 and float64 only, as they are scanned)
         self._scanned = dtype in (np.float32, np.float64)
 
     @property
@@ -132,21 +124,14 @@ class _HeldSink:
 
     @property
     def whole(self) -> bool:
-        return self._copied == len(self._bytes)
+        return self._filled == len(self._bytes)
 
     def write(self, data: bytes | memoryview) -> None:
-        """The transpose's next bytes, in order (the codec checks offsets and sizes before)."""
-        data = memoryview(data).cast("B")
-        if len(data):
-            self._conversion._submit(partial(self._copy, data, self._written), None)
-            self._written += len(data)
-
-    def _copy(self, data: memoryview, start: int) -> None:
-        """On the conversion's thread: one piece into `out`, and the values it completes scanned for NaN and Inf
-        (once one is found, no more: the receive's own scan then names it)."""
-        stop = start + len(data)
-        self._bytes[start:stop] = data
-        self._copied = stop
+        """The transpose's next bytes, in order (the codec checks offsets and sizes before); the values they
+        complete scanned for NaN and Inf (once one is found, no more: the receive's own scan then names it)."""
+        stop = self._filled + len(data)
+        self._bytes[self._filled : stop] = data
+        self._filled = stop
         if self._scanned:
             values = stop // self._itemsize
             if all_finite(self._flat[self._checked : values]):
@@ -155,8 +140,7 @@ class _HeldSink:
                 self._scanned = False
 
     def complete(self) -> None:
-        """Return once every piece written is in `out` (raises what a copy raised)."""
-        self._conversion._wait()
+        """Nothing to wait for: every byte is in `out` as it is written."""
 
 
 class BandConversion:
@@ -176,8 +160,7 @@ class BandConversion:
         self._thread: threading.Thread | None = None
         self._free: list[np.ndarray] = []  # band buffers the thread is done with
         self._slots = threading.Semaphore(BANDS)
-        self._pieces = threading.Semaphore(HELD_PIECES)
-        self._pending = 0  # bands and held pieces submitted and not yet done
+        self._pending = 0  # bands submitted and not yet transposed
         self._idle = threading.Condition()
         self._failed: BaseException | None = None
         self._cancelled = False
@@ -188,7 +171,7 @@ class BandConversion:
         if spec.name not in self.targets or len(spec.shape) != 2 or 0 in spec.shape:
             return None
         dtype = np.dtype(storage_dtype(spec.dtype))
-        sink = _HeldSink(self, spec.shape, dtype, self._allocate) if transposed else _BandSink(self, spec.shape, dtype, self._allocate)
+        sink = _HeldSink(spec.shape, dtype, self._allocate) if transposed else _BandSink(self, spec.shape, dtype, self._allocate)
         self._sinks[spec.name] = sink
         return sink
 
@@ -202,33 +185,29 @@ class BandConversion:
                     return buffer
         return aligned_empty((nbytes,), np.uint8)
 
-    def _submit(self, work: Callable[[], None], buffer: np.ndarray | None) -> None:
-        """`work` to the thread: a full band (`buffer`, taken with _take_buffer, freed after it) or a held
-        piece (None: waits while HELD_PIECES are queued, so a receive faster than the thread waits for it)."""
-        if buffer is None:
-            self._pieces.acquire()
+    def _submit(self, sink: _BandSink, buffer: np.ndarray, band: np.ndarray, start: int, stop: int) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="band-conversion", daemon=True)
             self._thread.start()
         with self._idle:
             self._pending += 1
-        self._jobs.put((work, buffer))
+        sink.written = stop
+        self._jobs.put((sink, buffer, band, start, stop))
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            work, buffer = job
+            sink, buffer, band, start, stop = job
             try:
                 if not self._cancelled and self._failed is None:
-                    work()
+                    sink._transpose(band, start, stop)
             except BaseException as exc:  # noqa: BLE001 - raised to the receive by complete()
                 self._failed = exc
             finally:
                 with self._idle:
-                    if buffer is not None:
-                        self._free.append(buffer)
+                    self._free.append(buffer)
                     self._pending -= 1
                     self._idle.notify_all()
-                (self._slots if buffer is not None else self._pieces).release()
+                self._slots.release()
 
     def _wait(self) -> None:
         with self._idle:

@@ -136,11 +136,10 @@ def test_a_transposed_matrix_is_scanned_for_nan():
         receive(encoded(bad), bad)
 
 
-def test_a_held_matrix_is_copied_and_scanned_for_nan_piece_by_piece_beside_the_receive(monkeypatch):
-    """Its pieces, of any size, even cut inside a value, and however few may wait for the conversion's thread, land in
-    `out` in order; a float matrix found finite piece by piece is not scanned again by the receive, one holding NaN is
-    (and named there, as above); a cancelled receive hands nothing over."""
-    monkeypatch.setattr(conversion, "HELD_PIECES", 1)
+def test_a_held_matrix_is_copied_and_scanned_for_nan_piece_by_piece():
+    """Its pieces, of any size, even cut inside a value, land in `out` in order; a float matrix found finite piece by
+    piece is not scanned again by the receive, one holding NaN is (and named there, as above); a cancelled receive
+    hands nothing over."""
     kernel = RNG.standard_normal((300, 1050)).astype(np.float32)  # [in, out]
     spec = codec.TensorSpec("w", "float32", (1050, 300))
     bad = kernel.copy()

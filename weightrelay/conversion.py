@@ -38,6 +38,29 @@ BAND_BYTES = wire.BAND_BYTES
 BANDS = 3
 
 
+class _FiniteScan:
+    """A sink's own NaN/Inf scan of its matrix as the values pass (float32 and float64 only: those are scanned),
+    part by part while they are in the caches; `checked_finite` once every value was found finite. After a part
+    with NaN or Inf it scans no more: the receive's own scan then names the value's place."""
+
+    def __init__(self, dtype: np.dtype, size: int) -> None:
+        self._scanning = dtype in (np.float32, np.float64)
+        self._size = size
+        self.checked = 0  # values found finite
+
+    def add(self, values: np.ndarray) -> None:
+        """Scan the next values of the matrix (those after the `checked` ones)."""
+        if self._scanning:
+            if all_finite(values):  # without a mask of the whole part
+                self.checked += values.size
+            else:
+                self._scanning = False
+
+    @property
+    def checked_finite(self) -> bool:
+        return self._scanning and self.checked == self._size
+
+
 class _BandSink:
     """One target matrix of a receive: its bytes in arrival order into band buffers, each full band
     transposed into `out` (the framework's [in, out] array); `array` is `out` seen as received ([out, in])."""
@@ -54,21 +77,19 @@ class _BandSink:
         self._filled = 0  # bytes in it
         self._row = 0  # the matrix row it starts at
         self.written = 0  # rows handed to the thread
-        self._checked_rows = 0  # rows the thread found finite (float32 and float64 only, as they are scanned)
-        self._scanned = dtype in (np.float32, np.float64)
+        self._scan = _FiniteScan(dtype, shape[0] * shape[1])  # on the thread, band by band
 
     @property
     def checked_finite(self) -> bool:
         """Every row of the matrix was found finite as its band was transposed (TensorSink): the receive's
         own scan, which names a non-finite value's place, is then not needed."""
-        return self._scanned and self._checked_rows == self._rows
+        return self._scan.checked_finite
 
     def _transpose(self, band: np.ndarray, start: int, stop: int) -> None:
         """On the conversion's thread: one band into the columns start:stop of `out`, and scanned for NaN and
         Inf there, beside the rest of the transfer, while it is in the caches."""
         transpose_into(band, self.out[:, start:stop], threads=1)  # beside the receive: one thread is enough
-        if self._scanned and all_finite(band):  # the receive's own scan, without a mask of the whole band
-            self._checked_rows += stop - start
+        self._scan.add(band)
 
     def _band_size(self) -> int:
         return min(self._band_rows, self._rows - self._row) * self._row_bytes
@@ -113,14 +134,13 @@ class _HeldSink:
         self._bytes = memoryview(self._flat).cast("B")
         self._itemsize = dtype.itemsize
         self._filled = 0
-        self._checked = 0  # values, from the start, found finite (float32 and float64 only, as they are scanned)
-        self._scanned = dtype in (np.float32, np.float64)
+        self._scan = _FiniteScan(dtype, self._flat.size)
 
     @property
     def checked_finite(self) -> bool:
         """Every value was found finite as its piece was copied (TensorSink): the receive's own scan, which names
         a non-finite value's place, is then not needed."""
-        return self._scanned and self._checked == self._flat.size
+        return self._scan.checked_finite
 
     @property
     def whole(self) -> bool:
@@ -128,16 +148,11 @@ class _HeldSink:
 
     def write(self, data: bytes | memoryview) -> None:
         """The transpose's next bytes, in order (the codec checks offsets and sizes before); the values they
-        complete scanned for NaN and Inf (once one is found, no more: the receive's own scan then names it)."""
+        complete scanned for NaN and Inf (a piece may end inside a value)."""
         stop = self._filled + len(data)
         self._bytes[self._filled : stop] = data
         self._filled = stop
-        if self._scanned:
-            values = stop // self._itemsize
-            if all_finite(self._flat[self._checked : values]):
-                self._checked = values
-            else:
-                self._scanned = False
+        self._scan.add(self._flat[self._scan.checked : stop // self._itemsize])
 
     def complete(self) -> None:
         """Nothing to wait for: every byte is in `out` as it is written."""

@@ -1,4 +1,5 @@
-"""Model specs in PyTorch. Its state_dict already is the canonical layout (OIHW, [out, in], N, C, H, W)."""
+"""Model specs in PyTorch. Its state_dict already is the canonical layout (OIHW, [out, in], N, C, H, W); on the
+CPU a large dense weight is held in [in, out] memory and seen as [out, in] (TorchAdapter.held)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from weightrelay.adapter import FrameworkAdapter, ProgressTracker, TrainConfig, schedule
-from weightrelay.codec import WeightSet
+from weightrelay.codec import TensorSpec, WeightSet
+from weightrelay.conversion import BandConversion
+from weightrelay.layouts import transposed_kernels
 from weightrelay.models import INPUT, ResolvedLayer, ResolvedModel
+from weightrelay.transpose import TILED_TRANSPOSE_BYTES
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
@@ -173,6 +177,25 @@ def _numpy_copies(tensor: torch.Tensor) -> bool:
     return tensor.is_cpu and tensor.dtype != torch.bfloat16 and tensor.numel() * tensor.element_size() < NUMPY_COPY_BYTES
 
 
+def _hold_transposed(model: SpecModel, name: str) -> None:
+    """Dense weight `name` ([out, in]) moved into [in, out] memory, the same values seen as [out, in] (strides 1, out).
+
+    Keras and JAX hold a large dense kernel [in, out] (layouts.transposed_kernels names which). Held so here too,
+    every move of it between workers (PyTorch's own included) sends its memory as it is (Tensor.transposed) and
+    receives it straight into the model's memory: neither side transposes. nn.Linear computes x @ weight.T,
+    which for this memory is a plain matrix product; autograd gives the gradient the parameter's strides."""
+    layer, attribute = name.rsplit(".", 1)
+    module = model.get_submodule(layer)
+    held = getattr(module, attribute).detach().t().contiguous().t()
+    setattr(module, attribute, nn.Parameter(held))
+
+
+def _tensor_of(array: np.ndarray) -> torch.Tensor:
+    """`array` as a tensor sharing its memory where torch.from_numpy can (C-contiguous, or a held weight's [in, out]
+    memory seen as [out, in]), else a C-contiguous copy."""
+    return torch.from_numpy(array if array.flags.c_contiguous or (array.ndim == 2 and array.T.flags.c_contiguous) else np.ascontiguousarray(array))
+
+
 #: numpy dtypes whose arrays torch.from_numpy shares, and the torch dtype they become
 _ADOPTABLE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64, np.dtype(np.float16): torch.float16,
               np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.int8): torch.int8,
@@ -187,11 +210,16 @@ class TorchAdapter(FrameworkAdapter):
         self.model: SpecModel | None = None
         self.names: tuple[str, ...] = ()
         self._optimizer: torch.optim.SGD | None = None
+        #: the dense weights held in [in, out] memory (_hold_transposed): on the CPU, those Keras and JAX hold so
+        self.held: frozenset[str] = frozenset()
 
     def build(self, model: ResolvedModel, seed: int) -> None:
         torch.manual_seed(seed)
         built = SpecModel(model).to(self._device)
-        self.model, self.names, self._optimizer = built, tuple(model.manifest), None
+        held = frozenset(transposed_kernels(model, TILED_TRANSPOSE_BYTES)) if self._device.type == "cpu" else frozenset()
+        for name in held:
+            _hold_transposed(built, name)
+        self.model, self.names, self._optimizer, self.held = built, tuple(model.manifest), None, held
 
     def versions(self) -> tuple[str, str]:
         return torch.__version__, f"cuda {torch.version.cuda}" if self._device.type == "cuda" else "cpu"
@@ -212,7 +240,9 @@ class TorchAdapter(FrameworkAdapter):
                 else:
                     torch.from_numpy(out[name]).copy_(state[name])
 
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+    def set_weights(self, weights: Mapping[str, np.ndarray], converted: Mapping[str, np.ndarray] | None = None) -> None:
+        """Copied into the model's memory, which keeps its layout (held: [in, out]). `converted` needs nothing of its
+        own: its arrays are the memory `weights` shows those tensors in, read as they are."""
         state = self.model.state_dict()
         with torch.no_grad():
             for name in self.names:
@@ -221,7 +251,13 @@ class TorchAdapter(FrameworkAdapter):
                     # busy-wait for more work, taking CPU from the gRPC threads that move small sets.
                     np.copyto(state[name].numpy(), weights[name])
                 else:
-                    state[name].copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
+                    state[name].copy_(_tensor_of(weights[name]))
+
+    def conversion(self, manifest: Mapping[str, TensorSpec]) -> BandConversion | None:
+        """The weights held [in, out] (held), received straight into [in, out] memory the model then takes
+        (adopt_weights): sent as they are held by Keras, JAX or PyTorch, their bytes as they come; else band by band."""
+        targets = self.held & set(manifest)
+        return BandConversion(targets) if targets else None
 
     def thread_free(self, operation: str, *args) -> bool:
         """Pointer swaps, and copies numpy makes (small tensors on the CPU): no OpenMP team is woken."""
@@ -233,30 +269,33 @@ class TorchAdapter(FrameworkAdapter):
         return False
 
     def weight_views(self) -> WeightSet | None:
-        """numpy views of the parameters and buffers (the canonical layout is PyTorch's), on the CPU."""
+        """numpy views of the parameters and buffers (the canonical layout is PyTorch's; a held weight [in, out]
+        memory seen as [out, in], sent as it is or band by band), on the CPU."""
         if self._device.type != "cpu":
             return None
         state = self.model.state_dict()
         tensors = [state[name] for name in self.names]
-        if any(t.dtype == torch.bfloat16 or not t.is_contiguous() for t in tensors):
+        if any(t.dtype == torch.bfloat16 or not (t.is_contiguous() or name in self.held) for name, t in zip(self.names, tensors)):
             return None
         return {name: tensor.numpy() for name, tensor in zip(self.names, tensors)}
 
     def adopt_weights(self, weights: WeightSet) -> bool:
         """The arrays become the parameters' and buffers' storage (torch.from_numpy shares their memory);
-        only on the CPU, and only where every array already has its tensor's dtype and shape."""
+        only on the CPU, and only where every array already has its tensor's dtype, shape and layout (a held
+        weight's [in, out] memory, as the receive's conversion gives it; every other one C-contiguous)."""
         if self._device.type != "cpu":
             return False
         owned = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}  # the tensors themselves, not state_dict's aliases
         tensors = {name: owned[name] for name in self.names}
         for name, tensor in tensors.items():
             array = weights[name]
-            if (array.dtype not in _ADOPTABLE or not array.dtype.isnative or not array.flags.c_contiguous or not array.flags.writeable
+            memory = array.T if name in self.held else array
+            if (array.dtype not in _ADOPTABLE or not array.dtype.isnative or not memory.flags.c_contiguous or not array.flags.writeable
                     or array.shape != tuple(tensor.shape) or _ADOPTABLE[array.dtype] != tensor.dtype):
                 return False
         with torch.no_grad():
             for name, tensor in tensors.items():
-                tensor.data = torch.from_numpy(weights[name])
+                tensor.data = torch.from_numpy(weights[name])  # strides as the array's: a held weight stays [in, out]
         return True
 
     def train(self, x: np.ndarray, y: np.ndarray, config: TrainConfig, tracker: ProgressTracker) -> None:

@@ -205,25 +205,26 @@ def _pieces_of(messages: list[bytes]) -> list[pb.TensorPiece]:
 
 
 def test_channels_last_workers_move_the_kernels_as_they_hold_them_verified_and_all_or_nothing(torch_worker, keras_worker, jax_worker):
-    """Keras and JAX both hold a large dense kernel [in, out] and say so (DescribeReply.receives_transposed): a
-    pull or a forwarded move between them asks for those kernels as held, the sender sends its memory as it is
-    (Tensor.transposed) and the receiver takes the bytes as they come; neither transposes. The receiver checks the
-    stream's own checksum, shapes and finite values: each model then holds exactly what was sent, trains on, and
-    sends it back. A damaged transposed stream, or one sent to a worker that does not take it so, is refused
-    and leaves the model as it was."""
+    """Keras, JAX and PyTorch (on the CPU) all hold a large dense kernel in [in, out] memory and say so
+    (DescribeReply.receives_transposed): a pull or a forwarded move between any two asks for those kernels as
+    held, the sender sends its memory as it is (Tensor.transposed) and the receiver takes the bytes as they come;
+    neither transposes. The receiver checks the stream's own checksum, shapes and finite values: each model then
+    holds exactly what was sent, trains on, and sends it back. A damaged transposed stream, or a matrix sent
+    transposed to a worker that does not take it so, is refused and leaves the model as it was."""
     torch, keras, jax = torch_worker.client, keras_worker.client, jax_worker.client
     train = pb.TrainRequest(max_steps=2, batch_size=32, learning_rate=0.05, seed=4)
     try:
         for seed, client in enumerate((torch, keras, jax), 1):
             client.initialize(LARGE, seed=seed)
         held = {name: client.describe().receives_transposed for name, client in (("torch", torch), ("keras", keras), ("jax", jax))}
-        assert list(held["keras"]) == list(held["jax"]) == ["fc1.weight", "fc2.weight"] and not held["torch"]
+        assert list(held["keras"]) == list(held["jax"]) == list(held["torch"]) == ["fc1.weight", "fc2.weight"]
         messages = list(keras.get_weights_serialized(transposed=held["jax"]))
         pieces = _pieces_of(messages)
         assert {p.tensor.name for p in pieces if p.tensor.transposed} == {"fc1.weight", "fc2.weight"}
         digest = pb.WeightsChunk.FromString(messages[-1]).digest
         assert digest.sha256 == keras.describe().weights_sha256 and digest.stream_sha256 not in ("", digest.sha256)
-        for sender, receiver, via in ((keras, jax, False), (jax, keras, True), (keras, jax, True), (jax, keras, False)):
+        for sender, receiver, via in ((keras, torch, False), (torch, jax, True), (jax, torch, True), (torch, keras, False),
+                                      (keras, jax, False), (jax, keras, True), (keras, jax, True), (jax, keras, False)):
             sender.train_to_end(train)  # trains the memory it took in the move before
             sent = sender.get_weights()
             assert move(sender, receiver, via_coordinator=via, timeout=120).sha256 == sender.describe().weights_sha256
@@ -236,12 +237,17 @@ def test_channels_last_workers_move_the_kernels_as_they_hold_them_verified_and_a
             jax.set_weights_stream(iter(stream), timeout=120)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stream_sha256" in info.value.details()
         assert _same(jax.get_weights(), kept["keras"][0]) and jax.describe().weights_sha256 == kept["keras"][1]
+        small = [*held["torch"], "fc3.weight"]  # fc3 [10, 2048]: too small to be held [in, out] by a receiver
+        assert {p.tensor.name for p in _pieces_of(list(keras.get_weights_serialized(transposed=small))) if p.tensor.transposed} == set(small)
         with pytest.raises(grpc.RpcError) as info:
-            torch.set_weights_serialized(keras.get_weights_serialized(transposed=held["jax"]), timeout=120)
+            torch.set_weights_serialized(keras.get_weights_serialized(transposed=small), timeout=120)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "sent transposed, which this receiver does not take" in info.value.details()
+        assert "fc3.weight" in info.value.details()
         assert _same(torch.get_weights(), kept["torch"][0]) and torch.describe().weights_sha256 == kept["torch"][1]
-        assert move(jax, torch, timeout=120).sha256 == kept["keras"][1]  # PyTorch asks for nothing transposed: canonical
+        assert move(jax, torch, timeout=120).sha256 == kept["keras"][1]
         assert _same(torch.get_weights(), kept["keras"][0])
+        canonical = _pieces_of(list(torch.get_weights_serialized()))  # a reader that asks for nothing transposed
+        assert {p.tensor.name for p in canonical} == set(kept["keras"][0]) and not any(p.tensor.transposed for p in canonical)
     finally:
         for client in (torch, keras, jax):
             client.initialize("mlp", 0, "mnist", "")

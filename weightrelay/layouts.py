@@ -4,7 +4,8 @@ One numpy core (this module: the array arithmetic, and each kind's channels-last
 `CHANNELS_LAST`) and thin per-framework shims (`keras_service.layout`, `jax_service.layout`) that
 place these arrays in the framework's own containers, one `Layout` per kind in a table keyed by
 kind. PyTorch holds the canonical layout itself (its state_dict names and shapes are the wire's),
-so it needs none.
+so it needs none; on the CPU it keeps a large dense weight (transposed_kernels) in [in, out] memory, seen
+as [out, in], to move it as Keras and JAX hold theirs.
 
 Canonical (worker.proto): dense weight [out, in], taking a flatten's features in C, H, W order;
 conv2d weight [out, in, kh, kw] (OIHW). Channels-last frameworks hold dense kernels [in, out]

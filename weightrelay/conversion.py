@@ -2,8 +2,9 @@
 
 A channels-last framework (Keras, JAX) holds a dense kernel as [in, out], and so does PyTorch on the CPU
 for a large one (seen as [out, in]: torch_service.adapter); the wire carries it as [out, in]. Received
-into the canonical layout first and transposed once the set is whole, such a kernel costs a second copy of itself in memory (the received set beside the converted one beside the
-model) and its transpose's full time after the transfer. A `BandConversion` instead takes a target
+into the canonical layout first and transposed once the set is whole, such a kernel costs a second copy
+of itself in memory (the received set beside the converted one beside the model) and its transpose's
+full time after the transfer. A `BandConversion` instead takes a target
 matrix's bytes from the stream itself (codec.receive_weights asks it for a `sink` per tensor): the
 pieces fill a small band buffer of whole rows, and as soon as a band is full a thread of its own
 transposes it into the matching columns of the framework-layout array, beside the rest of the

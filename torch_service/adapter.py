@@ -15,7 +15,7 @@ from weightrelay.codec import TensorSpec, WeightSet
 from weightrelay.conversion import BandConversion
 from weightrelay.layouts import transposed_kernels
 from weightrelay.models import INPUT, ResolvedLayer, ResolvedModel
-from weightrelay.transpose import TILED_TRANSPOSE_BYTES
+from weightrelay.transpose import TILED_TRANSPOSE_BYTES, transpose_into
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "none": nn.Identity, "relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid,
@@ -190,6 +190,18 @@ def _hold_transposed(model: SpecModel, name: str) -> None:
     setattr(module, attribute, nn.Parameter(held))
 
 
+def _copy_across(target: np.ndarray, source: np.ndarray) -> None:
+    """np.copyto(target, source) for [out, in] views of a held weight: where one is [in, out] memory and the other
+    C-contiguous, by weightrelay.transpose's tiles; numpy's and torch's element-wise copies across the two layouts
+    are 2-8x slower (a 128 MiB matrix here: numpy 0.62 s, torch 0.14 s, tiles 0.08 s)."""
+    if target.flags.c_contiguous and source.T.flags.c_contiguous:
+        transpose_into(source.T, target)
+    elif source.flags.c_contiguous and target.T.flags.c_contiguous:
+        transpose_into(source, target.T)
+    else:
+        np.copyto(target, source)
+
+
 def _tensor_of(array: np.ndarray) -> torch.Tensor:
     """`array` as a tensor sharing its memory where torch.from_numpy can (C-contiguous, or a held weight's [in, out]
     memory seen as [out, in]), else a C-contiguous copy."""
@@ -229,13 +241,23 @@ class TorchAdapter(FrameworkAdapter):
 
     def get_weights(self) -> WeightSet:
         state = self.model.state_dict()  # also holds num_batches_tracked, which is not canonical
-        return {name: state[name].detach().cpu().numpy().copy() for name in self.names}
+        weights = {}
+        for name in self.names:
+            if name in self.held:  # on the CPU
+                view = state[name].numpy()
+                weights[name] = np.empty(view.shape, view.dtype)
+                _copy_across(weights[name], view)
+            else:
+                weights[name] = state[name].detach().cpu().numpy().copy()
+        return weights
 
     def read_weights(self, out: WeightSet) -> None:
         state = self.model.state_dict()
         with torch.no_grad():
             for name in self.names:
-                if _numpy_copies(state[name]):
+                if name in self.held:
+                    _copy_across(out[name], state[name].numpy())
+                elif _numpy_copies(state[name]):
                     np.copyto(out[name], state[name].numpy())  # numpy's copy: see set_weights
                 else:
                     torch.from_numpy(out[name]).copy_(state[name])
@@ -246,7 +268,9 @@ class TorchAdapter(FrameworkAdapter):
         state = self.model.state_dict()
         with torch.no_grad():
             for name in self.names:
-                if _numpy_copies(state[name]):
+                if name in self.held:
+                    _copy_across(state[name].numpy(), weights[name])
+                elif _numpy_copies(state[name]):
                     # numpy copies on this thread; torch's copy_ would wake its OpenMP threads, which then
                     # busy-wait for more work, taking CPU from the gRPC threads that move small sets.
                     np.copyto(state[name].numpy(), weights[name])

@@ -46,6 +46,18 @@ assert not adapter.adopt_weights(canonical) and memory("fc1.weight").data_ptr() 
 adapter.set_weights(canonical)
 assert memory("fc1.weight").stride() == (1, 1024) and memory("fc2.weight").stride() == (1, 512)
 assert all(np.array_equal(adapter.get_weights()[name], canonical[name]) for name in canonical)
+read = {name: np.empty_like(a) for name, a in canonical.items()}  # C-contiguous, as the worker's snapshot arena
+adapter.read_weights(read)
+assert all(np.array_equal(read[name], canonical[name]) for name in canonical)
+big = TorchAdapter("cpu")  # over NUMPY_COPY_BYTES: the copies torch would make, here by tiles
+big.build(resolve(load_model("mlp:4096,2048"), (1, 28, 28), 10), seed=5)
+assert big.held == {"fc1.weight", "fc2.weight"} and big.get_weights()["fc2.weight"].nbytes > 16 * 1024 * 1024
+values = {name: rng.standard_normal(a.shape).astype(np.float32) for name, a in big.get_weights().items()}
+big.set_weights(values)
+assert big.model.fc2.weight.stride() == (1, 2048) and all(np.array_equal(a, values[name]) for name, a in big.get_weights().items())
+read = {name: np.empty_like(a) for name, a in values.items()}
+big.read_weights(read)
+assert all(np.array_equal(read[name], values[name]) for name in values)
 
 x = rng.random((64, 1, 28, 28), dtype=np.float32)
 plain.load_state_dict({name: torch.from_numpy(a) for name, a in canonical.items()})

@@ -202,12 +202,6 @@ def _copy_across(target: np.ndarray, source: np.ndarray) -> None:
         np.copyto(target, source)
 
 
-def _tensor_of(array: np.ndarray) -> torch.Tensor:
-    """`array` as a tensor sharing its memory where torch.from_numpy can (C-contiguous, or a held weight's [in, out]
-    memory seen as [out, in]), else a C-contiguous copy."""
-    return torch.from_numpy(array if array.flags.c_contiguous or (array.ndim == 2 and array.T.flags.c_contiguous) else np.ascontiguousarray(array))
-
-
 #: numpy dtypes whose arrays torch.from_numpy shares, and the torch dtype they become
 _ADOPTABLE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64, np.dtype(np.float16): torch.float16,
               np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64, np.dtype(np.int8): torch.int8,
@@ -275,7 +269,7 @@ class TorchAdapter(FrameworkAdapter):
                     # busy-wait for more work, taking CPU from the gRPC threads that move small sets.
                     np.copyto(state[name].numpy(), weights[name])
                 else:
-                    state[name].copy_(_tensor_of(weights[name]))
+                    state[name].copy_(torch.from_numpy(np.ascontiguousarray(weights[name])))
 
     def conversion(self, manifest: Mapping[str, TensorSpec]) -> BandConversion | None:
         """The weights held [in, out] (held), received straight into [in, out] memory the model then takes

@@ -246,8 +246,10 @@ def test_channels_last_workers_move_the_kernels_as_they_hold_them_verified_and_a
         assert _same(torch.get_weights(), kept["torch"][0]) and torch.describe().weights_sha256 == kept["torch"][1]
         assert move(jax, torch, timeout=120).sha256 == kept["keras"][1]
         assert _same(torch.get_weights(), kept["keras"][0])
-        canonical = _pieces_of(list(torch.get_weights_serialized()))  # a reader that asks for nothing transposed
-        assert {p.tensor.name for p in canonical} == set(kept["keras"][0]) and not any(p.tensor.transposed for p in canonical)
+        canonical = list(torch.get_weights_serialized())  # a reader that asks for nothing transposed: [out, in] bytes
+        assert not any(p.tensor.transposed for p in _pieces_of(canonical))
+        arrived, sha = codec.receive_weights(pb.WeightsChunk.FromString(m) for m in canonical)  # checks the digest too
+        assert sha == kept["keras"][1] and _same(arrived, kept["keras"][0])
     finally:
         for client in (torch, keras, jax):
             client.initialize("mlp", 0, "mnist", "")

@@ -1,19 +1,19 @@
 """Large matrices received straight into a framework's layout, band by band, while their set arrives.
 
-A channels-last framework (Keras, JAX) holds a dense kernel as [in, out], and so does PyTorch on the CPU
-for a large one (seen as [out, in]: torch_service.adapter); the wire carries it as [out, in]. Received
-into the canonical layout first and transposed once the set is whole, such a kernel costs a second copy
-of itself in memory (the received set beside the converted one beside the model) and its transpose's
-full time after the transfer. A `BandConversion` instead takes a target
-matrix's bytes from the stream itself (codec.receive_weights asks it for a `sink` per tensor): the
-pieces fill a small band buffer of whole rows, and as soon as a band is full a thread of its own
-transposes it into the matching columns of the framework-layout array, beside the rest of the
-transfer. The received set then shows that matrix as a transposed view of the converted array, so the
-receiver's checks (checksum of the bytes as they came, shapes, finite values) read exactly what the
-framework takes. A matrix the sender sends transposed (held [in, out] there too: Tensor.transposed) needs no
-transpose at all: its bytes go straight into the framework-layout array, each piece scanned for NaN and Inf as it
-is copied (`_HeldSink`). That copy stays on the receiving thread: handed to the conversion's thread instead, the
-pieces' copies and the receive took turns on Python's lock, and moves got slower (bench/README.md).
+A channels-last framework (Keras, JAX) holds a dense kernel as [in, out], and so does PyTorch on the CPU for
+a large one (seen as [out, in]: torch_service.adapter); the wire carries it as [out, in]. Received into the
+canonical layout first and transposed once the set is whole, such a kernel costs a second copy of itself in
+memory (the received set beside the converted one beside the model) and its transpose's full time after the
+transfer. A `BandConversion` instead takes a target matrix's bytes from the stream itself
+(codec.receive_weights asks it for a `sink` per tensor): the pieces fill a small band buffer of whole rows,
+and as soon as a band is full a thread of its own transposes it into the matching columns of the
+framework-layout array, beside the rest of the transfer. The received set then shows that matrix as a
+transposed view of the converted array, so the receiver's checks (checksum of the bytes as they came,
+shapes, finite values) read exactly what the framework takes. A matrix the sender sends transposed (held
+[in, out] there too: Tensor.transposed) needs no transpose at all: its bytes go straight into the
+framework-layout array, each piece scanned for NaN and Inf as it is copied (`_HeldSink`). That copy stays on
+the receiving thread: handed to the conversion's thread instead, the pieces' copies and the receive took
+turns on Python's lock, and moves got slower (bench/README.md).
 
 Nothing of this reaches the model before the set passes every check: `converted(weights)` hands over
 the arrays only for matrices whose sinks the verified set holds. A set refused or abandoned is
@@ -76,8 +76,7 @@ class _BandSink:
         self._dtype = dtype
         self._band: np.ndarray | None = None  # the band buffer being filled (flat bytes)
         self._filled = 0  # bytes in it
-        self._row = 0  # the matrix row it starts at
-        self.written = 0  # rows handed to the thread
+        self._row = 0  # the matrix row it starts at: the rows before it are handed to the thread
         self._scan = _FiniteScan(dtype, shape[0] * shape[1])  # on the thread, band by band
 
     @property
@@ -116,7 +115,7 @@ class _BandSink:
 
     @property
     def whole(self) -> bool:
-        return self.written == self._rows
+        return self._row == self._rows
 
     def complete(self) -> None:
         """Return once every band written is in `out` (raises what a band's transpose raised)."""
@@ -207,7 +206,6 @@ class BandConversion:
             self._thread.start()
         with self._idle:
             self._pending += 1
-        sink.written = stop
         self._jobs.put((sink, buffer, band, start, stop))
 
     def _run(self) -> None:

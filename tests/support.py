@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 from pathlib import Path
 
@@ -17,6 +18,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ctrl_c_reaches_it() -> None:
+    """`preexec_fn` for a child a test stops with SIGINT, as Ctrl-C would: a test runner started in the
+    background (`nohup`, `&` in a script) hands SIGINT on ignored, and Python then keeps it ignored, so
+    the child would run on as if no Ctrl-C came."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def require_tool(names: tuple[str, ...], install_hint: str) -> str:

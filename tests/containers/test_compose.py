@@ -20,7 +20,7 @@ import pytest
 
 from coordinator.results import load_results
 from tests.e2e.runner import results_path
-from tests.support import REPO, free_port
+from tests.support import REPO, ctrl_c_reaches_it, free_port
 from tests.relay_checks import assert_objectives_carried, assert_results_shape
 from weightrelay.client import WorkerClient
 from weightrelay.data import load_mnist
@@ -196,7 +196,7 @@ def test_a_stopped_worker_container_is_named_by_the_coordinator(stack, tmp_path)
     process = subprocess.Popen(
         [sys.executable, "-m", "coordinator", "run", "--rounds", "20", "--torch", stack.address("torch"),
          "--keras", stack.address("keras"), "--out", str(tmp_path), "--connect-timeout", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_it,
     )
     try:
         for line in process.stdout:

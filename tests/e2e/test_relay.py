@@ -16,7 +16,7 @@ import pytest
 from coordinator.results import load_results
 from coordinator.progress import round_label
 from tests.e2e.runner import coordinator
-from tests.support import free_port
+from tests.support import ctrl_c_reaches_it, free_port
 from tests.relay_checks import assert_objectives_carried, assert_results_shape
 from weightrelay.data import FILES, read_idx_file
 
@@ -76,7 +76,7 @@ def test_workers_with_different_data_are_refused(tmp_path, data_dir, torch_worke
 def test_ctrl_c_stops_the_run_and_both_local_workers(tmp_path, data_dir):
     process = subprocess.Popen(
         [sys.executable, "-m", "coordinator", "run", "--local", "--rounds", "50", "--data-dir", str(data_dir), "--out", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_it,
     )
     for line in process.stdout:
         if "torch trained" in line:

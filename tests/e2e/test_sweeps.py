@@ -15,7 +15,7 @@ import pytest
 
 from coordinator.results import load_results
 from tests.e2e.runner import coordinator, results_path
-from tests.support import REPO
+from tests.support import REPO, ctrl_c_reaches_it
 
 pytestmark = pytest.mark.e2e
 
@@ -41,7 +41,7 @@ def test_a_sweep_interrupted_and_resumed_equals_its_runs_run_alone(tmp_path, dat
     (tmp_path / "sweep.toml").write_text(SWEEP)
     process = subprocess.Popen([sys.executable, "-m", "coordinator", "sweep", str(tmp_path / "sweep.toml"), "--local", "--parallel", "2",
                                 "--json", "--out", str(tmp_path / "out")], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "WEIGHTRELAY_DATA_DIR": str(data_dir)})
+                               env={**os.environ, "WEIGHTRELAY_DATA_DIR": str(data_dir)}, preexec_fn=ctrl_c_reaches_it)
     events = []
     for line in process.stdout:
         events.append(json.loads(line))

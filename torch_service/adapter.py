@@ -222,20 +222,17 @@ class TorchAdapter(FrameworkAdapter):
         return str(self._device)
 
     def get_weights(self) -> WeightSet:
+        """Fresh C-contiguous host arrays, filled by read_weights."""
         state = self.model.state_dict()  # also holds num_batches_tracked, which is not canonical
-        weights = {}
-        for name in self.names:
-            if name in self.held:  # on the CPU; tiles (transpose_into), as numpy's element-wise copy is 8x slower
-                weights[name] = dense_from_in_out(state[name].numpy().T)
-            else:
-                weights[name] = state[name].detach().cpu().numpy().copy()
+        weights = {name: torch.empty(tuple(state[name].shape), dtype=state[name].dtype).numpy() for name in self.names}
+        self.read_weights(weights)
         return weights
 
     def read_weights(self, out: WeightSet) -> None:
         state = self.model.state_dict()
         with torch.no_grad():
             for name in self.names:
-                if name in self.held:
+                if name in self.held:  # by tiles (transpose_into): numpy's element-wise copy across the layouts is 8x slower
                     dense_from_in_out(state[name].numpy().T, out=out[name])
                 elif _numpy_copies(state[name]):
                     np.copyto(out[name], state[name].numpy())  # numpy's copy: see set_weights

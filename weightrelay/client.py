@@ -56,11 +56,11 @@ CHANNEL_OPTIONS = [
 CLIENT_OPTIONS = CHANNEL_OPTIONS + [("grpc.http2.bdp_probe", 0)]
 
 
-def decoded_get_weights(channel: grpc.Channel) -> grpc.UnaryStreamMultiCallable:
-    """GetWeights on `channel`, its messages read by codec.decode_chunk (the tensor bytes are not copied);
-    built once per channel (by a client, by a worker for each peer it pulls from)."""
+def decoded_get_weights(channel: grpc.Channel, decode=codec.decode_chunk) -> grpc.UnaryStreamMultiCallable:
+    """GetWeights on `channel`, its messages read by `decode` (codec.decode_chunk: the tensor bytes are not
+    copied); built once per channel (by a client, by a worker for each peer it pulls from)."""
     return channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString,
-                                response_deserializer=codec.decode_chunk)
+                                response_deserializer=decode)
 
 
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),

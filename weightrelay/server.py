@@ -23,6 +23,7 @@ from weightrelay import codec, models
 from weightrelay.adapter import FrameworkAdapter
 from weightrelay.buffers import keep_freed_memory
 from weightrelay.client import WORKER_SERVICE
+from weightrelay.datachannel import DataChannelServer
 from weightrelay.data import DATA_DIR_ENV, DATA_ROOT_ENV, DATASETS, DEFAULT_DATASET, DataError, load_dataset
 from weightrelay.files import write_json_atomic
 from weightrelay.security import HANDLER_KINDS, ClientSecurity, SecurityError, ServerSecurity, resolve_token
@@ -133,16 +134,34 @@ class RunningServer:
     server: grpc.Server
     health: health.HealthServicer
     port: int
+    data_channel: DataChannelServer | None = None
 
     def stop(self, grace: float = 5.0) -> None:
         """Refuse new calls, give the calls in flight `grace` seconds, then cancel them (a Train stops at its next batch)."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.data_channel is not None:
+            self.data_channel.close()
 
 
-def start_server(servicer: WorkerServicer, host: str, port: int, security: ServerSecurity | None = None) -> RunningServer:
-    """Serve `servicer` with the standard health and reflection services; port 0 picks a free one."""
+def start_server(servicer: WorkerServicer, host: str, port: int, security: ServerSecurity | None = None,
+                 data_port: int | None = 0) -> RunningServer:
+    """Serve `servicer` with the standard health and reflection services; port 0 picks a free one. With its
+    data channel on `data_port` (0: a free one; None: none), which pullers are offered (datachannel.py)."""
     security = security or ServerSecurity()
+    security.credentials()  # bad TLS settings fail here, before the data channel reads them
+    data_channel = DataChannelServer(host, data_port, security) if data_port is not None else None
+    try:
+        running = _start_grpc(servicer, host, port, security)
+    except BaseException:
+        if data_channel is not None:
+            data_channel.close()
+        raise
+    servicer.data_channel = running.data_channel = data_channel
+    return running
+
+
+def _start_grpc(servicer: WorkerServicer, host: str, port: int, security: ServerSecurity) -> RunningServer:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_MODEL_CALLS + RESERVE_THREADS, thread_name_prefix="rpc"),
         interceptors=security.interceptors(),
@@ -191,6 +210,9 @@ def worker_parser(framework: str, default_port: int) -> argparse.ArgumentParser:
     parser.add_argument("--tls-client-ca", help="CA (PEM) whose client certificates are required: mutual TLS")
     parser.add_argument("--peer-tls-ca", help="CA (PEM) of the peers this worker pulls weights from (default --tls-client-ca); "
                                               "with TLS the pull presents --tls-cert and sends the token")
+    parser.add_argument("--data-port", type=int, default=0,
+                        help="port of the data channel, which carries weights to workers that pull them, beside gRPC (default 0: a free one)")
+    parser.add_argument("--no-data-channel", action="store_true", help="serve no data channel: pulls from this worker go over gRPC")
     parser.add_argument("--token-file", help="file with the bearer token every RPC but health must carry (default $WEIGHTRELAY_TOKEN_FILE, else $WEIGHTRELAY_TOKEN; none: no token)")
     parser.add_argument("--stream-idle-timeout", type=float, default=30.0,
                         help="seconds a SetWeights stream may send nothing before it is ended with DEADLINE_EXCEEDED (default 30)")
@@ -239,7 +261,7 @@ def worker_main(adapter_factory: Callable[[str], FrameworkAdapter], framework: s
         security = ServerSecurity(args.tls_cert, args.tls_key, args.tls_client_ca, resolve_token(args.token_file))
         peer_ca = args.peer_tls_ca or args.tls_client_ca
         servicer.peer_security = ClientSecurity(peer_ca, args.tls_cert if peer_ca else None, args.tls_key if peer_ca else None, security.token)
-        running = start_server(servicer, args.host, args.port, security)
+        running = start_server(servicer, args.host, args.port, security, None if args.no_data_channel else args.data_port)
     except SecurityError as exc:
         log.error("%s", exc)
         return 2
@@ -257,6 +279,8 @@ def worker_main(adapter_factory: Callable[[str], FrameworkAdapter], framework: s
         servicer.model.spec.name, "TLS" + (" with client certificates" if args.tls_client_ca else "") if args.tls_cert else "plaintext",
         "token required" if security.token else "no token",
     )
+    if running.data_channel is not None:
+        log.info("data channel on %s:%d", args.host, running.data_channel.port)
     if args.ready_file:
         write_json_atomic(args.ready_file, {"port": running.port, "pid": os.getpid(), "framework": framework})
     stop.wait()

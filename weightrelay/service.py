@@ -24,6 +24,7 @@ import weightrelay
 from weightrelay import codec, defaults, models
 from weightrelay.adapter import FrameworkAdapter, ModelThread, TrainingCancelled, TrainProgress, TrainResult
 from weightrelay.data import DataError, Dataset, UnknownDataset
+from weightrelay.datachannel import DataChannelServer
 from weightrelay.errors import Refused, abort, abort_refused
 from weightrelay.gate import MAX_MODEL_CALLS, ModelGate
 from weightrelay.metrics import evaluate_logits
@@ -146,6 +147,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.store = WeightStore(self.adapter, self.gate)
         self.peers = PeerChannels()
         self.stream_idle_seconds = STREAM_IDLE_SECONDS
+        self.data_channel: DataChannelServer | None = None  # where GetWeights offers its stream to pullers (set by the server)
 
     # -- settings the server sets -------------------------------------------------------------------
     @property
@@ -338,7 +340,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def GetWeights(self, request: pb.GetWeightsRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         with self.gate.admitted("GetWeights"):
             outgoing = self.store.open_send(context, request.transposed)
-        yield from self.store.stream(outgoing, request.max_chunk_bytes, request.pack_pieces)  # serialized already (see server.py)
+        messages = self.store.stream(outgoing, request.max_chunk_bytes, request.pack_pieces)  # serialized already (see server.py)
+        if request.data_channel and self.data_channel is not None:
+            messages = self.data_channel.send(messages, context.is_active)  # the offer; the stream goes on the data channel
+        yield from messages
 
     @_refusals_answered
     def SetWeights(self, request_iterator: Iterator[codec.StreamMessage], context: grpc.ServicerContext) -> pb.SetWeightsReply:

@@ -127,5 +127,8 @@ def test_a_run_over_mutual_tls_with_a_token(start_worker, tmp_path):
     assert results["status"] == "complete" and len(results["rounds"]) == 2
     # Worker to worker, over mutual TLS with the token: the pulling worker's certificate is good for clients too.
     assert {move["path"] for round_ in results["rounds"] for move in round_["moves"]} == {"pull"}
+    for worker in (torch, keras):  # on the data channel, over TLS: no pull fell back to gRPC
+        log = worker.process.log_path.read_text()
+        assert ": on its data channel" in log and "over gRPC instead" not in log
     assert results["config"]["token_file"] == str(certs / "token")
     assert "relay-token" not in (results_path(done.stdout).parent / "config.toml").read_text()

@@ -43,6 +43,26 @@ def test_a_move_lands_the_senders_exact_weights(moved_pair, via_coordinator, pac
     assert all(sent[n].tobytes() == received[n].tobytes() for n in sent)
 
 
+def test_pulls_go_on_the_senders_data_channel_unless_it_serves_none(moved_pair, start_worker):
+    """Both workers serve a data channel (the default), so a pull's stream goes there, not over gRPC; a sender
+    started with --no-data-channel streams over gRPC to the same puller, which asked it for the channel too."""
+    sender, receiver = moved_pair
+    expected = sender.client.describe().weights_sha256
+    assert move(sender.client, receiver.client, expected_sha256=expected, timeout=60).path == "pull"
+    log = receiver.process.log_path.read_text()
+    assert f"pull from {sender.address}: on its data channel" in log and "over gRPC instead" not in log
+    plain = start_worker("torch", extra=["--no-data-channel", "--seed", "5"])
+    try:
+        expected = plain.client.describe().weights_sha256
+        assert move(plain.client, receiver.client, expected_sha256=expected, timeout=60).path == "pull"
+        assert receiver.client.describe().weights_sha256 == expected
+        log = receiver.process.log_path.read_text()
+        assert f"pull from {plain.address}: on its data channel" not in log and "over gRPC instead" not in log
+        assert "data channel on" not in plain.process.log_path.read_text()
+    finally:
+        plain.stop()
+
+
 def test_a_pull_without_a_deadline(moved_pair):
     """A caller that sets no deadline gets its pull (gRPC reports such calls as having years left)."""
     sender, receiver = moved_pair

@@ -79,14 +79,24 @@ class Tensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., transposed: _Optional[bool] = ...) -> None: ...
 
 class WeightsChunk(_message.Message):
-    __slots__ = ("piece", "digest", "pieces")
+    __slots__ = ("piece", "digest", "pieces", "data_channel")
     PIECE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     PIECES_FIELD_NUMBER: _ClassVar[int]
+    DATA_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     piece: TensorPiece
     digest: WeightsDigest
     pieces: _containers.RepeatedCompositeFieldContainer[TensorPiece]
-    def __init__(self, piece: _Optional[_Union[TensorPiece, _Mapping]] = ..., digest: _Optional[_Union[WeightsDigest, _Mapping]] = ..., pieces: _Optional[_Iterable[_Union[TensorPiece, _Mapping]]] = ...) -> None: ...
+    data_channel: DataChannelOffer
+    def __init__(self, piece: _Optional[_Union[TensorPiece, _Mapping]] = ..., digest: _Optional[_Union[WeightsDigest, _Mapping]] = ..., pieces: _Optional[_Iterable[_Union[TensorPiece, _Mapping]]] = ..., data_channel: _Optional[_Union[DataChannelOffer, _Mapping]] = ...) -> None: ...
+
+class DataChannelOffer(_message.Message):
+    __slots__ = ("port", "ticket")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    ticket: bytes
+    def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...
 
 class TensorPiece(_message.Message):
     __slots__ = ("tensor", "offset")
@@ -109,14 +119,16 @@ class WeightsDigest(_message.Message):
     def __init__(self, tensor_count: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., stream_sha256: _Optional[str] = ...) -> None: ...
 
 class GetWeightsRequest(_message.Message):
-    __slots__ = ("max_chunk_bytes", "pack_pieces", "transposed")
+    __slots__ = ("max_chunk_bytes", "pack_pieces", "transposed", "data_channel")
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     PACK_PIECES_FIELD_NUMBER: _ClassVar[int]
     TRANSPOSED_FIELD_NUMBER: _ClassVar[int]
+    DATA_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     max_chunk_bytes: int
     pack_pieces: bool
     transposed: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, max_chunk_bytes: _Optional[int] = ..., pack_pieces: _Optional[bool] = ..., transposed: _Optional[_Iterable[str]] = ...) -> None: ...
+    data_channel: bool
+    def __init__(self, max_chunk_bytes: _Optional[int] = ..., pack_pieces: _Optional[bool] = ..., transposed: _Optional[_Iterable[str]] = ..., data_channel: _Optional[bool] = ...) -> None: ...
 
 class PullWeightsRequest(_message.Message):
     __slots__ = ("address", "max_chunk_bytes", "expected_sha256")

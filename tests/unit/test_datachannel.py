@@ -1,0 +1,207 @@
+"""weightrelay.datachannel and the pulls that use it (peers.PeerChannels): a set pulled on a peer's data
+channel lands exactly as over gRPC, in plaintext and over TLS; a reader that cannot reach the channel
+pulls over gRPC instead, then and after; a ticket opens one connection only; bad input is refused.
+The peer here is a real gRPC server whose GetWeights streams a real WeightStore (of the numpy adapter of
+test_store_stream_sums), as a worker's does: this tests the channel, not a framework."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from tests.support import REPO, free_port
+from tests.unit.test_store_stream_sums import Caller, worker
+from weightrelay import codec, datachannel
+from weightrelay.client import WORKER_SERVICE
+from weightrelay.errors import Refused
+from weightrelay.peers import PeerChannels
+from weightrelay.security import ClientSecurity, ServerSecurity
+from weightrelay.v1 import worker_pb2 as pb
+
+
+class Peer:
+    """A gRPC server answering GetWeights from a store (seed 1), offering its data channel when one is given."""
+
+    def __init__(self, data_channel: datachannel.DataChannelServer | None, security: ServerSecurity | None = None):
+        self.store = worker(1)
+        self.data_channel = data_channel
+        self.asked: list[pb.GetWeightsRequest] = []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        handler = grpc.unary_stream_rpc_method_handler(self.get_weights, request_deserializer=pb.GetWeightsRequest.FromString,
+                                                       response_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString())
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(WORKER_SERVICE, {"GetWeights": handler}),))
+        credentials = security.credentials() if security is not None else None
+        address = "127.0.0.1:0"
+        self.port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
+        self.address = f"127.0.0.1:{self.port}"
+        self.server.start()
+
+    def get_weights(self, request: pb.GetWeightsRequest, context):
+        """As WorkerServicer.GetWeights streams."""
+        self.asked.append(request)
+        messages = self.store.stream(self.store.open_send(context, request.transposed), request.max_chunk_bytes, request.pack_pieces)
+        if request.data_channel and self.data_channel is not None:
+            messages = self.data_channel.send(messages, context.is_active)
+        try:
+            yield from messages
+        except Refused as refused:
+            context.abort(refused.code, refused.message)
+
+    def stop(self) -> None:
+        self.server.stop(0)
+        if self.data_channel is not None:
+            self.data_channel.close()
+
+
+def pulled(peer: Peer, security: ClientSecurity | None = None, puller: PeerChannels | None = None):
+    receiver = worker(2)
+    puller = puller or PeerChannels(security)
+    received = puller.pull(pb.PullWeightsRequest(address=peer.address, expected_sha256=peer.store.sha256), 30, receiver)
+    reply = receiver.apply(received, Caller(), "PullWeights")
+    return receiver, reply
+
+
+def assert_same_set(receiver, peer: Peer) -> None:
+    sent, got = peer.store.adapter.get_weights(), receiver.adapter.get_weights()
+    assert sent.keys() == got.keys() and all(np.array_equal(sent[n], got[n]) for n in sent)
+    assert receiver.sha256 == peer.store.sha256
+
+
+@pytest.fixture
+def certs(tmp_path) -> Path:
+    subprocess.run([str(REPO / "docker" / "make-certs.sh"), str(tmp_path / "certs")], check=True, capture_output=True)
+    return tmp_path / "certs"
+
+
+def test_a_pull_on_the_data_channel_lands_the_exact_set():
+    peer = Peer(datachannel.DataChannelServer("127.0.0.1"))
+    try:
+        receiver, reply = pulled(peer)
+        assert [a.data_channel for a in peer.asked] == [True] and reply.sha256 == peer.store.sha256
+        assert_same_set(receiver, peer)
+    finally:
+        peer.stop()
+
+
+def test_a_pull_over_tls_uses_the_data_channel_with_tls(certs):
+    server = ServerSecurity(str(certs / "server.crt"), str(certs / "server.key"))
+    peer = Peer(datachannel.DataChannelServer("127.0.0.1", 0, server), server)
+    try:
+        puller = PeerChannels(ClientSecurity(str(certs / "ca.crt")))
+        receiver, _ = pulled(peer, puller=puller)
+        assert_same_set(receiver, peer)
+        assert [a.data_channel for a in peer.asked] == [True] and not puller._over_grpc  # no fallback hid a failed handshake
+        with socket.create_connection(("127.0.0.1", peer.data_channel.port), timeout=5) as plain:  # TLS only
+            plain.sendall(b"\0" * datachannel.TICKET_BYTES)
+            plain.settimeout(5)
+            try:
+                answer = plain.recv(64)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b"" or answer[:1] == b"\x15"  # closed, or a TLS alert: no stream for a plaintext reader
+    finally:
+        peer.stop()
+
+
+def test_a_peer_whose_data_channel_cannot_be_reached_is_pulled_from_over_grpc(caplog):
+    closed = free_port()  # the offer names a port nobody listens on, as behind a firewall that refuses
+    channel = datachannel.DataChannelServer("127.0.0.1")
+    channel.port = closed
+    peer = Peer(channel)
+    try:
+        puller = PeerChannels()
+        receiver, _ = pulled(peer, puller=puller)
+        assert_same_set(receiver, peer)
+        assert [a.data_channel for a in peer.asked] == [True, False] and "pulling over gRPC instead" in caplog.text
+        pulled(peer, puller=puller)  # the next pull from that peer does not ask again
+        assert [a.data_channel for a in peer.asked] == [True, False, False]
+        puller.drop(peer.address)  # a peer reached anew (restarted) is asked again
+        pulled(peer, puller=puller)
+        assert [a.data_channel for a in peer.asked][-2:] == [True, False]
+    finally:
+        peer.stop()
+
+
+def test_a_peer_without_a_data_channel_streams_over_grpc():
+    peer = Peer(None)
+    try:
+        receiver, _ = pulled(peer)
+        assert [a.data_channel for a in peer.asked] == [True]  # asked, and the stream came over gRPC
+        assert_same_set(receiver, peer)
+    finally:
+        peer.stop()
+
+
+def offered(channel: datachannel.DataChannelServer, messages: list[bytes]):
+    """send()'s reply generator and its offer, as GetWeights starts it; the stream waits for its reader."""
+    replies = channel.send((m for m in messages), lambda: True)
+    return replies, next(replies).data_channel
+
+
+def test_a_ticket_opens_one_connection_and_a_wrong_one_none():
+    channel = datachannel.DataChannelServer("127.0.0.1")
+    messages = list(codec.encode_weight_chunks({"w": np.arange(6, dtype=np.float32)}, sha256="0" * 64))
+    try:
+        replies, offer = offered(channel, messages)
+        wrong = pb.DataChannelOffer(port=offer.port, ticket=bytes(datachannel.TICKET_BYTES))
+        with datachannel.connect("127.0.0.1:1", wrong, ClientSecurity()) as stranger:
+            assert list(datachannel.read_messages(stranger, time.monotonic() + 5)) == []  # closed at once
+        with datachannel.connect("127.0.0.1:1", offer, ClientSecurity()) as reader:
+            assert next(replies, None) is None  # all sent, the connection closed: the call ends
+            got = list(datachannel.read_messages(reader, time.monotonic() + 5))
+        assert got == [codec.decode_chunk(m) for m in messages]
+        with datachannel.connect("127.0.0.1:1", offer, ClientSecurity()) as again:
+            assert list(datachannel.read_messages(again, time.monotonic() + 5)) == []  # used once already
+    finally:
+        channel.close()
+
+
+def test_a_reader_that_never_comes_is_given_up_and_the_stream_closed(monkeypatch):
+    monkeypatch.setattr(datachannel, "OFFER_SECONDS", 0.3)
+    channel = datachannel.DataChannelServer("127.0.0.1")
+    closed = []
+
+    def stream():
+        try:
+            yield b"\x12\x00"
+        finally:
+            closed.append(True)
+
+    try:
+        replies = channel.send(stream(), lambda: True)
+        next(replies)
+        with pytest.raises(Refused) as info:
+            next(replies)
+        assert info.value.code == grpc.StatusCode.UNAVAILABLE and "did not open the data channel" in info.value.message
+        assert closed == [True] and channel._tickets == []
+    finally:
+        channel.close()
+
+
+def test_a_message_longer_than_a_stream_message_is_refused():
+    listener = socket.create_server(("127.0.0.1", 0))
+    with socket.create_connection(listener.getsockname()) as reader, listener.accept()[0] as writer:
+        writer.sendall((datachannel.MAX_MESSAGE_BYTES + 1).to_bytes(4, "little"))
+        with pytest.raises(codec.TensorError, match="more than a stream message holds"):
+            next(datachannel.read_messages(reader, time.monotonic() + 5))
+    listener.close()
+
+
+@pytest.mark.parametrize("address,host", [("127.0.0.1:5", "127.0.0.1"), ("torch-worker:50051", "torch-worker"), ("[::1]:7", "::1"),
+                                          ("dns:///torch-worker:50051", None), ("unix:/tmp/s", None), ("::1", None), ("host", None)])
+def test_the_host_of_an_address(address, host):
+    assert datachannel.host_of(address) == host
+
+
+def test_an_offer_and_a_stream_message_are_told_apart():
+    offer = pb.WeightsChunk(data_channel=pb.DataChannelOffer(port=5, ticket=b"t" * 32)).SerializeToString()
+    assert datachannel.decode_reply(offer) == pb.DataChannelOffer(port=5, ticket=b"t" * 32)
+    message = next(codec.encode_weight_chunks({"w": np.ones(3, np.float32)}, sha256="0" * 64))
+    assert datachannel.decode_reply(message) == codec.decode_chunk(message)

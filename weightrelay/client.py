@@ -9,17 +9,23 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import json
+import logging
+import time
 from typing import Iterable, Iterator, Mapping
 
 import grpc
 import numpy as np
 
-from weightrelay import codec
+from weightrelay import codec, datachannel
+from weightrelay.datachannel import DataChannelError
 from weightrelay.leases import METADATA_KEY as LEASE_METADATA_KEY
 from weightrelay.security import ClientSecurity
 from weightrelay.v1 import worker_pb2 as pb
 from weightrelay.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("weightrelay.client")
 
 #: The full name of the contract's service ("weightrelay.v1.Worker").
 WORKER_SERVICE = pb.DESCRIPTOR.services_by_name["Worker"].full_name
@@ -61,6 +67,76 @@ def decoded_get_weights(channel: grpc.Channel, decode=codec.decode_chunk) -> grp
     copied); built once per channel (by a client, by a worker for each peer it pulls from)."""
     return channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString,
                                 response_deserializer=decode)
+
+
+class DataChannelFailed(grpc.RpcError):
+    """A GetWeights stream's data channel broke: raised as the call's UNAVAILABLE, so that callers handle it
+    as they handle a broken gRPC stream."""
+
+    def __init__(self, address: str, error: Exception):
+        super().__init__(f"the data channel of {address}: {error}")
+        self._details = str(self)
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+
+class WeightsStream:
+    """A GetWeights reply's messages (decoded, or serialized), from the worker's data channel where it offers
+    one and the client reaches it, else from the call; the call starts at once, the messages are read as they
+    are iterated; cancel() ends the call and the connection. A data channel the client cannot reach makes it
+    ask again over gRPC, and the client asks that worker for none after (WorkerClient.data_channel)."""
+
+    def __init__(self, client: "WorkerClient", request: pb.GetWeightsRequest, timeout: float | None, serialized: bool):
+        self._client, self._request, self._serialized = client, request, serialized
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        request.data_channel = client.data_channel and datachannel.host_of(client.address) is not None
+        self._call = self._start()
+        self._connection = None
+        self._messages: Iterator | None = None
+
+    def _start(self):
+        timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+        return (self._client._get_raw if self._serialized else self._client._get_decoded)(self._request, timeout=timeout)
+
+    def _open(self) -> Iterator:
+        if not self._request.data_channel:
+            return self._call
+        first = next(self._call, None)
+        offer = first if isinstance(first, pb.DataChannelOffer) else None
+        if self._serialized and first is not None and datachannel.is_offer(first):
+            offer = pb.WeightsChunk.FromString(first).data_channel
+        if offer is None:  # a worker without a data channel: the stream came over gRPC
+            return itertools.chain(() if first is None else (first,), self._call)
+        try:
+            self._connection = datachannel.connect(self._client.address, offer, self._client.security)
+        except DataChannelError as exc:
+            log.warning("%s: %s; reading weights over gRPC instead, now and from now on", self._client.address, exc)
+            self._call.cancel()
+            self._client.data_channel = self._request.data_channel = False
+            self._call = self._start()
+            return self._call
+        read = datachannel.read_serialized if self._serialized else datachannel.read_messages
+        return datachannel.through_digest(read(self._connection, self._deadline), self._call)
+
+    def __iter__(self) -> "WeightsStream":
+        return self
+
+    def __next__(self):
+        try:
+            if self._messages is None:
+                self._messages = self._open()
+            return next(self._messages)
+        except DataChannelError as exc:
+            raise DataChannelFailed(self._client.address, exc) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+        if self._connection is not None:
+            self._connection.close()
 
 
 class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
@@ -106,7 +182,10 @@ class WorkerClient:
         self.address = address
         self.timeout = timeout
         self.lease_id = lease_id
-        self._plain_channel = (security or ClientSecurity()).channel(address, CLIENT_OPTIONS)
+        self.security = security or ClientSecurity()
+        #: ask the worker to send GetWeights streams on its data channel (off once it could not be reached)
+        self.data_channel = True
+        self._plain_channel = self.security.channel(address, CLIENT_OPTIONS)
         self.channel = grpc.intercept_channel(self._plain_channel, _LeaseMetadata(self))
         self.stub = pb_grpc.WorkerStub(self.channel)
         #: what the last Describe said: SetWeights takes packed streams (worker.proto, WeightsChunk)
@@ -116,7 +195,7 @@ class WorkerClient:
         # GetWeights and SetWeights as wire bytes, never decoded (see get/set_weights_serialized)
         self._get_raw = self.channel.unary_stream(f"/{WORKER_SERVICE}/GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString)
         self._set_raw = self.channel.stream_unary(f"/{WORKER_SERVICE}/SetWeights", response_deserializer=pb.SetWeightsReply.FromString)
-        self._get_decoded = decoded_get_weights(self.channel)
+        self._get_decoded = decoded_get_weights(self.channel, datachannel.decode_reply)
 
     def __enter__(self) -> "WorkerClient":
         return self
@@ -184,7 +263,11 @@ class WorkerClient:
     def get_weights(self, max_chunk_bytes: int = 0, timeout: float | None = None) -> codec.WeightSet:
         """The worker's weights, checked against the stream's digest (asked for packed: fewer messages)."""
         request = pb.GetWeightsRequest(max_chunk_bytes=max_chunk_bytes, pack_pieces=True)
-        return codec.assemble_weights(self._get_decoded(request, timeout=self._deadline(timeout)))
+        stream = WeightsStream(self, request, self._deadline(timeout), serialized=False)
+        try:
+            return codec.assemble_weights(stream)
+        finally:
+            stream.cancel()  # after the digest nothing is left of it but its end
 
     def set_weights(self, weights: Mapping[str, np.ndarray], max_chunk_bytes: int = 0, timeout: float | None = None) -> pb.SetWeightsReply:
         """Replace the worker's weights; packed when the last Describe said the worker takes that."""
@@ -192,12 +275,12 @@ class WorkerClient:
         return self.set_weights_serialized(chunks, timeout)
 
     def get_weights_serialized(self, max_chunk_bytes: int = 0, timeout: float | None = None, pack: bool = False,
-                               transposed: Iterable[str] = ()) -> Iterator[bytes]:
+                               transposed: Iterable[str] = ()) -> WeightsStream:
         """The GetWeights stream as the wire bytes of its messages, never decoded (for forwarding);
         `pack`: a packed stream, for a receiver that takes them (accepts_packed_pieces); `transposed`: the
         matrices a receiver takes transposed (its receives_transposed), sent so where the sender holds them so."""
         request = pb.GetWeightsRequest(max_chunk_bytes=max_chunk_bytes, pack_pieces=pack, transposed=transposed)
-        return self._get_raw(request, timeout=self._deadline(timeout))
+        return WeightsStream(self, request, self._deadline(timeout), serialized=True)
 
     def set_weights_serialized(self, chunks: Iterable[bytes], timeout: float | None = None) -> pb.SetWeightsReply:
         """SetWeights from messages already serialized (codec.encode_weight_chunks, or a forwarded stream)."""

@@ -69,7 +69,7 @@ def host_of(address: str) -> str | None:
 
 def decode_reply(data: bytes) -> pb.DataChannelOffer | codec.StreamMessage:
     """A GetWeights reply message as a puller reads it: the sender's offer, or a stream message (codec.decode_chunk)."""
-    if data[:1] == _OFFER_KEY:
+    if is_offer(data):
         return pb.WeightsChunk.FromString(data).data_channel
     return codec.decode_chunk(data)
 
@@ -241,27 +241,26 @@ def connect(address: str, offer: pb.DataChannelOffer, security: ClientSecurity) 
     return connection
 
 
-def read_messages(connection: socket.socket, deadline: float | None = None) -> Iterator[codec.StreamMessage]:
-    """The stream messages on `connection` until the peer closes it (each read into fresh memory, which the
-    decoded pieces then view). `deadline`: time.monotonic() by which the stream must be in. Raises
-    DataChannelError for a connection that breaks, stalls IO_SECONDS, or outlasts the deadline, and
-    codec.TensorError for a message too large to be one."""
+def _frames(connection: socket.socket, deadline: float | None) -> Iterator[np.ndarray]:
+    """The messages on `connection` until the peer closes it, each read into fresh memory (not zeroed: every
+    byte is read into). `deadline`: time.monotonic() by which the stream must be in. Raises DataChannelError
+    for a connection that breaks, stalls IO_SECONDS, outlasts the deadline, or sends a message too large to be one."""
     header = bytearray(_LENGTH_BYTES)
     while True:
         try:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise DataChannelError("the pull ran out of time on the data channel")
+                    raise DataChannelError("the call ran out of time on the data channel")
                 connection.settimeout(min(IO_SECONDS, left))
             got = _recv_exactly(connection, memoryview(header))
             if got == 0:
                 return
             length = int.from_bytes(header, "little")
             if got < _LENGTH_BYTES or length > MAX_MESSAGE_BYTES:
-                raise codec.TensorError(f"the data channel sent a message of {length} bytes, more than a stream message holds"
+                raise DataChannelError(f"the data channel sent a message of {length} bytes, more than a stream message holds"
                                         if got == _LENGTH_BYTES else "the data channel ended inside a message's length")
-            message = np.empty(length, np.uint8)  # not zeroed: every byte is read into
+            message = np.empty(length, np.uint8)
             if _recv_exactly(connection, memoryview(message)) < length:
                 raise DataChannelError("the data channel ended inside a message")
         except TimeoutError:
@@ -270,4 +269,34 @@ def read_messages(connection: socket.socket, deadline: float | None = None) -> I
             raise
         except OSError as exc:
             raise DataChannelError(f"the data channel broke: {exc}") from None
+        yield message
+
+
+def read_messages(connection: socket.socket, deadline: float | None = None) -> Iterator[codec.StreamMessage]:
+    """The stream messages on `connection`, decoded (codec.decode_chunk: the pieces view the memory read into); see _frames."""
+    for message in _frames(connection, deadline):
         yield codec.decode_chunk(memoryview(message))
+
+
+def read_serialized(connection: socket.socket, deadline: float | None = None) -> Iterator[bytes]:
+    """The stream messages on `connection` as bytes (for forwarding: gRPC sends only bytes); see _frames."""
+    for message in _frames(connection, deadline):
+        yield message.tobytes()
+
+
+def is_offer(message: bytes) -> bool:
+    """Whether a serialized GetWeights reply is an offer (data_channel), not a stream message."""
+    return message[:1] == _OFFER_KEY
+
+
+def through_digest(messages: Iterator, call: Iterator) -> Iterator:
+    """A data channel's messages (decoded or serialized) up to and with the digest. Where the channel closes
+    before it, the call's status says why (the sender closes the channel, then ends its call with the status
+    that stopped it): grpc.RpcError, else DataChannelError."""
+    for message in messages:
+        yield message
+        if (message.digest is not None) if isinstance(message, codec.StreamMessage) else codec.holds_digest(message):
+            return
+    for _ in call:
+        pass
+    raise DataChannelError("the data channel closed before the stream's digest")

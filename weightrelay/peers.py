@@ -8,7 +8,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
 
 import grpc
 
@@ -113,7 +112,7 @@ class PeerChannels:
                 raise _Unreachable(str(exc)) from None
             log.info("pull from %s: on its data channel (port %d)", address, first.port)
             with connection:
-                return store.receive(codec.until_digest(_then_the_calls_end(datachannel.read_messages(connection, deadline), stream)))
+                return store.receive(datachannel.through_digest(datachannel.read_messages(connection, deadline), stream))
         finally:
             stream.cancel()  # the digest was the last message: nothing of the stream is left but its end
 
@@ -132,11 +131,3 @@ class PeerChannels:
         for peer in peers:
             peer.channel.close()
 
-
-def _then_the_calls_end(messages: Iterator[codec.StreamMessage], call: Iterator) -> Iterator[codec.StreamMessage]:
-    """A data channel's messages; where the channel closes before the digest, the call's status says why
-    (the sender closes the channel, then ends its call with the status that stopped it)."""
-    yield from messages
-    for _ in call:  # raises grpc.RpcError where the sender failed
-        pass
-    raise DataChannelError("the data channel closed before the stream's digest")

@@ -19,7 +19,7 @@ import pytest
 from tests.support import REPO, free_port
 from tests.unit.test_store_stream_sums import Caller, worker
 from weightrelay import codec, datachannel
-from weightrelay.client import WORKER_SERVICE
+from weightrelay.client import WORKER_SERVICE, WorkerClient
 from weightrelay.errors import Refused
 from weightrelay.peers import PeerChannels
 from weightrelay.security import ClientSecurity, ServerSecurity
@@ -139,6 +139,36 @@ def test_a_peer_without_a_data_channel_streams_over_grpc():
         peer.stop()
 
 
+def test_a_client_reads_weights_on_the_data_channel_decoded_or_as_bytes():
+    """WorkerClient.get_weights and get_weights_serialized (the coordinator's forwarding) read on the channel too."""
+    peer = Peer(datachannel.DataChannelServer("127.0.0.1"))
+    try:
+        with WorkerClient(peer.address, timeout=30) as client:
+            sent = peer.store.adapter.get_weights()
+            got = client.get_weights()
+            assert got.keys() == sent.keys() and all(np.array_equal(got[n], sent[n]) for n in sent)
+            messages = list(client.get_weights_serialized())
+            assert all(isinstance(m, bytes) for m in messages) and codec.holds_digest(messages[-1])
+            assert codec.receive_weights([codec.decode_chunk(m) for m in messages])[1] == peer.store.sha256
+            assert [a.data_channel for a in peer.asked] == [True, True] and client.data_channel
+    finally:
+        peer.stop()
+
+
+def test_a_client_that_cannot_reach_the_data_channel_reads_over_grpc(caplog):
+    channel = datachannel.DataChannelServer("127.0.0.1")
+    channel.port = free_port()  # offered, unreachable
+    peer = Peer(channel)
+    try:
+        with WorkerClient(peer.address, timeout=30) as client:
+            assert codec.receive_weights([codec.decode_chunk(m) for m in client.get_weights_serialized()])[1] == peer.store.sha256
+            assert not client.data_channel and "reading weights over gRPC instead" in caplog.text
+            assert client.get_weights().keys() == peer.store.adapter.get_weights().keys()
+            assert [a.data_channel for a in peer.asked] == [True, False, False]
+    finally:
+        peer.stop()
+
+
 def offered(channel: datachannel.DataChannelServer, messages: list[bytes]):
     """send()'s reply generator and its offer, as GetWeights starts it; the stream waits for its reader."""
     replies = channel.send((m for m in messages), lambda: True)
@@ -189,7 +219,7 @@ def test_a_message_longer_than_a_stream_message_is_refused():
     listener = socket.create_server(("127.0.0.1", 0))
     with socket.create_connection(listener.getsockname()) as reader, listener.accept()[0] as writer:
         writer.sendall((datachannel.MAX_MESSAGE_BYTES + 1).to_bytes(4, "little"))
-        with pytest.raises(codec.TensorError, match="more than a stream message holds"):
+        with pytest.raises(datachannel.DataChannelError, match="more than a stream message holds"):
             next(datachannel.read_messages(reader, time.monotonic() + 5))
     listener.close()
 

@@ -190,6 +190,8 @@ class WorkerClient:
         self.stub = pb_grpc.WorkerStub(self.channel)
         #: what the last Describe said: SetWeights takes packed streams (worker.proto, WeightsChunk)
         self.accepts_packed_pieces = False
+        #: what the last Describe said: SetWeights takes its stream on the worker's data channel
+        self.accepts_data_channel = False
         #: what the last Describe said: the matrices SetWeights takes transposed (forwarded streams ask the sender for them so)
         self.receives_transposed: tuple[str, ...] = ()
         # GetWeights and SetWeights as wire bytes, never decoded (see get/set_weights_serialized)
@@ -216,6 +218,7 @@ class WorkerClient:
     def describe(self, timeout: float | None = None) -> pb.DescribeReply:
         reply = self.stub.Describe(pb.DescribeRequest(), timeout=self._deadline(timeout))
         self.accepts_packed_pieces = reply.accepts_packed_pieces
+        self.accepts_data_channel = reply.accepts_data_channel
         self.receives_transposed = tuple(reply.receives_transposed)
         return reply
 
@@ -283,8 +286,33 @@ class WorkerClient:
         return WeightsStream(self, request, self._deadline(timeout), serialized=True)
 
     def set_weights_serialized(self, chunks: Iterable[bytes], timeout: float | None = None) -> pb.SetWeightsReply:
-        """SetWeights from messages already serialized (codec.encode_weight_chunks, or a forwarded stream)."""
-        return self._set_raw(chunks, timeout=self._deadline(timeout))
+        """SetWeights from messages already serialized (codec.encode_weight_chunks, or a forwarded stream): on
+        the worker's data channel where the last Describe said it takes that and the client reaches it, else
+        over gRPC (and over gRPC from then on, where the channel could not be reached)."""
+        timeout = self._deadline(timeout)
+        if not (self.accepts_data_channel and self.data_channel and datachannel.host_of(self.address)):
+            return self._set_raw(chunks, timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        call = self._set_raw.future(iter(()), timeout=timeout, metadata=((datachannel.ASK_METADATA, "1"),))
+        offer = datachannel.offer_from_metadata(call.initial_metadata())
+        if offer is None:  # refused before its offer (a lease, admission): the call's status says why
+            return call.result()
+        try:
+            connection = datachannel.connect(self.address, offer, self.security)
+        except DataChannelError as exc:
+            log.warning("%s: %s; sending weights over gRPC instead, now and from now on", self.address, exc)
+            call.cancel()
+            self.data_channel = False
+            return self._set_raw(chunks, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        try:
+            with connection:
+                datachannel.write_messages(connection, chunks)
+        except OSError:  # the worker refused the stream and closed the channel, or the channel broke: its status says which
+            pass
+        except BaseException:
+            call.cancel()
+            raise
+        return call.result()  # the worker checked the whole stream (or raises its refusal)
 
     def set_weights_stream(self, chunks: Iterator[pb.WeightsChunk], timeout: float | None = None) -> pb.SetWeightsReply:
         """Send a raw weights stream (for tools and tests that build their own)."""

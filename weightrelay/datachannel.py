@@ -25,7 +25,7 @@ import socket
 import ssl
 import threading
 import time
-from typing import Callable, Generator, Iterator
+from typing import Callable, Generator, Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -49,6 +49,9 @@ MAX_ADMITTING = 16
 #: The largest message a reader takes: a stream message's tensor bytes and its envelope.
 MAX_MESSAGE_BYTES = codec.MAX_CHUNK_BYTES + 64 * 1024
 _LENGTH_BYTES = 4
+#: Call metadata: a SetWeights call that asks for the data channel, and the worker's offer to it (initial metadata).
+ASK_METADATA = "weightrelay-data-channel"
+OFFER_METADATA = "weightrelay-data-channel-offer"
 #: A WeightsChunk whose first field is data_channel (4, length-delimited): an offer, not a stream message.
 _OFFER_KEY = bytes([pb.WeightsChunk.DESCRIPTOR.fields_by_name["data_channel"].number << 3 | 2])
 
@@ -185,35 +188,59 @@ class DataChannelServer:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return ticket.redeem(connection)
 
+    def _issue(self) -> _Ticket:
+        ticket = _Ticket()
+        with self._lock:
+            self._tickets.append(ticket)
+        return ticket
+
+    def _void(self, ticket: _Ticket) -> None:
+        with self._lock:
+            if ticket in self._tickets:
+                self._tickets.remove(ticket)
+
     def send(self, messages: Generator[bytes, None, None], is_active: Callable[[], bool]) -> Iterator[pb.WeightsChunk]:
         """GetWeights' reply to a reader that asked for the data channel: one message, the offer; then
         `messages` (serialized stream messages) go on the connection the reader opens with its ticket.
         `messages` is started before the offer (a store's stream gives back what it holds, the model
         among it, only once started) and closed in every case. Refuses (UNAVAILABLE) when the reader
         does not come within OFFER_SECONDS or the connection breaks."""
-        ticket = _Ticket()
+        ticket = None
         try:
             first = next(messages)
-            with self._lock:
-                self._tickets.append(ticket)
+            ticket = self._issue()
             yield pb.WeightsChunk(data_channel=pb.DataChannelOffer(port=self.port, ticket=ticket.secret))
             connection = ticket.wait(OFFER_SECONDS, is_active)
             if connection is None:
                 raise Refused(grpc.StatusCode.UNAVAILABLE, f"the reader did not open the data channel within {OFFER_SECONDS:g} s")
             with connection:
-                header = bytearray(_LENGTH_BYTES)
                 try:
-                    for message in itertools.chain((first,), messages):
-                        header[:] = len(message).to_bytes(_LENGTH_BYTES, "little")
-                        connection.sendall(header)
-                        connection.sendall(message)
+                    write_messages(connection, itertools.chain((first,), messages))
                 except OSError as exc:
                     raise Refused(grpc.StatusCode.UNAVAILABLE, f"the data channel to the reader broke: {exc}") from None
         finally:
-            with self._lock:
-                if ticket in self._tickets:
-                    self._tickets.remove(ticket)
+            if ticket is not None:
+                self._void(ticket)
             messages.close()
+
+    def receive(self, context: grpc.ServicerContext) -> Generator[codec.StreamMessage, None, None]:
+        """SetWeights' messages for a call that asked for the data channel (asks_for_it): the offer goes out
+        as the call's initial metadata, the stream comes on the connection the writer opens with its ticket,
+        read to its end (a stream's digest must be its last message). Close it when done: that closes the
+        connection, which tells a writer still writing that the stream was refused. Raises DataChannelError
+        when the writer does not come within OFFER_SECONDS or the connection breaks."""
+        ticket = self._issue()
+        try:
+            context.send_initial_metadata(((OFFER_METADATA, f"{self.port} {ticket.secret.hex()}"),))
+            connection = ticket.wait(OFFER_SECONDS, context.is_active)
+            if connection is None:
+                raise DataChannelError(f"the writer did not open the data channel within {OFFER_SECONDS:g} s")
+            left = context.time_remaining()
+            deadline = time.monotonic() + left if left is not None and left < 86400 * 365 else None
+            with connection:
+                yield from read_messages(connection, deadline)
+        finally:
+            self._void(ticket)
 
 
 # -- the reader's side --------------------------------------------------------------------------------
@@ -282,6 +309,30 @@ def read_serialized(connection: socket.socket, deadline: float | None = None) ->
     """The stream messages on `connection` as bytes (for forwarding: gRPC sends only bytes); see _frames."""
     for message in _frames(connection, deadline):
         yield message.tobytes()
+
+
+def write_messages(connection: socket.socket, messages: Iterable[bytes]) -> None:
+    """Write serialized stream messages on `connection`, each after its length. Raises OSError where it breaks."""
+    header = bytearray(_LENGTH_BYTES)
+    for message in messages:
+        header[:] = len(message).to_bytes(_LENGTH_BYTES, "little")
+        connection.sendall(header)
+        connection.sendall(message)
+
+
+def asks_for_it(metadata) -> bool:
+    """Whether a call's metadata asks for the data channel (SetWeights; ASK_METADATA)."""
+    return any(key == ASK_METADATA and value == "1" for key, value in metadata or ())
+
+
+def offer_from_metadata(metadata) -> pb.DataChannelOffer | None:
+    """The offer in a SetWeights call's initial metadata (OFFER_METADATA: PORT TICKET-HEX), None if it holds none."""
+    value = next((v for k, v in metadata or () if k == OFFER_METADATA), None)
+    try:
+        port, ticket = value.split(" ")
+        return pb.DataChannelOffer(port=int(port), ticket=bytes.fromhex(ticket))
+    except (AttributeError, ValueError):
+        return None
 
 
 def is_offer(message: bytes) -> bool:

@@ -8,6 +8,7 @@ errors.Refused, and the RPC ends its call with that status (see `_refusals_answe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -24,7 +25,7 @@ import weightrelay
 from weightrelay import codec, defaults, models
 from weightrelay.adapter import FrameworkAdapter, ModelThread, TrainingCancelled, TrainProgress, TrainResult
 from weightrelay.data import DataError, Dataset, UnknownDataset
-from weightrelay.datachannel import DataChannelServer
+from weightrelay.datachannel import DataChannelError, DataChannelServer, asks_for_it
 from weightrelay.errors import Refused, abort, abort_refused
 from weightrelay.gate import MAX_MODEL_CALLS, ModelGate
 from weightrelay.metrics import evaluate_logits
@@ -250,6 +251,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             python_version=platform.python_version(),
             model=models.to_proto(self.model.spec),
             accepts_packed_pieces=True,
+            accepts_data_channel=self.data_channel is not None,
             receives_transposed=sorted(self.store.receives_transposed),
             lease=lease.to_proto() if (lease := self.gate.leases.current()) is not None else None,
         )
@@ -349,10 +351,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def SetWeights(self, request_iterator: Iterator[codec.StreamMessage], context: grpc.ServicerContext) -> pb.SetWeightsReply:
         self.gate.check_lease(context, "SetWeights")
         with self.gate.admitted("SetWeights"):
+            if self.data_channel is not None and asks_for_it(context.invocation_metadata()):
+                messages = self.data_channel.receive(context)  # the offer; the stream comes on the data channel
+            else:
+                messages = idle_guarded(request_iterator, context, self.stream_idle_seconds)
             try:
-                received = self.store.receive(idle_guarded(request_iterator, context, self.stream_idle_seconds))
+                with contextlib.closing(messages):  # a refused stream's data channel closes at once
+                    received = self.store.receive(messages)
             except codec.TensorError as exc:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+            except DataChannelError as exc:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
             return self.store.apply(received, context, "SetWeights")
 
     @_refusals_answered

@@ -63,6 +63,18 @@ def test_pulls_go_on_the_senders_data_channel_unless_it_serves_none(moved_pair, 
         plain.stop()
 
 
+def test_forwarding_reads_and_writes_on_the_workers_data_channels(moved_pair):
+    """The coordinator's clients read the sender's stream and write the receiver's on their data channels (a client
+    that could not reach one would have turned it off, data_channel False, and said so)."""
+    sender, receiver = moved_pair
+    with WorkerClient(sender.address, timeout=60) as source, WorkerClient(receiver.address, timeout=60) as target:
+        assert target.describe().accepts_data_channel
+        expected = source.describe().weights_sha256
+        assert forward(source, target, timeout=60).sha256 == expected
+        assert source.data_channel and target.data_channel
+    assert receiver.client.describe().weights_sha256 == expected
+
+
 def test_a_pull_without_a_deadline(moved_pair):
     """A caller that sets no deadline gets its pull (gRPC reports such calls as having years left)."""
     sender, receiver = moved_pair

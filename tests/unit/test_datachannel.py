@@ -6,6 +6,7 @@ test_store_stream_sums), as a worker's does: this tests the channel, not a frame
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -34,9 +35,13 @@ class Peer:
         self.data_channel = data_channel
         self.asked: list[pb.GetWeightsRequest] = []
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        handler = grpc.unary_stream_rpc_method_handler(self.get_weights, request_deserializer=pb.GetWeightsRequest.FromString,
-                                                       response_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString())
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(WORKER_SERVICE, {"GetWeights": handler}),))
+        handlers = {
+            "GetWeights": grpc.unary_stream_rpc_method_handler(self.get_weights, request_deserializer=pb.GetWeightsRequest.FromString,
+                                                               response_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString()),
+            "SetWeights": grpc.stream_unary_rpc_method_handler(self.set_weights, request_deserializer=codec.decode_chunk,
+                                                               response_serializer=pb.SetWeightsReply.SerializeToString),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(WORKER_SERVICE, handlers),))
         credentials = security.credentials() if security is not None else None
         address = "127.0.0.1:0"
         self.port = self.server.add_secure_port(address, credentials) if credentials else self.server.add_insecure_port(address)
@@ -53,6 +58,18 @@ class Peer:
             yield from messages
         except Refused as refused:
             context.abort(refused.code, refused.message)
+
+    def set_weights(self, request_iterator, context):
+        """As WorkerServicer.SetWeights receives."""
+        asked = datachannel.asks_for_it(context.invocation_metadata())
+        self.asked.append(asked)
+        messages = self.data_channel.receive(context) if asked and self.data_channel is not None else request_iterator
+        try:
+            with contextlib.closing(messages) if asked else contextlib.nullcontext():
+                received = self.store.receive(messages)
+        except codec.TensorError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return self.store.apply(received, Caller(), "SetWeights")
 
     def stop(self) -> None:
         self.server.stop(0)
@@ -235,3 +252,64 @@ def test_an_offer_and_a_stream_message_are_told_apart():
     assert datachannel.decode_reply(offer) == pb.DataChannelOffer(port=5, ticket=b"t" * 32)
     message = next(codec.encode_weight_chunks({"w": np.ones(3, np.float32)}, sha256="0" * 64))
     assert datachannel.decode_reply(message) == codec.decode_chunk(message)
+
+
+def writer(peer: Peer) -> WorkerClient:
+    """A client of the peer that takes SetWeights on its data channel (as its Describe would say)."""
+    client = WorkerClient(peer.address, timeout=30)
+    client.accepts_data_channel = True
+    return client
+
+
+def test_a_set_sent_on_the_data_channel_lands_exactly():
+    peer = Peer(datachannel.DataChannelServer("127.0.0.1"))
+    try:
+        sent = worker(3).adapter.get_weights()
+        with writer(peer) as client:
+            reply = client.set_weights(sent)
+            assert client.data_channel and peer.asked == [True]
+        assert reply.sha256 == peer.store.sha256 == codec.weights_sha256(sent)
+        held = peer.store.adapter.get_weights()
+        assert all(np.array_equal(held[n], sent[n]) for n in sent)
+    finally:
+        peer.stop()
+
+
+def test_a_refused_set_on_the_data_channel_changes_nothing_and_is_told_at_once():
+    peer = Peer(datachannel.DataChannelServer("127.0.0.1"))
+    try:
+        before = peer.store.sha256
+        wrong = {"fc.weight": np.zeros((1050, 299), np.float32), "fc.bias": np.zeros(1050, np.float32)}
+        with writer(peer) as client, pytest.raises(grpc.RpcError) as info:
+            started = time.monotonic()
+            client.set_weights(wrong, max_chunk_bytes=64 * 1024)  # many messages: the writer is still writing when refused
+        assert time.monotonic() - started < datachannel.IO_SECONDS / 2
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "fc.weight" in info.value.details()
+        assert peer.store.sha256 == before and peer.asked == [True]
+    finally:
+        peer.stop()
+
+
+def test_a_writer_that_cannot_reach_the_data_channel_sends_over_grpc(caplog):
+    channel = datachannel.DataChannelServer("127.0.0.1")
+    channel.port = free_port()
+    peer = Peer(channel)
+    try:
+        sent = worker(4).adapter.get_weights()
+        with writer(peer) as client:
+            assert client.set_weights(sent).sha256 == codec.weights_sha256(sent)
+            assert not client.data_channel and "sending weights over gRPC instead" in caplog.text
+            client.set_weights(worker(5).adapter.get_weights())
+        assert peer.asked == [True, False, False]  # asked once, then over gRPC
+    finally:
+        peer.stop()
+
+
+def test_call_metadata_asks_and_offers():
+    assert datachannel.asks_for_it([("authorization", "x"), (datachannel.ASK_METADATA, "1")])
+    assert not datachannel.asks_for_it([(datachannel.ASK_METADATA, "0")]) and not datachannel.asks_for_it(None)
+    offer = datachannel.offer_from_metadata([(datachannel.OFFER_METADATA, f"5 {'ab' * 32}")])
+    assert offer == pb.DataChannelOffer(port=5, ticket=bytes.fromhex("ab" * 32))
+    for bad in ("5", "x ab", "5 zz", ""):
+        assert datachannel.offer_from_metadata([(datachannel.OFFER_METADATA, bad)]) is None
+    assert datachannel.offer_from_metadata([]) is None

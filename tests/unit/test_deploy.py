@@ -104,7 +104,7 @@ def test_only_the_coordinator_reaches_the_workers_and_jobs_have_deadlines():
     [source] = rule["from"]
     allowed = {name for name, labels in pods.items() if all(labels.get(k) == v for k, v in source["podSelector"]["matchLabels"].items())}
     assert allowed == {"coordinator"}
-    assert sorted(p["port"] for p in rule["ports"]) == [50051, 50052, 50053]
+    assert sorted(p["port"] for p in rule["ports"]) == [50051, 50052, 50053, 50061, 50062, 50063]  # gRPC, data channels
     for job in (d for d in documents if d["kind"] == "Job"):
         assert job["spec"]["activeDeadlineSeconds"] > 0, job["metadata"]["name"]
 

@@ -519,7 +519,7 @@ class DatasetInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., fingerprint: _Optional[str] = ..., train_samples: _Optional[int] = ..., test_samples: _Optional[int] = ..., data_dir: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., input_shape: _Optional[_Iterable[int]] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DescribeReply(_message.Message):
-    __slots__ = ("framework", "framework_version", "backend", "device", "architecture", "parameters", "dataset", "objective", "weights_sha256", "worker_version", "python_version", "model", "accepts_packed_pieces", "lease", "receives_transposed")
+    __slots__ = ("framework", "framework_version", "backend", "device", "architecture", "parameters", "dataset", "objective", "weights_sha256", "worker_version", "python_version", "model", "accepts_packed_pieces", "lease", "receives_transposed", "accepts_data_channel")
     FRAMEWORK_FIELD_NUMBER: _ClassVar[int]
     FRAMEWORK_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
@@ -535,6 +535,7 @@ class DescribeReply(_message.Message):
     ACCEPTS_PACKED_PIECES_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     RECEIVES_TRANSPOSED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_DATA_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     framework: str
     framework_version: str
     backend: str
@@ -550,4 +551,5 @@ class DescribeReply(_message.Message):
     accepts_packed_pieces: bool
     lease: Lease
     receives_transposed: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., objective: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., worker_version: _Optional[str] = ..., python_version: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., accepts_packed_pieces: _Optional[bool] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., receives_transposed: _Optional[_Iterable[str]] = ...) -> None: ...
+    accepts_data_channel: bool
+    def __init__(self, framework: _Optional[str] = ..., framework_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., architecture: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., dataset: _Optional[_Union[DatasetInfo, _Mapping]] = ..., objective: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., worker_version: _Optional[str] = ..., python_version: _Optional[str] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., accepts_packed_pieces: _Optional[bool] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., receives_transposed: _Optional[_Iterable[str]] = ..., accepts_data_channel: _Optional[bool] = ...) -> None: ...

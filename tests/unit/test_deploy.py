@@ -48,6 +48,17 @@ def test_plain_compose_reserves_no_gpu_and_publishes_the_default_ports():
         assert "weightrelay.healthcheck" in service["healthcheck"]["test"]
 
 
+@pytest.mark.parametrize("overlay", [(), ("docker-compose.gpu.yml",), ("docker-compose.secure.yml",)], ids=["plain", "gpu", "secure"])
+def test_compose_publishes_each_data_channel_at_the_port_the_worker_offers(overlay):
+    """A worker names its own data port to the clients that read weights there: published at that same port."""
+    services = compose_config("docker-compose.yml", *overlay)
+    for name, port in (("torch-worker", 50061), ("keras-worker", 50062), ("jax-worker", 50063)):
+        command = services[name]["command"]
+        assert command[command.index("--data-port") + 1] == str(port)
+        [data] = [p for p in services[name]["ports"] if str(port) in str(p)]
+        assert "127.0.0.1" in str(data) and str(data).count(str(port)) == 2
+
+
 def test_gpu_override_reserves_one_gpu_per_worker():
     services = compose_config("docker-compose.yml", "docker-compose.gpu.yml")
     assert gpu_ids(services["torch-worker"]) == ["0"]
@@ -107,6 +118,19 @@ def test_only_the_coordinator_reaches_the_workers_and_jobs_have_deadlines():
     assert sorted(p["port"] for p in rule["ports"]) == [50051, 50052, 50053, 50061, 50062, 50063]  # gRPC, data channels
     for job in (d for d in documents if d["kind"] == "Job"):
         assert job["spec"]["activeDeadlineSeconds"] > 0, job["metadata"]["name"]
+
+
+def test_each_worker_serves_its_data_channel_where_the_coordinator_reaches_it():
+    documents = render("deploy/k8s/base")
+    [policy] = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    allowed = {p["port"] for p in policy["spec"]["ingress"][0]["ports"]}
+    for name, container in workers("deploy/k8s/base").items():
+        args = container["args"]
+        port = int(args[args.index("--data-port") + 1])
+        assert {"name": "data", "containerPort": port} in container["ports"], name
+        [service] = [d for d in documents if d["kind"] == "Service" and d["metadata"]["name"] == name]
+        assert {"name": "data", "port": port, "targetPort": "data"} in service["spec"]["ports"], name
+        assert port in allowed, name
 
 
 def test_cpu_overlay_requests_no_gpu():

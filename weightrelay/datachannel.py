@@ -1,18 +1,21 @@
-"""The data channel (worker.proto, DataChannelOffer): a GetWeights stream's messages on a plain TCP
-connection beside gRPC, for worker-to-worker pulls.
+"""The data channel (worker.proto, DataChannelOffer): a weights stream's messages on a plain TCP
+connection beside gRPC, for GetWeights (a pulling worker, a client's read, the coordinator's forwarding)
+and SetWeights (a client's write, the coordinator's forwarding).
 
 Why: on a large set gRPC's Python layer costs more CPU than the move's real work. A received message
 is copied three times before the servicer sees it (slice by slice into a bytearray, then into bytes)
-and a sent one once more than needed; for a 1 GiB set those copies are about a fifth of the
-receiver's CPU, and a move is CPU-bound. On this connection the receiver reads each message with
-`recv_into` into memory of its own and the sender writes its messages as they are.
+and a sent one once more than needed; for a 1 GiB set those copies are about a fifth of a receiving
+worker's CPU and most of a forwarding coordinator's, and a move is CPU-bound. On this connection the
+reader reads each message with `recv_into` into memory of its own and the writer writes its messages
+as they are.
 
 What it keeps: the messages are exactly those of the gRPC stream, read by the same decoder and
 checked by the same receiver (checksum, shapes, finite values; all or nothing). The ticket that opens
-a connection is 32 random bytes, good once and for OFFER_SECONDS, and travels only inside the GetWeights
-call, which passed the worker's token check and, with TLS, its certificate checks; with TLS the
-connection is TLS too, the sender showing its gRPC server certificate. A reader that cannot reach the
-channel asks again over gRPC (peers.PeerChannels), so a firewall costs speed, never the move.
+a connection is 32 random bytes, good once and for OFFER_SECONDS, and travels only inside the call
+(GetWeights' reply, SetWeights' initial metadata), which passed the worker's token check and, with
+TLS, its certificate checks; with TLS the connection is TLS too, the worker showing its gRPC server
+certificate. A caller that cannot reach the channel sends the call again over gRPC (peers.PeerChannels,
+client.WorkerClient), so a firewall costs speed, never the move.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ class _Ticket:
 
 
 class DataChannelServer:
-    """A worker's data channel: listens beside its gRPC port and sends the streams offered on it."""
+    """A worker's data channel: listens beside its gRPC port; sends and receives the streams offered on it."""
 
     def __init__(self, host: str, port: int = 0, security: ServerSecurity | None = None):
         security = security or ServerSecurity()
@@ -172,8 +175,10 @@ class DataChannelServer:
             secret = bytearray(TICKET_BYTES)
             if _recv_exactly(connection, memoryview(secret)) == TICKET_BYTES and self._redeem(bytes(secret), connection):
                 return
+            log.debug("closed a data channel connection without a valid ticket")
             connection.close()
-        except (OSError, ValueError):  # a failed handshake, a timeout, a reset
+        except (OSError, ValueError) as exc:  # a failed handshake, a timeout, a reset
+            log.debug("closed a data channel connection: %s", exc)
             connection.close()
         finally:
             self._admitting.release()

@@ -130,4 +130,3 @@ class PeerChannels:
             peers, self._peers = list(self._peers.values()), {}
         for peer in peers:
             peer.channel.close()
-

@@ -147,7 +147,8 @@ class RunningServer:
 def start_server(servicer: WorkerServicer, host: str, port: int, security: ServerSecurity | None = None,
                  data_port: int | None = 0) -> RunningServer:
     """Serve `servicer` with the standard health and reflection services; port 0 picks a free one. With its
-    data channel on `data_port` (0: a free one; None: none), which pullers are offered (datachannel.py)."""
+    data channel on `data_port` (0: a free one; None: none), where GetWeights and SetWeights move large
+    streams for the callers that ask (datachannel.py)."""
     security = security or ServerSecurity()
     security.credentials()  # bad TLS settings fail here, before the data channel reads them
     data_channel = DataChannelServer(host, data_port, security) if data_port is not None else None
@@ -211,8 +212,8 @@ def worker_parser(framework: str, default_port: int) -> argparse.ArgumentParser:
     parser.add_argument("--peer-tls-ca", help="CA (PEM) of the peers this worker pulls weights from (default --tls-client-ca); "
                                               "with TLS the pull presents --tls-cert and sends the token")
     parser.add_argument("--data-port", type=int, default=0,
-                        help="port of the data channel, which carries weights to workers that pull them, beside gRPC (default 0: a free one)")
-    parser.add_argument("--no-data-channel", action="store_true", help="serve no data channel: pulls from this worker go over gRPC")
+                        help="port of the data channel, where pulling workers and clients move large weight streams beside gRPC (default 0: a free one)")
+    parser.add_argument("--no-data-channel", action="store_true", help="serve no data channel: weights to and from this worker go over gRPC")
     parser.add_argument("--token-file", help="file with the bearer token every RPC but health must carry (default $WEIGHTRELAY_TOKEN_FILE, else $WEIGHTRELAY_TOKEN; none: no token)")
     parser.add_argument("--stream-idle-timeout", type=float, default=30.0,
                         help="seconds a SetWeights stream may send nothing before it is ended with DEADLINE_EXCEEDED (default 30)")

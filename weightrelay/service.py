@@ -148,7 +148,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.store = WeightStore(self.adapter, self.gate)
         self.peers = PeerChannels()
         self.stream_idle_seconds = STREAM_IDLE_SECONDS
-        self.data_channel: DataChannelServer | None = None  # where GetWeights offers its stream to pullers (set by the server)
+        self.data_channel: DataChannelServer | None = None  # where GetWeights and SetWeights move streams for callers that ask (set by the server)
 
     # -- settings the server sets -------------------------------------------------------------------
     @property

@@ -183,7 +183,7 @@ class WorkerClient:
         self.timeout = timeout
         self.lease_id = lease_id
         self.security = security or ClientSecurity()
-        #: ask the worker to send GetWeights streams on its data channel (off once it could not be reached)
+        #: move weight streams on the worker's data channel where it offers one (off once it could not be reached)
         self.data_channel = True
         self._plain_channel = self.security.channel(address, CLIENT_OPTIONS)
         self.channel = grpc.intercept_channel(self._plain_channel, _LeaseMetadata(self))

@@ -248,9 +248,10 @@ class DataChannelServer:
             self._void(ticket)
 
 
-# -- the reader's side --------------------------------------------------------------------------------
+# -- the caller's side, and the stream on a connection ---------------------------------------------------
 def connect(address: str, offer: pb.DataChannelOffer, security: ClientSecurity) -> socket.socket:
-    """The connection `offer` opens at the peer reached at `address`, its ticket sent. Raises DataChannelError."""
+    """The connection `offer` opens at the worker reached at `address` (with TLS where `security` has it), its
+    ticket sent. Raises DataChannelError."""
     host = host_of(address)
     if host is None:
         raise DataChannelError(f"{address} names no host to reach the data channel at")
